@@ -1,0 +1,122 @@
+"""Multi-head causal attention with rotary positions (RoPE), optional sliding window and an
+optional always-visible prefix (persistent memory, Titans eq. 19), streaming through a KV cache.
+
+Letters: b batch, n queries, m keys, h heads, d head feature, p prefix tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from pydantic import Field
+from torch import Tensor, nn
+
+from components.base import Spec, SpecRuleError
+from components.ops.attention import attention
+
+
+class RopeSpec(Spec):
+    """Rotary position embedding (Su et al. 2021) on queries and keys."""
+
+    base: float = Field(10000.0, gt=1.0)
+    """Frequency base: pair i of a head rotates by position * base^(-2i/head_dim)."""
+
+    def build(self, head_dim: int) -> Rotary:
+        return Rotary(head_dim, self.base)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        """x (b, h, n, d) at positions start .. start + n - 1 -> rotated x."""
+        n = x.shape[-2]
+        # angles in float64: at position 1e6 a float32 angle would be off by ~0.06 rad
+        pos = torch.arange(start, start + n, dtype=torch.float64, device=x.device)
+        ang = torch.outer(pos, self.inv_freq.to(x.device))
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class AttentionSpec(Spec):
+    """Multi-head causal attention (scaled dot product, no biases)."""
+
+    heads: int | None = Field(None, ge=1)
+    """Number of heads; null = the model's `heads`."""
+    rope: RopeSpec | None = RopeSpec()
+    """Rotary positions; null = no positional signal in attention (NoPE)."""
+
+    def check(self, dim: int, heads: int) -> None:
+        """Cross-field rules that need the model's dim and heads."""
+        if self.heads is not None and dim % self.heads:
+            raise SpecRuleError("heads", f"{self.heads} heads do not divide the model dim {dim}")
+        head_dim = dim // (self.heads or heads)
+        if self.rope is not None and head_dim % 2:
+            raise SpecRuleError("rope", f"rotary positions need an even head dim, got {head_dim}")
+
+    def build(self, dim: int, heads: int, window: int | None = None) -> Attention:
+        heads = self.heads or heads
+        rope = self.rope.build(dim // heads) if self.rope is not None else None
+        return Attention(dim, heads, rope=rope, window=window)
+
+
+@dataclass
+class KVCache:
+    """Keys (rotated) and values of the tokens a future query may still see; `pos` = tokens seen."""
+
+    k: Tensor
+    v: Tensor
+    pos: int
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, *, rope: Rotary | None, window: int | None) -> None:
+        super().__init__()
+        self.heads, self.window, self.rope = heads, window, rope
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def init_state(self, batch: int) -> KVCache:
+        w = self.qkv.weight
+        empty = w.new_zeros(batch, self.heads, 0, w.shape[1] // self.heads)
+        return KVCache(empty, empty, 0)
+
+    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """x (b, n, dim) at positions start.. -> q, k, v (b, h, n, d), q and k rotated."""
+        q, k, v = rearrange(self.qkv(x), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        if self.rope is not None:
+            q, k = self.rope(q, start), self.rope(k, start)
+        return q, k, v
+
+    def project_prefix(self, prefix: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """Persistent tokens (p, dim) -> keys, values (b, h, p, d); no rotation (no position)."""
+        _, k, v = rearrange(self.qkv(prefix), "p (t h d) -> t h p d", t=3, h=self.heads)
+        return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+
+    def merge(self, o: Tensor) -> Tensor:
+        """(b, h, n, d) -> output projection (b, n, dim)."""
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))
+
+    def forward(
+        self, x: Tensor, state: KVCache | None = None, prefix: Tensor | None = None
+    ) -> tuple[Tensor, KVCache | None]:
+        """x (b, n, dim), prefix (p, dim) seen by every query -> (b, n, dim), next cache."""
+        q, k, v = self.project(x, state.pos if state is not None else 0)
+        if state is not None:
+            k, v = torch.cat([state.k, k], dim=-2), torch.cat([state.v, v], dim=-2)
+        pk = pv = None
+        if prefix is not None:
+            pk, pv = self.project_prefix(prefix, x.shape[0])
+        y = self.merge(attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv))
+        if state is None:
+            return y, None
+        if self.window is not None:  # a future query sees at most window - 1 past tokens
+            keep = self.window - 1
+            k, v = k[..., k.shape[-2] - min(keep, k.shape[-2]):, :], v[..., v.shape[-2] - min(keep, v.shape[-2]):, :]
+        return y, KVCache(k, v, state.pos + x.shape[1])

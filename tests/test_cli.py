@@ -1,0 +1,56 @@
+"""The console script end to end (one subprocess) and `inspect` / `schema` in process."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from titans_nas import build_model, load_spec
+from titans_nas.cli import main
+
+
+def test_inspect_counts_match_the_built_model(capsys):
+    assert main(["inspect", "components/presets/attention-tiny.yaml", "--set", "depth=3", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "depth: 3" in out
+    total_line = next(line for line in out.splitlines() if line.strip().startswith("total"))
+    reported = int(total_line.split()[-1].replace(",", ""))
+    model = build_model(load_spec("attention-tiny", ["depth=3"]))
+    assert reported == sum(p.numel() for p in model.parameters())
+    assert "FLOPs per token" in out
+
+
+def test_inspect_counts_tied_embeddings_once(capsys):
+    main(["inspect", "attention-tiny", "--set", "tie_embeddings=true", "--seq", "32"])
+    out = capsys.readouterr().out
+    total = int(next(line for line in out.splitlines() if line.strip().startswith("total")).split()[-1].replace(",", ""))
+    model = build_model(load_spec("attention-tiny", ["tie_embeddings=true"]))
+    assert total == sum(p.numel() for p in model.parameters())
+    assert model.head is None
+
+
+def test_schema_is_json(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "ModelSpec" and "block" in schema["properties"]
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: attention-tiny\nheads: 7\n")
+    proc = subprocess.run([sys.executable, "-m", "titans_nas.cli", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "heads" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_command_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "attention-tiny", "--task", "copy", "--task-set", "length=4", "--steps", "4",
+                 "--eval-every", "2", "--out", str(out)])
+    assert code == 0
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [2, 4]
+    assert torch.isfinite(torch.tensor(lines[-1]["loss"]))

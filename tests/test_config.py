@@ -1,0 +1,120 @@
+"""YAML composition, round trips and the error messages users see."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from titans_nas.cli import main
+from titans_nas.config import SpecError, compose, dump_spec, load_spec, preset_names
+from titans_nas.spec import ModelSpec
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_validates_and_round_trips(preset, tmp_path):
+    spec = load_spec(preset)
+    text = dump_spec(spec)
+    again = load_spec(write(tmp_path, "again.yaml", text))
+    assert again == spec
+    assert dump_spec(again) == text
+
+
+def test_extends_merges_deeply_and_later_wins(tmp_path):
+    write(tmp_path, "base.yaml", "extends: attention-tiny\ndepth: 3\nblock: {attention: {rope: {base: 500}}}\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\ndepth: 5\n")
+    spec = load_spec(child, ["block.attention.heads=2"])
+    assert (spec.depth, spec.dim, spec.block.attention.rope.base, spec.block.attention.heads) == (5, 64, 500, 2)
+
+
+def test_override_of_kind_replaces_the_sub_spec(tmp_path):
+    base = write(tmp_path, "ln.yaml", "extends: attention-tiny\nnorm: {kind: layernorm, eps: 0.001}\n")
+    spec = load_spec(base, ["norm.kind=rmsnorm"])  # eps of the layernorm must not leak
+    assert spec.norm.kind == "rmsnorm" and spec.norm.eps == 1e-6
+
+
+def test_null_switches_a_mechanism_off():
+    spec = load_spec("attention-tiny", ["block.attention.rope=null", "mlp=null"])
+    assert spec.block.attention.rope is None and spec.mlp is None
+
+
+def test_provenance_names_the_file_that_set_the_field(tmp_path):
+    write(tmp_path, "base.yaml", "extends: attention-tiny\ndepth: 0\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\ndim: 64\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(child)
+    assert e.value.source.endswith("base.yaml") and e.value.path == "depth"
+    _, prov = compose(child)
+    assert prov["dim"].endswith("child.yaml")
+
+
+ERRORS = {
+    # name: (yaml text, overrides, expected path, words in the reason)
+    "malformed yaml": ("dim: [64\n", [], "", ["malformed YAML", "line"]),
+    "unknown field": ("extends: attention-tiny\ndpeth: 3\n", [], "dpeth", ["unknown field", "did you mean 'depth'"]),
+    "nested unknown field": ("extends: attention-tiny\nblock: {attention: {rop: null}}\n", [], "block.attention.rop", ["did you mean 'rope'"]),
+    "wrong type": ("extends: attention-tiny\ndepth: three\n", [], "depth", ["valid integer", "'three'"]),
+    "out of range": ("extends: attention-tiny\ndepth: 0\n", [], "depth", ["greater than or equal to 1"]),
+    "impossible combination": ("extends: attention-tiny\nheads: 5\n", [], "heads", ["do not divide dim 64"]),
+    "nested impossible combination": ("extends: attention-tiny\nblock: {attention: {heads: 8}}\ndim: 60\nheads: 4\n", [], "block.attention.heads", ["do not divide"]),
+    "odd head dim with rope": ("extends: attention-tiny\ndim: 60\n", [], "block.attention.rope", ["even head dim"]),
+    "unknown kind": ("extends: attention-tiny\nblock: {kind: mamba}\n", [], "block", ["unknown kind 'mamba'"]),
+    "missing field": ("dim: 64\ndepth: 2\nheads: 4\nblock: {kind: attention}\n", [], "vocab_size", ["required"]),
+    "missing preset": ("extends: attention-tinny\n", [], "", ["no preset or file named 'attention-tinny'", "did you mean 'attention-tiny'"]),
+    "bad override": ("extends: attention-tiny\n", ["depth"], "", ["expected KEY=VALUE"]),
+    "override out of range": ("extends: attention-tiny\n", ["norm.eps=2"], "norm.eps", ["less than 1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_each_error_names_file_path_and_reason(name, tmp_path):
+    text, overrides, path, words = ERRORS[name]
+    spec_file = write(tmp_path, "spec.yaml", text)
+    with pytest.raises(SpecError) as e:
+        load_spec(spec_file, overrides)
+    assert e.value.path == path
+    for w in words:
+        assert w in e.value.reason
+    expected_source = f"--set {overrides[0]}" if overrides else "spec.yaml"
+    assert expected_source in e.value.source or "command line" in e.value.source or name == "missing preset"
+
+
+@pytest.mark.parametrize("name", ["malformed yaml", "unknown field", "impossible combination", "missing preset"])
+def test_cli_prints_one_line_and_exits_2(name, tmp_path, capsys):
+    text, overrides, path, words = ERRORS[name]
+    spec_file = write(tmp_path, "spec.yaml", text)
+    code = main(["inspect", str(spec_file), *[a for o in overrides for a in ("--set", o)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert str(spec_file) in err or "spec.yaml" in err
+    assert words[0] in err
+
+
+def test_missing_preset_on_command_line(capsys):
+    assert main(["inspect", "no-such-preset"]) == 2
+    assert "no preset or file named 'no-such-preset'" in capsys.readouterr().err
+
+
+def test_schema_has_every_field_documented():
+    schema = ModelSpec.model_json_schema()
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), f"ModelSpec.{name} has no docstring"
+    for name, sub in schema["$defs"].items():
+        for field, prop in sub.get("properties", {}).items():
+            assert field == "kind" or prop.get("description"), f"{name}.{field} has no docstring"
+
+
+def test_dump_is_plain_yaml():
+    data = yaml.safe_load(dump_spec(load_spec("attention-tiny")))
+    assert data["block"]["kind"] == "attention" and "extends" not in data
+
+
+def test_partial_sub_spec_edits_the_default_kind():
+    spec = load_spec("attention-tiny", ["norm.eps=1e-5"])
+    assert spec.norm.kind == "rmsnorm" and spec.norm.eps == 1e-5

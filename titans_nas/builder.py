@@ -1,0 +1,33 @@
+"""ModelSpec -> TitansLM. Straight-line: dispatch happens only through the specs' `build()`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from components.block import Block
+from titans_nas.model import TitansLM
+from titans_nas.spec import ModelSpec
+
+
+def build_model(spec: ModelSpec) -> TitansLM:
+    """Build the model `spec` describes. Deterministic: the same spec (its `seed` included) gives
+    bit-identical initial weights, without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        blocks = nn.ModuleList(
+            Block(
+                mixer=spec.block.build(spec.dim, spec.heads),
+                norm_mixer=spec.norm.build(spec.dim),
+                mlp=spec.mlp.build(spec.dim) if spec.mlp is not None else None,
+                norm_mlp=spec.norm.build(spec.dim) if spec.mlp is not None else None,
+            )
+            for _ in range(spec.depth)
+        )
+        return TitansLM(
+            vocab_size=spec.vocab_size,
+            dim=spec.dim,
+            blocks=blocks,
+            norm=spec.norm.build(spec.dim),
+            tie_embeddings=spec.tie_embeddings,
+        )

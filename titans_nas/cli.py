@@ -1,0 +1,115 @@
+"""`titans-nas`: schema, inspect, train. Spec problems print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from titans_nas.config import SpecError, dump_spec, load_spec, load_union
+from titans_nas.spec import ModelSpec
+
+console = Console(highlight=False)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(ModelSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from titans_nas.builder import build_model
+    from titans_nas.summary import flops_per_token, param_rows
+
+    spec = load_spec(args.spec, args.set)
+    print(dump_spec(spec), end="")
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(spec)
+    table = Table(title="parameters", show_edge=False)
+    table.add_column("component")
+    table.add_column("params", justify="right")
+    total = 0
+    for name, count, level in param_rows(model):
+        table.add_row(("  " * level) + name, f"{count:,}")
+        total += count if level == 0 else 0
+    table.add_row("total", f"{total:,}", style="bold")
+    console.print(table)
+    fpt = flops_per_token(spec, args.seq)
+    console.print(f"forward FLOPs per token at seq {args.seq}: {fpt / 1e6:,.2f} M "
+                  f"(training step ~3x: {3 * fpt / 1e6:,.2f} M)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from titans_nas.tasks import TaskSpec
+    from titans_nas.train import TrainSpec, train
+
+    spec = load_spec(args.spec, args.set)
+    task = load_union(args.task, TaskSpec, args.task_set)
+    cfg_fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "eval_every": args.eval_every}
+    cfg = TrainSpec(**{k: v for k, v in cfg_fields.items() if v is not None})
+    out = Path(args.out) if args.out else None
+    console.print(f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps"
+                  + (f" -> {out}" if out else ""))
+
+    def on_eval(rec: dict, _ckpt: object) -> None:
+        metric = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "split", "params", "tokens_per_s", "peak_mem_mb"))
+        console.print(f"step {rec['step']:>6}  eval {metric}  {rec['tokens_per_s']:,.0f} tok/s")
+
+    result = train(spec, task, cfg, out, resume=args.resume, on_eval=on_eval, device=args.device)
+    if result.status == "diverged":
+        print(f"diverged: {result.message}", file=sys.stderr)
+        return 3
+    console.print(f"{result.status} at step {result.step}: params {int(result.metrics['params']):,}, "
+                  f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="titans-nas", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("schema", help="print the JSON schema of a model spec")
+    s.set_defaults(fn=_schema)
+
+    s = sub.add_parser("inspect", help="resolved spec, parameters per component, FLOPs per token")
+    s.add_argument("spec", help="preset name or YAML path")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a spec field")
+    s.add_argument("--seq", type=int, default=2048, help="sequence length for the FLOP count")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("train", help="train a spec on a generated task")
+    s.add_argument("spec", help="preset name or YAML path")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a spec field")
+    s.add_argument("--task", default="copy", help="task kind (its defaults) or a task YAML path")
+    s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--out", help="run directory (metrics.jsonl, checkpoint, result.json)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""YAML -> spec: `extends:` composition, `--set a.b=c` overrides (OmegaConf), one validation,
+and errors that name the file, the dotted path and the reason.
+
+A spec file is a mapping that may start with `extends: <preset name | path>` (or a list of them,
+merged in order). Dicts merge deeply and the later layer wins; when a layer changes the `kind`
+of a sub-spec, that sub-spec is replaced rather than merged (a MAG window must not leak into a
+MAC block). Every override is one more layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from components.base import SpecRuleError
+from titans_nas.spec import ModelSpec
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class SpecError(Exception):
+    """A spec that cannot be loaded. The CLI prints `str(error)` and exits with code 2."""
+
+    def __init__(self, source: str, path: str, reason: str) -> None:
+        super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
+        self.source, self.path, self.reason = source, path, reason
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("components") / "presets"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def resolve_ref(
+    ref: str, relative_to: Path | None = None, where: str = "command line", presets: Path | None = None
+) -> Path:
+    """A preset name or a path (relative to the referring file, then to the working dir)."""
+    presets = presets or preset_dir()
+    candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    preset = presets / f"{ref}.yaml"
+    if "/" not in ref and not ref.endswith((".yaml", ".yml")) and preset.is_file():
+        return preset
+    names = sorted(p.stem for p in presets.glob("*.yaml"))
+    close = difflib.get_close_matches(ref, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (presets: {', '.join(names)})"
+    raise SpecError(where, "", f"no preset or file named '{ref}'{hint}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(str(path), "", f"malformed YAML: {at}{problem}") from None
+    except OSError as e:
+        raise SpecError(str(path), "", f"cannot read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(str(path), "", f"expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _layers(
+    ref: str, relative_to: Path | None, chain: tuple[Path, ...], where: str, presets: Path | None
+) -> list[tuple[str, dict]]:
+    path = resolve_ref(ref, relative_to, where, presets).resolve()
+    if path in chain:
+        raise SpecError(str(path), "extends", "circular extends: " + " -> ".join(map(str, (*chain, path))))
+    data = read_yaml(path)
+    parents = data.pop("extends", None)
+    layers: list[tuple[str, dict]] = []
+    for parent in [parents] if isinstance(parents, str) else (parents or []):
+        if not isinstance(parent, str):
+            raise SpecError(str(path), "extends", "expected a preset name, a path or a list of them")
+        layers += _layers(parent, path.parent, (*chain, path), str(path), presets)
+    return [*layers, (_label(path), data)]
+
+
+def _label(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _drop_switched(base: Any, over: Any) -> Any:
+    """Copy of `base` where every sub-dict whose `kind` `over` changes is emptied."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return base
+    if "kind" in over and base.get("kind", over["kind"]) != over["kind"]:
+        return {}
+    return {k: _drop_switched(v, over[k]) if k in over else v for k, v in base.items()}
+
+
+def _flat(d: Any, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict) or not d:
+        return [prefix] if prefix else []
+    return [p for k, v in d.items() for p in [f"{prefix}{k}", *_flat(v, f"{prefix}{k}.")]]
+
+
+def compose(
+    source: str | Path, overrides: Sequence[str] = (), presets: Path | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged plain dict, and for each dotted path the label of the layer that set it last."""
+    return _merge_layers(_layers(str(source), None, (), "command line", presets), overrides)
+
+
+def _merge_layers(
+    layers: list[tuple[str, dict]], overrides: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    layers = list(layers)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item}", "", "expected KEY=VALUE, e.g. --set block.window=64")
+        try:
+            layers.append((f"--set {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
+        except OmegaConfBaseException as e:
+            raise SpecError(f"--set {item}", "", str(e).splitlines()[0]) from None
+    merged: dict[str, Any] = {}
+    provenance: dict[str, str] = {}
+    for label, data in layers:
+        try:
+            merged = OmegaConf.to_container(OmegaConf.merge(_drop_switched(merged, data), data))
+        except OmegaConfBaseException as e:
+            raise SpecError(label, "", str(e).splitlines()[0]) from None
+        provenance.update({p: label for p in _flat(data)})
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as e:
+        raise SpecError(layers[-1][0], "", f"interpolation: {str(e).splitlines()[0]}") from None
+    provenance[""] = layers[-1 - len(overrides)][0]
+    return resolved, provenance
+
+
+def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = ModelSpec) -> S:
+    data, provenance = compose(source, overrides)
+    return validate(data, cls, provenance)
+
+
+def union_members(union: Any) -> dict[str, type[BaseModel]]:
+    """kind tag -> spec class, for a discriminated union of specs."""
+    return {m.model_fields["kind"].default: m for m in _models_in(union)}
+
+
+def load_union(source: str | Path, union: Any, overrides: Sequence[str] = (), presets: Path | None = None) -> BaseModel:
+    """A spec of one kind of `union`: `source` is a kind name (its defaults), a preset in
+    `presets`, or a YAML path; overrides apply on top."""
+    members = union_members(union)
+    base = {"kind": str(source)} if str(source) in members else None
+    if base is not None:
+        layers: list[tuple[str, dict]] = [(f"kind {source}", base)]
+        data, provenance = _merge_layers(layers, overrides)
+    else:
+        data, provenance = compose(source, overrides, presets=presets)
+    kind = data.get("kind")
+    if kind not in members:
+        reason = f"unknown kind {kind!r}" if kind is not None else "missing `kind`"
+        raise SpecError(provenance[""], "kind", f"{reason} (expected one of: {', '.join(members)})")
+    return validate(data, members[kind], provenance)
+
+
+def validate(data: dict[str, Any], cls: type[S], provenance: dict[str, str] | None = None) -> S:
+    """`cls.model_validate(data)`, with the first problem turned into a SpecError."""
+    provenance = provenance or {"": "spec"}
+    try:
+        return cls.model_validate(_fill_kinds(cls, data))
+    except ValidationError as err:
+        errors = err.errors()
+        path, reason = _describe(cls, errors[0])
+        if len(errors) > 1:
+            reason += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        # a broken cross-field rule is blamed on the layer that set that exact field, else on
+        # the file the user named (the rule's other fields may come from anywhere)
+        is_rule = isinstance((errors[0].get("ctx") or {}).get("error"), SpecRuleError)
+        source = provenance.get(path, provenance[""]) if is_rule else _source_of(path, provenance)
+        raise SpecError(source, path, reason) from None
+
+
+def _fill_kinds(cls: type[BaseModel], data: Any) -> Any:
+    """A sub-spec given without `kind` means the field default's kind with those fields changed
+    (`--set norm.eps=1e-5` edits the default RMSNorm)."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        value = out.get(name)
+        if not isinstance(value, dict):
+            continue
+        members = _models_in(field.annotation)
+        if field.discriminator and "kind" not in value and isinstance(field.default, BaseModel):
+            value = {"kind": field.default.kind, **value}
+        tags = {m.model_fields["kind"].default: m for m in members if "kind" in m.model_fields}
+        member = tags.get(value.get("kind")) if field.discriminator else (members[0] if len(members) == 1 else None)
+        out[name] = _fill_kinds(member, value) if member is not None else value
+    return out
+
+
+def _source_of(path: str, provenance: dict[str, str]) -> str:
+    parts = path.split(".") if path else []
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in provenance:
+            return provenance[".".join(parts[:i])]
+    return provenance[""]
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The spec classes inside a field annotation (through Optional, Union, Annotated, list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _walk(cls: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Pydantic loc -> spec path parts (union tags dropped), and the model holding the last part."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = cls
+    holder: type[BaseModel] | None = cls
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        parts.append(str(key))
+        holder = model
+        field = model.model_fields.get(key) if model is not None and isinstance(key, str) else None
+        nxt: type[BaseModel] | None = None
+        if field is not None:
+            members = _models_in(field.annotation)
+            if field.discriminator and i + 1 < len(loc) and len(members) > 0:
+                tag, i = loc[i + 1], i + 1
+                nxt = next((m for m in members if m.model_fields["kind"].default == tag), None)
+            elif len(members) == 1:
+                nxt = members[0]
+        elif isinstance(key, int):
+            nxt = model
+        model = nxt
+        i += 1
+    return parts, holder
+
+
+def _describe(cls: type[BaseModel], e: dict) -> tuple[str, str]:
+    parts, holder = _walk(cls, tuple(e["loc"]))
+    path = ".".join(parts)
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        name = parts[-1]
+        fields = list(holder.model_fields) if holder is not None else []
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(fields)}"
+        return path, f"unknown field '{name}' ({hint})"
+    if kind == "missing":
+        return path, "required field is missing"
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, SpecRuleError):
+        return ".".join(p for p in (path, cause.path) if p), cause.reason  # a rule: see _source_of
+    if kind == "union_tag_invalid":
+        return path, f"unknown kind '{e['ctx']['tag']}' (expected one of: {e['ctx']['expected_tags']})"
+    if kind == "union_tag_not_found":
+        return path, f"missing `kind` (expected one of: {e['ctx']['discriminator']})"
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and not isinstance(e["input"], dict):
+        msg += f" (got {e['input']!r})"
+    return path, msg
+
+
+def dump_spec(spec: BaseModel) -> str:
+    """Fully resolved YAML (every default written) that `load_spec` reads back to an equal spec."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,49 @@
+"""ModelSpec: the whole model as data. The block union lists every block kind in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field, model_validator
+
+from components.base import Spec, SpecRuleError
+from components.mlp import MLPSpec
+from components.norm import NormSpec, RMSNormSpec
+from components.transformer import TransformerSpec
+
+BlockSpec = Annotated[Union[TransformerSpec], Field(discriminator="kind")]
+"""Every block kind, discriminated by `kind`. A new kind is one more member here."""
+
+
+class ModelSpec(Spec):
+    """A causal language model: token embedding, `depth` blocks of one kind (pre-norm mixer +
+    SwiGLU MLP, residuals), a final norm and the LM head."""
+
+    vocab_size: int = Field(ge=2)
+    """Number of token ids the embedding and the head cover."""
+    dim: int = Field(ge=2)
+    """Model width (residual stream)."""
+    depth: int = Field(ge=1)
+    """Number of blocks."""
+    heads: int = Field(ge=1)
+    """Default number of heads for attention and memory (each may override its own)."""
+    block: BlockSpec
+    """The block kind and its mechanisms."""
+    mlp: MLPSpec | None = MLPSpec()
+    """The MLP after the mixer in every block; null = mixer-only blocks."""
+    norm: NormSpec = RMSNormSpec()
+    """Pre-norm of every mixer and MLP, and the final norm."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the LM head."""
+    seed: int = Field(0, ge=0)
+    """Seed of the parameter initialisation: the same spec always builds the same weights."""
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ModelSpec:
+        if self.dim % self.heads:
+            raise SpecRuleError("heads", f"{self.heads} heads do not divide dim {self.dim}")
+        try:
+            self.block.check(self.dim, self.heads)
+        except SpecRuleError as e:
+            raise e.under("block") from None
+        return self

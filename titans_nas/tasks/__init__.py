@@ -1,0 +1,14 @@
+"""Tasks: generated offline and seeded, each with its metric. `TaskSpec` lists every kind."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from titans_nas.tasks.base import IGNORE, Batch, TaskBase
+from titans_nas.tasks.copy import CopySpec
+
+TaskSpec = Annotated[Union[CopySpec], Field(discriminator="kind")]
+
+__all__ = ["IGNORE", "Batch", "CopySpec", "TaskBase", "TaskSpec"]

@@ -1,0 +1,48 @@
+"""What every task provides: seeded batches of (inputs, targets) and a metric.
+
+Targets are next-token aligned with `inputs` (target t is the token the model must emit after
+reading input t); positions that are not scored hold IGNORE.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from components.base import Spec
+
+IGNORE = -100
+
+
+class Batch(NamedTuple):
+    inputs: Tensor
+    """(b, n) int64 token ids."""
+    targets: Tensor
+    """(b, n) int64; IGNORE where the position is not scored."""
+
+
+class TaskBase(Spec):
+    """Common behaviour; each task adds `kind` and its own fields."""
+
+    metric: ClassVar[str] = "accuracy"
+    """Name of the task metric `score` reports (higher is better unless `metric_mode` says min)."""
+    metric_mode: ClassVar[str] = "max"
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids the task uses are in [0, vocab_size)."""
+
+    @abstractmethod
+    def sample(self, batch: int, generator: torch.Generator) -> Batch:
+        """A batch drawn with `generator` (the only source of randomness: seeds reproduce)."""
+
+    def score(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
+        """Sums to aggregate over evaluation batches: metric -> (numerator, denominator).
+        Default: accuracy of the argmax over scored positions."""
+        scored = batch.targets != IGNORE
+        correct = (logits.argmax(-1) == batch.targets) & scored
+        return {"accuracy": (float(correct.sum()), float(scored.sum()))}

@@ -1,0 +1,274 @@
+"""One training function for the CLI and for every study trial (DESIGN §7).
+
+AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on GPU, optional
+torch.compile, periodic evaluation on a fixed seeded eval set, metrics as JSON lines, checkpoints
+with exact resume (model, optimizer, data RNG), and a non-finite loss ends the run with status
+`diverged` instead of a crash. Deterministic on CPU for a given spec and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from components.base import Spec
+from titans_nas.builder import build_model
+from titans_nas.config import SpecError, dump_spec
+from titans_nas.model import TitansLM
+from titans_nas.spec import ModelSpec
+from titans_nas.tasks import IGNORE, TaskBase
+
+Status = Literal["completed", "diverged", "stopped"]
+
+
+class TrainSpec(Spec):
+    """The training budget and optimiser."""
+
+    steps: int = Field(500, ge=1)
+    """Optimizer steps (the cosine schedule spans exactly these)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per step."""
+    lr: float = Field(3e-3, gt=0.0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warmup from 0 to `lr`."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW decoupled weight decay, on matrices only (not norms, biases, gates' biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this; null = no clipping."""
+    eval_every: int = Field(100, ge=1)
+    """Evaluate every this many steps (and always at the last step)."""
+    eval_batches: int = Field(8, ge=1)
+    """Batches in the fixed evaluation set."""
+    eval_seed: int = Field(1_000_003, ge=0)
+    """Seed of the evaluation set; keep it fixed to compare runs."""
+    log_every: int = Field(10, ge=1)
+    """Write a train-metrics line every this many steps."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Write a resumable checkpoint every this many steps (and at the end); null = only at the end."""
+    seed: int = Field(0, ge=0)
+    """Seed of the training data stream."""
+    compile: bool = False
+    """torch.compile the model (useful on GPU)."""
+
+
+@dataclass
+class RunResult:
+    status: Status
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last evaluation (loss, task metric) plus params, tokens_per_s, peak_mem_mb."""
+    message: str = ""
+
+
+def lr_at(step: int, cfg: TrainSpec) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainSpec) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def evaluate(model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.device) -> dict[str, float]:
+    """Loss and task metric on the fixed evaluation set (same batches for every run)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.eval_seed)
+    sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
+    for _ in range(cfg.eval_batches):
+        batch = task.sample(cfg.batch_size, gen)
+        batch = type(batch)(*(t.to(device) for t in batch))
+        with _autocast(device):
+            logits, _ = model(batch.inputs)
+        n = float((batch.targets != IGNORE).sum())
+        sums["loss"][0] += float(loss_fn(logits, batch.targets)) * n
+        sums["loss"][1] += n
+        for name, (num, den) in task.score(logits.float(), batch).items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += num
+            acc[1] += den
+    model.train(was_training)
+    return {k: num / max(den, 1e-12) for k, (num, den) in sums.items()}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def check_compatible(model_spec: ModelSpec, task: TaskBase) -> None:
+    if model_spec.vocab_size < task.vocab_size:
+        raise SpecError(
+            "task", "vocab_size",
+            f"the task uses {task.vocab_size} token ids but the model's vocab_size is {model_spec.vocab_size}",
+        )
+
+
+def train(
+    model_spec: ModelSpec,
+    task: TaskBase,
+    cfg: TrainSpec,
+    out_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    on_eval: Callable[[dict[str, Any], Path | None], bool | None] | None = None,
+    device: str | torch.device = "cpu",
+) -> RunResult:
+    """Train `model_spec` on `task` for `cfg.steps` steps.
+
+    out_dir: receives `spec.yaml`, `task.yaml`, `train.yaml`, `metrics.jsonl`, `checkpoint/`
+    and `result.json`. resume: continue from `out_dir/checkpoint` exactly. stop_after: end this
+    session after that many total steps (status `stopped`; resume continues it). on_log gets every
+    metrics record; on_eval gets each evaluation and the checkpoint dir written with it (if any),
+    and may return True to stop the run (status `stopped`).
+    """
+    check_compatible(model_spec, task)
+    device = torch.device(device)
+    model = build_model(model_spec).to(device)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    ckpt_dir = out_dir / "checkpoint" if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "spec.yaml").write_text(dump_spec(model_spec))
+        (out_dir / "task.yaml").write_text(dump_spec(task))
+        (out_dir / "train.yaml").write_text(dump_spec(cfg))
+        if resume and (ckpt_dir / "state.pt").is_file():
+            step = load_checkpoint(ckpt_dir, model, opt, gen)
+        elif not resume:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    params = sum(p.numel() for p in model.parameters())
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def record(rec: dict[str, Any]) -> None:
+        if out_dir is not None:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if on_log is not None:
+            on_log(rec)
+
+    last_eval: dict[str, float] = {}
+    tokens_per_s = 0.0
+    t0, tokens = time.perf_counter(), 0
+    model.train()
+    status: Status = "completed"
+    message = ""
+    while step < cfg.steps:
+        if stop_after is not None and step >= stop_after:
+            status = "stopped"
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = task.sample(cfg.batch_size, gen)
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+        with _autocast(device):
+            logits, _ = fwd(inputs)
+        loss = loss_fn(logits, targets)
+        if not torch.isfinite(loss):
+            status, message = "diverged", f"non-finite training loss ({loss.item()}) at step {step + 1}"
+            record({"step": step + 1, "split": "train", "loss": loss.item(), "status": "diverged"})
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(gnorm):
+            status, message = "diverged", f"non-finite gradient norm at step {step + 1}"
+            record({"step": step + 1, "split": "train", "loss": loss.item(), "status": "diverged"})
+            break
+        opt.step()
+        step += 1
+        tokens += inputs.numel()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            tokens_per_s = tokens / max(elapsed, 1e-9)
+            record({"step": step, "split": "train", "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": float(gnorm), "tokens_per_s": tokens_per_s})
+            t0, tokens = time.perf_counter(), 0
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = evaluate(model, task, cfg, device)
+            if not math.isfinite(last_eval["loss"]):
+                status, message = "diverged", f"non-finite evaluation loss at step {step}"
+            rec = {"step": step, "split": "eval", **last_eval, "params": params,
+                   "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
+            record(rec)
+            written = None
+            if ckpt_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                written = save_checkpoint(ckpt_dir, model, opt, gen, step)
+            if status == "diverged":
+                break
+            if on_eval is not None and on_eval(rec, written):
+                status = "stopped"
+                break
+        elif ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, model, opt, gen, step)
+    if status == "stopped" and ckpt_dir is not None:
+        save_checkpoint(ckpt_dir, model, opt, gen, step)
+    metrics = {**last_eval, "params": float(params), "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
+    result = RunResult(status, step, metrics, message)
+    if out_dir is not None:
+        (out_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2))
+    return result
+
+
+def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int) -> Path:
+    """Weights as safetensors (what export ships) + optimizer and data-RNG state for exact resume.
+    Written to a temporary dir and renamed, so a crash never leaves a half checkpoint."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
+    if ckpt_dir.exists():
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+        ckpt_dir.rename(old)
+        tmp.rename(ckpt_dir)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(ckpt_dir)
+    return ckpt_dir
+
+
+def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)
+    state = torch.load(ckpt_dir / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return int(state["step"])
