@@ -4,19 +4,22 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from titans_nas import build_model, load_spec
+from titans_nas.config import preset_names
 from titans_nas.cli import main
 
 
-def test_inspect_counts_match_the_built_model(capsys):
-    assert main(["inspect", "components/presets/attention-tiny.yaml", "--set", "depth=3", "--seq", "64"]) == 0
+@pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny")])
+def test_inspect_counts_match_the_built_model(preset, capsys):
+    assert main(["inspect", f"components/presets/{preset}.yaml", "--set", "depth=3", "--seq", "64"]) == 0
     out = capsys.readouterr().out
     assert "depth: 3" in out
     total_line = next(line for line in out.splitlines() if line.strip().startswith("total"))
     reported = int(total_line.split()[-1].replace(",", ""))
-    model = build_model(load_spec("attention-tiny", ["depth=3"]))
+    model = build_model(load_spec(preset, ["depth=3"]))
     assert reported == sum(p.numel() for p in model.parameters())
     assert "FLOPs per token" in out
 

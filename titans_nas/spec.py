@@ -7,11 +7,12 @@ from typing import Annotated, Union
 from pydantic import Field, model_validator
 
 from components.base import Spec, SpecRuleError
+from components.lmm import LMMSpec
 from components.mlp import MLPSpec
 from components.norm import NormSpec, RMSNormSpec
 from components.transformer import TransformerSpec
 
-BlockSpec = Annotated[Union[TransformerSpec], Field(discriminator="kind")]
+BlockSpec = Annotated[Union[TransformerSpec, LMMSpec], Field(discriminator="kind")]
 """Every block kind, discriminated by `kind`. A new kind is one more member here."""
 
 

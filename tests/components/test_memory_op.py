@@ -1,0 +1,211 @@
+"""memory_update (fast, chunked) against naive_memory_update (token loop + autograd) and an
+independent gated-delta-rule oracle; streaming; checkpointing; stability at 16K tokens."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.ops.memory import MemoryModel, MemoryState, init_memory_state, memory_update, naive_memory_update
+
+
+@dataclass(frozen=True)
+class Case:
+    depth: int = 2
+    momentum: bool = True
+    decay: bool = True
+    chunk: int = 16
+    n: int = 37
+    read: str = "after_update"
+    granularity: str = "token"
+    act: str = "gelu"
+    norm: bool = True
+    residual: bool = True
+    per_layer_lr: bool = False
+
+
+CASES = {
+    "linear online, momentum+decay": Case(depth=1, chunk=1, n=23, norm=False, residual=False),
+    "linear, all off, chunk 16": Case(depth=1, momentum=False, decay=False, chunk=16, n=37, norm=False, residual=False),
+    "linear, momentum, chunk 64": Case(depth=1, decay=False, chunk=64, n=70, norm=False, residual=False),
+    "mlp x+LN, momentum+decay, chunk 1": Case(chunk=1, n=19),
+    "mlp x+LN, momentum+decay, chunk 16": Case(chunk=16, n=37, per_layer_lr=True),
+    "mlp x+LN, momentum+decay, chunk 64": Case(chunk=64, n=70),
+    "mlp silu plain, momentum only": Case(act="silu", norm=False, residual=False, decay=False, chunk=16, n=37),
+    "mlp silu LN (no residual), decay only": Case(act="silu", residual=False, momentum=False, chunk=5, n=23),
+    "mlp depth 3, per-layer lr": Case(depth=3, chunk=5, n=23, per_layer_lr=True),
+    "read chunk_start": Case(read="chunk_start", chunk=16, n=37),
+    "read chunk_start, linear, no momentum": Case(depth=1, momentum=False, read="chunk_start", chunk=5, n=23, norm=False, residual=False),
+    "granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=16, n=37),
+    "granularity chunk, no momentum, linear": Case(depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False),
+}
+
+
+def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=dtype)).requires_grad_()  # noqa: E731
+    uni = lambda *s, scale=1.0: (scale * torch.rand(*s, generator=g, dtype=dtype)).requires_grad_()  # noqa: E731
+    n = case.n
+    q = F.normalize(torch.randn(b, h, n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(b, h, n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    v = rnd(b, h, n, d)
+    widths = [d] + [e] * (case.depth - 1) + [d]
+    weights = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:]))
+    lr = uni(b, h, n, case.depth, scale=0.2) if case.per_layer_lr else uni(b, h, n, scale=0.2)
+    mom = uni(b, h, n, scale=0.6) if case.momentum else None
+    dec = uni(b, h, n, scale=0.1) if case.decay else None
+    norm = (rnd(h, d, scale=0.1) + 1, rnd(h, d, scale=0.1)) if case.norm else None
+    model = MemoryModel(case.act, case.residual, norm)
+    leaves = [t for t in (q, k, v, lr, mom, dec, *weights, *(norm or ())) if t is not None]
+    return (q, k, v, lr, mom, dec), weights, model, leaves
+
+
+def run(fn, case: Case, inputs, weights, model, **kw):
+    q, k, v, lr, mom, dec = inputs
+    state = init_memory_state(weights, q.shape[0], case.momentum)
+    return fn(q, k, v, lr, mom, dec, state, chunk_size=case.chunk, model=model, read=case.read,
+              granularity=case.granularity, **kw)
+
+
+def assert_rel_close(a, b, rtol, what=""):
+    scale = b.abs().max().clamp_min(1e-30)
+    err = (a - b).abs().max() / scale
+    assert err <= rtol, f"{what}: relative error {err:.3e} (scale {scale:.3e})"
+
+
+def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
+    y, state = run(fn, case, inputs, weights, model, **kw)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    loss = (y * g).sum() + sum((w * w).sum() for w in state.weights)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return y, state, grads
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_equals_naive_float64(name):
+    case = CASES[name]
+    inputs, weights, model, leaves = make(case)
+    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
+    assert_rel_close(y, y0, 1e-9, "outputs")
+    for a, b in zip(s.weights, s0.weights):
+        assert_rel_close(a, b, 1e-9, "final weights")
+    if case.momentum:
+        for a, b in zip(s.momentum, s0.momentum):
+            assert_rel_close(a, b, 1e-9, "final momentum")
+    assert s.offset == s0.offset == case.n % case.chunk
+    for leaf, a, b in zip(leaves, g, g0):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_rel_close(a, b, 1e-9, f"gradient of a {tuple(leaf.shape)} input")
+
+
+@pytest.mark.parametrize("name", ["linear online, momentum+decay", "mlp x+LN, momentum+decay, chunk 16", "granularity chunk"])
+def test_fast_equals_naive_float32(name):
+    case = CASES[name]
+    inputs, weights, model, leaves = make(case, dtype=torch.float32)
+    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
+    assert_rel_close(y, y0, 1e-4, "outputs")
+    for a, b in zip(s.weights, s0.weights):
+        assert_rel_close(a, b, 1e-4, "final weights")
+    for a, b in zip(g, g0):
+        assert_rel_close(a, b, 1e-4, "gradient")
+
+
+def test_linear_online_without_momentum_is_the_gated_delta_rule():
+    """Independent oracle (research/efficient_memory.md §1): Titans-linear with eta = 0 at chunk 1
+    is Gated DeltaNet with gate a = 1 - alpha, beta = 2 theta / a (our loss has no 1/2) and
+    values a * v, written here in GDN's own column convention S (d_k x d_v)."""
+    case = Case(depth=1, momentum=False, chunk=1, n=29, norm=False, residual=False)
+    (q, k, v, lr, _, dec), weights, model, _ = make(case)
+    y, state = run(memory_update, case, (q, k, v, lr, None, dec), weights, model)
+    with torch.no_grad():
+        S = weights[0].expand(q.shape[0], -1, -1, -1).clone()  # (b, h, d_k, d_v)
+        outs = []
+        for t in range(case.n):
+            a = (1 - dec[:, :, t])[..., None, None]
+            beta = (2 * lr[:, :, t] / (1 - dec[:, :, t]))[..., None]
+            kt, vt = k[:, :, t], (1 - dec[:, :, t])[..., None] * v[:, :, t]
+            S = a * S  # GDN: decay first ...
+            err = beta * (vt - torch.einsum("bhkv,bhk->bhv", S, kt))  # ... then the delta rule
+            S = S + torch.einsum("bhk,bhv->bhkv", kt, err)
+            outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]))
+    torch.testing.assert_close(y, torch.stack(outs, 2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(state.weights[0], S, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp x+LN, momentum+decay, chunk 16", "read chunk_start", "granularity chunk",
+                                  "linear online, momentum+decay"])
+@pytest.mark.parametrize("pieces", [[1, 3, 7, 2, 11, 13], [37], [16, 16, 5], [1] * 37])
+def test_streaming_in_pieces_equals_one_pass(name, pieces):
+    case = CASES[name]
+    (q, k, v, lr, mom, dec), weights, model, _ = make(case)
+    whole, final = run(memory_update, case, (q, k, v, lr, mom, dec), weights, model)
+    state = init_memory_state(weights, q.shape[0], case.momentum)
+    outs, pos = [], 0
+    for size in pieces:
+        sl = slice(pos, pos + size)
+        cut = lambda t: None if t is None else t[:, :, sl]  # noqa: E731
+        y, state = memory_update(cut(q), cut(k), cut(v), cut(lr), cut(mom), cut(dec), state, chunk_size=case.chunk,
+                                 model=model, read=case.read, granularity=case.granularity)
+        outs.append(y)
+        pos += size
+    torch.testing.assert_close(torch.cat(outs, 2), whole, atol=1e-12, rtol=0)
+    for a, b in zip(state.weights, final.weights):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_checkpointed_chunks_give_identical_gradients():
+    case = Case(chunk=4, n=41)
+    inputs, weights, model, leaves = make(case)
+    y, _, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y2, _, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, checkpoint_chunks=3)
+    torch.testing.assert_close(y2, y, atol=0, rtol=0)
+    for a, b in zip(g2, g):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_momentum_and_decay_off_are_truly_off():
+    case = Case(momentum=False, decay=False)
+    (q, k, v, lr, _, _), weights, model, _ = make(case)
+    y, state = run(memory_update, case, (q, k, v, lr, None, None), weights, model)
+    assert state.momentum is None
+    on = Case()
+    (_, _, _, _, mom, dec), *_ = make(on)
+    y_on, _ = run(memory_update, on, (q, k, v, lr, mom, dec), weights, model)
+    assert (y - y_on).abs().max() > 1e-3
+    # alpha = 0 and no momentum is the plain mini-batch rule: check one chunk by hand
+    with torch.no_grad():
+        zero = torch.zeros_like(lr)
+        y_zero_decay, _ = run(memory_update, Case(momentum=False), (q, k, v, lr, None, zero), weights, model)
+    torch.testing.assert_close(y_zero_decay, y, atol=1e-12, rtol=0)
+
+
+def test_rejects_mismatched_gates():
+    case = Case()
+    (q, k, v, lr, mom, dec), weights, model, _ = make(case)
+    state = init_memory_state(weights, q.shape[0], momentum=False)
+    with pytest.raises(ValueError, match="momentum"):
+        memory_update(q, k, v, lr, mom, dec, state, chunk_size=16, model=model)
+    with pytest.raises(ValueError, match="lr must be"):
+        memory_update(q, k, v, lr[:, :, :3], None, dec, state, chunk_size=16, model=model)
+    with pytest.raises(ValueError, match="chunk_start"):
+        memory_update(q, k, v, lr, None, dec, state, chunk_size=16, model=model, granularity="chunk")
+
+
+def test_state_is_a_plain_dataclass():
+    s = MemoryState((torch.zeros(1, 1, 2, 2),))
+    assert s.momentum is None and s.offset == 0 and s.anchor is None and s.pending is None
+
+
+def test_compiled_step_equals_eager():
+    """torch.compile of the chunk step (CPU inductor here) computes the same outputs and grads."""
+    case = Case(chunk=8, n=24)
+    inputs, weights, model, leaves = make(case, dtype=torch.float32)
+    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y2, s2, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, compiled=True)
+    assert_rel_close(y2, y, 1e-5, "outputs")
+    for a, b in zip(g2, g):
+        assert_rel_close(a, b, 1e-4, "gradient")
