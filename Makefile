@@ -19,6 +19,8 @@ demo: setup
 	$(VENV)/bin/titans-nas train attention-tiny --task copy --steps 300 --eval-every 50 --out runs/demo
 
 test: setup
+	$(VENV)/bin/ruff check components titans_nas tests bench
+	$(VENV)/bin/ruff format --check components titans_nas tests bench
 	$(PY) -m pytest -q
 
 clean:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from components.base import Spec, SpecRuleError
 from components.ops.attention import attention
+from components.persistent import PersistentTokens
 
 
 class RopeSpec(Spec):
@@ -94,10 +95,11 @@ class Attention(nn.Module):
             q, k = self.rope(q, start), self.rope(k, start)
         return q, k, v
 
-    def project_prefix(self, prefix: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        """Persistent tokens (p, dim) -> keys, values (b, h, p, d); no rotation (no position)."""
-        _, k, v = rearrange(self.qkv(prefix), "p (t h d) -> t h p d", t=3, h=self.heads)
-        return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+    def project_prefix(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefix tokens (b, p, dim) -> keys, values (b, h, p, d); not rotated: persistent
+        tokens have no position (docs/decisions/0004)."""
+        _, k, v = rearrange(self.qkv(prefix), "b p (t h d) -> t b h p d", t=3, h=self.heads)
+        return k, v
 
     def merge(self, o: Tensor) -> Tensor:
         """(b, h, n, d) -> output projection (b, n, dim)."""
@@ -106,17 +108,33 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, state: KVCache | None = None, prefix: Tensor | None = None
     ) -> tuple[Tensor, KVCache | None]:
-        """x (b, n, dim), prefix (p, dim) seen by every query -> (b, n, dim), next cache."""
+        """x (b, n, dim), prefix (b, p, dim) seen by every query -> (b, n, dim), next cache."""
         q, k, v = self.project(x, state.pos if state is not None else 0)
         if state is not None:
             k, v = torch.cat([state.k, k], dim=-2), torch.cat([state.v, v], dim=-2)
         pk = pv = None
         if prefix is not None:
-            pk, pv = self.project_prefix(prefix, x.shape[0])
+            pk, pv = self.project_prefix(prefix)
         y = self.merge(attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv))
         if state is None:
             return y, None
         if self.window is not None:  # a future query sees at most window - 1 past tokens
-            keep = self.window - 1
-            k, v = k[..., k.shape[-2] - min(keep, k.shape[-2]):, :], v[..., v.shape[-2] - min(keep, v.shape[-2]):, :]
+            keep = min(self.window - 1, k.shape[-2])
+            k, v = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
         return y, KVCache(k, v, state.pos + x.shape[1])
+
+
+class AttentionMixer(nn.Module):
+    """Attention as the whole sequence mixer (kinds `attention` and `swa`), with optional
+    persistent tokens as a prefix every query sees."""
+
+    def __init__(self, attention: Attention, persistent: PersistentTokens | None) -> None:
+        super().__init__()
+        self.attention, self.persistent = attention, persistent
+
+    def init_state(self, batch: int) -> KVCache:
+        return self.attention.init_state(batch)
+
+    def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
+        prefix = self.persistent(x.shape[0]) if self.persistent is not None else None
+        return self.attention(x, state, prefix)

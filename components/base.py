@@ -29,6 +29,15 @@ class SpecRuleError(ValueError):
         return SpecRuleError(f"{prefix}.{self.path}" if self.path else prefix, self.reason)
 
 
+def check_parts(spec: Spec, dim: int, heads: int, *names: str) -> None:
+    """Run the cross-field rules of the sub-specs `names` of `spec`, reporting their paths."""
+    for name in names:
+        try:
+            getattr(spec, name).check(dim, heads)
+        except SpecRuleError as e:
+            raise e.under(name) from None
+
+
 class Mixer(Protocol):
     """A sequence mixer: (b, n, d) -> (b, n, d), causal, streamable.
 

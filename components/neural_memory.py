@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
-from components.ops.memory import Granularity, MemoryModel, MemoryState, Read, init_memory_state, memory_update
+from components.ops.memory import (
+    Granularity,
+    MemoryModel,
+    MemoryState,
+    Read,
+    Weights,
+    init_memory_state,
+    memory_read,
+    memory_update,
+)
 
 
 class LinearMemorySpec(Spec):
@@ -55,7 +64,9 @@ class MLPMemorySpec(Spec):
         return [head_dim] + [hidden] * (self.depth - 1) + [head_dim]
 
     def build(self, heads: int, head_dim: int) -> MemoryNet:
-        return MemoryNet(heads, self.widths(head_dim), activation=self.activation, residual=self.residual, norm=self.norm)
+        return MemoryNet(
+            heads, self.widths(head_dim), activation=self.activation, residual=self.residual, norm=self.norm
+        )
 
 
 MemoryModelSpec = Annotated[MLPMemorySpec | LinearMemorySpec, Field(discriminator="kind")]
@@ -130,7 +141,8 @@ class NeuralMemorySpec(Spec):
             raise SpecRuleError("heads", f"{h} memory heads do not divide the model dim {dim}")
         if self.granularity == "chunk" and self.read != "chunk_start":
             raise SpecRuleError(
-                "read", "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)"
+                "read",
+                "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)",
             )
 
     def build(self, dim: int, heads: int) -> NeuralMemory:
@@ -138,7 +150,10 @@ class NeuralMemorySpec(Spec):
         net = self.model.build(h, dim // h)
         gates = Gates(dim, h, lr=self.lr, layers=len(net.initial), momentum=self.momentum, decay=self.decay)
         return NeuralMemory(
-            dim, h, net=net, gates=gates,
+            dim,
+            h,
+            net=net,
+            gates=gates,
             conv=self.conv.build(3 * dim) if self.conv is not None else None,
             qk_norm=self.qk_norm == "l2",
             out_gate=OutputGate(dim, h, self.gate.activation) if self.gate is not None else None,
@@ -168,8 +183,9 @@ class Gates(nn.Module):
     """theta, eta, alpha per token and head from the mixer input x (log-space friendly: the
     op takes eta and alpha and works with log eta and log1p(-alpha))."""
 
-    def __init__(self, dim: int, heads: int, *, lr: LRSpec, layers: int, momentum: MomentumSpec | None,
-                 decay: DecaySpec | None) -> None:
+    def __init__(
+        self, dim: int, heads: int, *, lr: LRSpec, layers: int, momentum: MomentumSpec | None, decay: DecaySpec | None
+    ) -> None:
         super().__init__()
         self.heads, self.theta_max = heads, lr.theta_max
         self.lr_layers = layers if lr.per_layer and layers > 1 else 1
@@ -178,7 +194,9 @@ class Gates(nn.Module):
         nn.init.zeros_(self.proj.weight)
         inits = [lr.init, momentum.init if momentum else 0.5, decay.init if decay else 0.5]
         with torch.no_grad():
-            self.proj.bias.copy_(torch.cat([torch.full((s,), math.log(p / (1 - p))) for s, p in zip(self.sizes, inits)]))
+            self.proj.bias.copy_(
+                torch.cat([torch.full((s,), math.log(p / (1 - p))) for s, p in zip(self.sizes, inits)])
+            )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x (b, n, dim) -> lr (b, h, n[, L]), momentum (b, h, n) | None, decay (b, h, n) | None."""
@@ -188,7 +206,11 @@ class Gates(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).clamp(-15.0, 15.0)
         lr, mom, dec = logits.split(self.sizes, dim=-1)
         lr = self.theta_max * torch.sigmoid(lr)
-        lr = rearrange(lr, "b n (h l) -> b h n l", h=self.heads) if self.lr_layers > 1 else rearrange(lr, "b n h -> b h n")
+        lr = (
+            rearrange(lr, "b n (h l) -> b h n l", h=self.heads)
+            if self.lr_layers > 1
+            else rearrange(lr, "b n h -> b h n")
+        )
         mom = rearrange(torch.sigmoid(mom), "b n h -> b h n") if self.sizes[1] else None
         dec = rearrange(torch.sigmoid(dec), "b n h -> b h n") if self.sizes[2] else None
         return lr, mom, dec
@@ -224,12 +246,21 @@ class NeuralMemoryState:
 
 class NeuralMemory(nn.Module):
     def __init__(
-        self, dim: int, heads: int, *, net: MemoryNet, gates: Gates, conv: ShortConv | None, qk_norm: bool,
-        out_gate: OutputGate | None, rule: UpdateRule,
+        self,
+        dim: int,
+        heads: int,
+        *,
+        net: MemoryNet,
+        gates: Gates,
+        conv: ShortConv | None,
+        qk_norm: bool,
+        out_gate: OutputGate | None,
+        rule: UpdateRule,
     ) -> None:
         super().__init__()
         self.heads, self.qk_norm, self.rule = heads, qk_norm, rule
         self.compiled = False  # run the chunk step through torch.compile: see compile_memory()
+        self.update = memory_update  # the op; benchmarks swap in naive_memory_update
         self.net, self.gates, self.conv, self.out_gate = net, gates, conv, out_gate
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
@@ -239,7 +270,8 @@ class NeuralMemory(nn.Module):
         return NeuralMemoryState(conv, init_memory_state(tuple(self.net.initial), batch, self.gates.sizes[1] > 0))
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState | None]:
-        """x (b, n, dim) -> (b, n, dim); streams when `state` is given."""
+        """x (b, n, dim) -> (b, n, dim): update with every token and read after it (eqs. 12-15);
+        streams when `state` is given."""
         qkv = self.qkv(x)
         conv_state = None
         if self.conv is not None:
@@ -248,15 +280,69 @@ class NeuralMemory(nn.Module):
         if self.qk_norm:  # Titans §4.4: l2-normalised queries and keys
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         lr, momentum, decay = self.gates(x)
-        memory = state.memory if state is not None else init_memory_state(tuple(self.net.initial), x.shape[0], momentum is not None)
+        memory = (
+            state.memory
+            if state is not None
+            else init_memory_state(tuple(self.net.initial), x.shape[0], momentum is not None)
+        )
         rule = self.rule
-        y, memory = memory_update(
-            q, k, v, lr, momentum, decay, memory, chunk_size=rule.chunk_size, read=rule.read,
-            model=self.net.model(), granularity=rule.granularity, checkpoint_chunks=rule.checkpoint_chunks,
+        y, memory = self.update(
+            q,
+            k,
+            v,
+            lr,
+            momentum,
+            decay,
+            memory,
+            chunk_size=rule.chunk_size,
+            read=rule.read,
+            model=self.net.model(),
+            granularity=rule.granularity,
+            checkpoint_chunks=rule.checkpoint_chunks,
             compiled=self.compiled,
         )
+        return self.readout(y, x), (NeuralMemoryState(conv_state, memory) if state is not None else None)
+
+    def readout(self, y: Tensor, x: Tensor) -> Tensor:
+        """Memory output per head (b, h, n, d) -> (b, n, dim): output norm and gate from the
+        layer input x, then the output projection."""
         y = self.out_gate(y, x) if self.out_gate is not None else rearrange(y, "b h n d -> b n (h d)")
-        return self.out(y), (NeuralMemoryState(conv_state, memory) if state is not None else None)
+        return self.out(y)
+
+    def retrieve(self, x: Tensor, weights: Weights, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Read the memory at fixed `weights` without updating it (eq. 21, MAC): queries come
+        from x through the query path (projection, conv, SiLU, l2 norm). conv_state streams the
+        query convolution (its own stream, separate from the update's)."""
+        dim = x.shape[-1]
+        q = F.linear(x, self.qkv.weight[:dim])
+        if self.conv is not None:
+            q, conv_state = self.conv(q, conv_state, channels=slice(0, dim))
+        q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
+        if self.qk_norm:
+            q = F.normalize(q, dim=-1)
+        return self.readout(memory_read(q, weights, self.net.model()), x), conv_state
+
+    def init_retrieval_state(self, batch: int) -> Tensor | None:
+        return self.conv.init_state(batch)[..., : self.out.in_features] if self.conv is not None else None
+
+
+def over_prefix(memory: NeuralMemory, x: Tensor, state: NeuralMemoryState | None, prefix: Tensor | None):
+    """The memory over [prefix ; x] (eq. 19), outputs for both parts: (y_prefix | None, y_x, state).
+    Streaming (`state` given): the prefix was read when the state was made (see `primed`)."""
+    if state is not None or prefix is None:
+        y, state = memory(x, state)
+        return None, y, state
+    y, _ = memory(torch.cat([prefix, x], 1), None)
+    return y[:, : prefix.shape[1]], y[:, prefix.shape[1] :], None
+
+
+def primed(memory: NeuralMemory, prefix: Tensor | None, batch: int) -> tuple[Tensor | None, NeuralMemoryState]:
+    """A fresh memory state after reading the persistent tokens `prefix` (b, p, dim), and the
+    memory's outputs on them (eq. 19: the memory sees [p ; x]). No prefix: the initial state."""
+    state = memory.init_state(batch)
+    if prefix is None:
+        return None, state
+    return memory(prefix, state)
 
 
 def compile_memory(model: nn.Module, on: bool = True) -> nn.Module:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from components.attention import Attention, AttentionSpec
-from components.base import Spec, SpecRuleError
+from components.attention import AttentionMixer, AttentionSpec
+from components.base import Spec, check_parts
+from components.persistent import PersistentSpec
 
 
 class TransformerSpec(Spec):
@@ -14,12 +15,12 @@ class TransformerSpec(Spec):
     kind: Literal["attention"] = "attention"
     attention: AttentionSpec = AttentionSpec()
     """The attention layer."""
+    persistent: PersistentSpec | None = None
+    """Persistent tokens every query sees (eq. 19); null = none."""
 
     def check(self, dim: int, heads: int) -> None:
-        try:
-            self.attention.check(dim, heads)
-        except SpecRuleError as e:
-            raise e.under("attention") from None
+        check_parts(self, dim, heads, "attention")
 
-    def build(self, dim: int, heads: int) -> Attention:
-        return self.attention.build(dim, heads)
+    def build(self, dim: int, heads: int) -> AttentionMixer:
+        persistent = self.persistent.build(dim) if self.persistent is not None else None
+        return AttentionMixer(self.attention.build(dim, heads), persistent)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from titans_nas import build_model, load_spec
-from titans_nas.config import preset_names
 from titans_nas.cli import main
+from titans_nas.config import preset_names
 
 
 @pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny")])
@@ -27,7 +27,9 @@ def test_inspect_counts_match_the_built_model(preset, capsys):
 def test_inspect_counts_tied_embeddings_once(capsys):
     main(["inspect", "attention-tiny", "--set", "tie_embeddings=true", "--seq", "32"])
     out = capsys.readouterr().out
-    total = int(next(line for line in out.splitlines() if line.strip().startswith("total")).split()[-1].replace(",", ""))
+    total = int(
+        next(line for line in out.splitlines() if line.strip().startswith("total")).split()[-1].replace(",", "")
+    )
     model = build_model(load_spec("attention-tiny", ["tie_embeddings=true"]))
     assert total == sum(p.numel() for p in model.parameters())
     assert model.head is None
@@ -50,8 +52,22 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
 
 def test_train_command_runs(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "attention-tiny", "--task", "copy", "--task-set", "length=4", "--steps", "4",
-                 "--eval-every", "2", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "attention-tiny",
+            "--task",
+            "copy",
+            "--task-set",
+            "length=4",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert (out / "checkpoint" / "model.safetensors").is_file()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

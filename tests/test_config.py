@@ -57,15 +57,30 @@ ERRORS = {
     # name: (yaml text, overrides, expected path, words in the reason)
     "malformed yaml": ("dim: [64\n", [], "", ["malformed YAML", "line"]),
     "unknown field": ("extends: attention-tiny\ndpeth: 3\n", [], "dpeth", ["unknown field", "did you mean 'depth'"]),
-    "nested unknown field": ("extends: attention-tiny\nblock: {attention: {rop: null}}\n", [], "block.attention.rop", ["did you mean 'rope'"]),
+    "nested unknown field": (
+        "extends: attention-tiny\nblock: {attention: {rop: null}}\n",
+        [],
+        "block.attention.rop",
+        ["did you mean 'rope'"],
+    ),
     "wrong type": ("extends: attention-tiny\ndepth: three\n", [], "depth", ["valid integer", "'three'"]),
     "out of range": ("extends: attention-tiny\ndepth: 0\n", [], "depth", ["greater than or equal to 1"]),
     "impossible combination": ("extends: attention-tiny\nheads: 5\n", [], "heads", ["do not divide dim 64"]),
-    "nested impossible combination": ("extends: attention-tiny\nblock: {attention: {heads: 8}}\ndim: 60\nheads: 4\n", [], "block.attention.heads", ["do not divide"]),
+    "nested impossible combination": (
+        "extends: attention-tiny\nblock: {attention: {heads: 8}}\ndim: 60\nheads: 4\n",
+        [],
+        "block.attention.heads",
+        ["do not divide"],
+    ),
     "odd head dim with rope": ("extends: attention-tiny\ndim: 60\n", [], "block.attention.rope", ["even head dim"]),
     "unknown kind": ("extends: attention-tiny\nblock: {kind: mamba}\n", [], "block", ["unknown kind 'mamba'"]),
     "missing field": ("dim: 64\ndepth: 2\nheads: 4\nblock: {kind: attention}\n", [], "vocab_size", ["required"]),
-    "missing preset": ("extends: attention-tinny\n", [], "", ["no preset or file named 'attention-tinny'", "did you mean 'attention-tiny'"]),
+    "missing preset": (
+        "extends: attention-tinny\n",
+        [],
+        "",
+        ["no preset or file named 'attention-tinny'", "did you mean 'attention-tiny'"],
+    ),
     "bad override": ("extends: attention-tiny\n", ["depth"], "", ["expected KEY=VALUE"]),
     "override out of range": ("extends: attention-tiny\n", ["norm.eps=2"], "norm.eps", ["less than 1"]),
 }

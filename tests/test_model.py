@@ -27,7 +27,7 @@ GOLDEN_ROW = [0.01080469973385334, 0.19036173820495605, -0.09801041334867477, 0.
 def test_same_spec_same_weights_and_seed_changes_them():
     a, b = build_model(load_spec("attention-tiny")), build_model(load_spec("attention-tiny"))
     c = build_model(load_spec("attention-tiny", ["seed=1"]))
-    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, p), q, _r in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(p, q), n
     assert not all(torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
 
@@ -60,7 +60,7 @@ def test_streaming_equals_one_pass(float64):
     whole, _ = model(x)
     state, outs, start = model.init_state(2), [], 0
     for size in [1, 5, 16, 2, 13]:
-        out, state = model(x[:, start:start + size], state)
+        out, state = model(x[:, start : start + size], state)
         outs.append(out)
         start += size
     torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=0)

@@ -41,8 +41,9 @@ def _inspect(args: argparse.Namespace) -> int:
     table.add_row("total", f"{total:,}", style="bold")
     console.print(table)
     fpt = flops_per_token(spec, args.seq)
-    console.print(f"forward FLOPs per token at seq {args.seq}: {fpt / 1e6:,.2f} M "
-                  f"(training step ~3x: {3 * fpt / 1e6:,.2f} M)")
+    console.print(
+        f"forward FLOPs per token at seq {args.seq}: {fpt / 1e6:,.2f} M (training step ~3x: {3 * fpt / 1e6:,.2f} M)"
+    )
     return 0
 
 
@@ -52,23 +53,35 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     task = load_union(args.task, TaskSpec, args.task_set)
-    cfg_fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "eval_every": args.eval_every}
+    cfg_fields = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "eval_every": args.eval_every,
+    }
     cfg = TrainSpec(**{k: v for k, v in cfg_fields.items() if v is not None})
     out = Path(args.out) if args.out else None
-    console.print(f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps"
-                  + (f" -> {out}" if out else ""))
+    console.print(
+        f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps" + (f" -> {out}" if out else "")
+    )
 
     def on_eval(rec: dict, _ckpt: object) -> None:
-        metric = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "split", "params", "tokens_per_s", "peak_mem_mb"))
+        metric = "  ".join(
+            f"{k} {v:.4f}"
+            for k, v in rec.items()
+            if k not in ("step", "split", "params", "tokens_per_s", "peak_mem_mb")
+        )
         console.print(f"step {rec['step']:>6}  eval {metric}  {rec['tokens_per_s']:,.0f} tok/s")
 
     result = train(spec, task, cfg, out, resume=args.resume, on_eval=on_eval, device=args.device)
     if result.status == "diverged":
         print(f"diverged: {result.message}", file=sys.stderr)
         return 3
-    console.print(f"{result.status} at step {result.step}: params {int(result.metrics['params']):,}, "
-                  f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB")
+    console.print(
+        f"{result.status} at step {result.step}: params {int(result.metrics['params']):,}, "
+        f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB"
+    )
     return 0
 
 

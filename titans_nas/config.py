@@ -122,9 +122,7 @@ def compose(
     return _merge_layers(_layers(str(source), None, (), "command line", presets), overrides)
 
 
-def _merge_layers(
-    layers: list[tuple[str, dict]], overrides: Sequence[str]
-) -> tuple[dict[str, Any], dict[str, str]]:
+def _merge_layers(layers: list[tuple[str, dict]], overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     layers = list(layers)
     for item in overrides:
         if "=" not in item:
@@ -279,5 +277,15 @@ def _describe(cls: type[BaseModel], e: dict) -> tuple[str, str]:
 
 
 def dump_spec(spec: BaseModel) -> str:
-    """Fully resolved YAML (every default written) that `load_spec` reads back to an equal spec."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    """Fully resolved YAML (every default written) that `load_spec` reads back to an equal spec;
+    in every mapping `kind` comes first."""
+    return yaml.safe_dump(_kind_first(spec.model_dump(mode="json")), sort_keys=False)
+
+
+def _kind_first(data: Any) -> Any:
+    if isinstance(data, dict):
+        ordered = {"kind": data["kind"]} if "kind" in data else {}
+        return ordered | {k: _kind_first(v) for k, v in data.items() if k != "kind"}
+    if isinstance(data, list):
+        return [_kind_first(v) for v in data]
+    return data

@@ -44,7 +44,9 @@ class TitansLM(nn.Module):
         return logits, None if state is None else ModelState(states)
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, steps: int, *, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self, prompt: Tensor, steps: int, *, temperature: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Continue `prompt` (b, n) by `steps` tokens through the streaming state; greedy when
         temperature is 0. Returns (b, n + steps)."""
         state = self.init_state(prompt.shape[0])

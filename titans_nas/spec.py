@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
 from components.base import Spec, SpecRuleError
 from components.lmm import LMMSpec
+from components.mac import MACSpec
+from components.mag import MAGSpec
+from components.mal import MALSpec
 from components.mlp import MLPSpec
 from components.norm import NormSpec, RMSNormSpec
+from components.swa import SWASpec
 from components.transformer import TransformerSpec
 
-BlockSpec = Annotated[Union[TransformerSpec, LMMSpec], Field(discriminator="kind")]
+BlockSpec = Annotated[TransformerSpec | SWASpec | LMMSpec | MACSpec | MAGSpec | MALSpec, Field(discriminator="kind")]
 """Every block kind, discriminated by `kind`. A new kind is one more member here."""
 
 

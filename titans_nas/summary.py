@@ -38,7 +38,7 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """Forward FLOPs per token of one `seq_len` sequence, counted by torch's FlopCounterMode on
     the meta device (no memory is allocated, nothing runs). Matmuls and attention only."""
     with torch.device("meta"):
-        model = build_model(spec)
+        model = build_model(spec).requires_grad_(False)
         tokens = torch.zeros(1, seq_len, dtype=torch.long)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(tokens)

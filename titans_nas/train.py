@@ -127,13 +127,16 @@ def evaluate(model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.devi
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 def check_compatible(model_spec: ModelSpec, task: TaskBase) -> None:
     if model_spec.vocab_size < task.vocab_size:
         raise SpecError(
-            "task", "vocab_size",
+            "task",
+            "vocab_size",
             f"the task uses {task.vocab_size} token ids but the model's vocab_size is {model_spec.vocab_size}",
         )
 
@@ -218,18 +221,34 @@ def train(
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
             tokens_per_s = tokens / max(elapsed, 1e-9)
-            record({"step": step, "split": "train", "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(gnorm), "tokens_per_s": tokens_per_s})
+            record(
+                {
+                    "step": step,
+                    "split": "train",
+                    "loss": loss.item(),
+                    "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": float(gnorm),
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
             t0, tokens = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last_eval = evaluate(model, task, cfg, device)
             if not math.isfinite(last_eval["loss"]):
                 status, message = "diverged", f"non-finite evaluation loss at step {step}"
-            rec = {"step": step, "split": "eval", **last_eval, "params": params,
-                   "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
+            rec = {
+                "step": step,
+                "split": "eval",
+                **last_eval,
+                "params": params,
+                "tokens_per_s": tokens_per_s,
+                "peak_mem_mb": peak_mem_mb(device),
+            }
             record(rec)
             written = None
-            if ckpt_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            if ckpt_dir is not None and (
+                step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            ):
                 written = save_checkpoint(ckpt_dir, model, opt, gen, step)
             if status == "diverged":
                 break
@@ -243,11 +262,15 @@ def train(
     metrics = {**last_eval, "params": float(params), "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
     result = RunResult(status, step, metrics, message)
     if out_dir is not None:
-        (out_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2))
+        (out_dir / "result.json").write_text(
+            json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2)
+        )
     return result
 
 
-def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int
+) -> Path:
     """Weights as safetensors (what export ships) + optimizer and data-RNG state for exact resume.
     Written to a temporary dir and renamed, so a crash never leaves a half checkpoint."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")

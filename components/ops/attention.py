@@ -29,8 +29,13 @@ def _visible(n: int, m: int, window: int | None, device: torch.device) -> Tensor
 
 
 def naive_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
-    prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int | None = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
 ) -> Tensor:
     """Reference: one dense (n, p + m) mask and an explicit softmax. O(n * m) time and memory."""
     n, m = q.shape[-2], k.shape[-2]
@@ -44,11 +49,19 @@ def naive_attention(
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
-    prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int | None = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
 ) -> Tensor:
-    """Causal attention through SDPA; with a window, blocked so that cost is O(n * (2w + p))."""
+    """Causal attention through SDPA; with a window, blocked so that cost is O(n * (2w + p)).
+    On CUDA, windows and prefixes go through FlexAttention (a sparse block mask)."""
     n, m = q.shape[-2], k.shape[-2]
+    if q.is_cuda and (window is not None or prefix_k is not None):
+        return flex_attention_causal(q, k, v, window=window, prefix_k=prefix_k, prefix_v=prefix_v)
     if window is not None and m > 2 * window:
         return _windowed(q, k, v, window, prefix_k, prefix_v)
     if prefix_k is None and window is None and n == m:
@@ -61,7 +74,12 @@ def attention(
 
 
 def _windowed(
-    q: Tensor, k: Tensor, v: Tensor, w: int, prefix_k: Tensor | None, prefix_v: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: int,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
 ) -> Tensor:
     """Query block i (w queries) attends to the 2w keys ending with its own block, plus the prefix.
 
@@ -73,8 +91,8 @@ def _windowed(
     # padded key index of original key j is j + w; block i covers original [off + (i-1)w, off + (i+1)w)
     pad = (0, 0, w, nb * w - n)
     kp, vp = F.pad(k, pad), F.pad(v, pad)
-    kb = kp[..., off:off + (nb + 1) * w, :].unfold(-2, 2 * w, w)  # (b, h, k, d, 2w)
-    vb = vp[..., off:off + (nb + 1) * w, :].unfold(-2, 2 * w, w)
+    kb = kp[..., off : off + (nb + 1) * w, :].unfold(-2, 2 * w, w)  # (b, h, k, d, 2w)
+    vb = vp[..., off : off + (nb + 1) * w, :].unfold(-2, 2 * w, w)
     kb, vb = rearrange(kb, "b h k d m -> b h k m d"), rearrange(vb, "b h k d m -> b h k m d")
     qb = rearrange(F.pad(q, (0, 0, 0, nb * w - n)), "b h (k c) d -> b h k c d", c=w)
     # mask: local query r, local key s: allowed iff r < s <= r + w and the key is a real one
@@ -91,3 +109,43 @@ def _windowed(
         mask = torch.cat([mask.new_ones(nb, w, p), mask], dim=-1)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
     return rearrange(out, "b h k c d -> b h (k c) d")[..., :n, :]
+
+
+_flex = None
+
+
+def flex_attention_causal(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int | None = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    compiled: bool | None = None,
+) -> Tensor:
+    """The same mask as `attention` through FlexAttention: `prefix | (causal & in window)` as a
+    block mask, so the kernel skips blocks no query sees. The GPU fast path; its forward also
+    runs on CPU (eager, unfused), its backward does not (torch 2.13)."""
+    global _flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n, m = q.shape[-2], k.shape[-2]
+    p = prefix_k.shape[-2] if prefix_k is not None else 0
+    if p:
+        k, v = torch.cat([prefix_k, k], dim=-2), torch.cat([prefix_v, v], dim=-2)
+    offset = m - n
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        t, j = q_idx + offset, kv_idx - p
+        seen = j <= t
+        if window is not None:
+            seen = seen & (j > t - window)
+        return (kv_idx < p) | seen
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=p + m, device=q.device)
+    if compiled is None:
+        compiled = q.is_cuda
+    if compiled and _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return (_flex if compiled else flex_attention)(q, k, v, block_mask=block_mask)

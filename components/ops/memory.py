@@ -129,8 +129,9 @@ def _forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
     return _finish(x, z, model, norm)[0]
 
 
-def _keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm, q: Tensor | None = None,
-                     q_layers: int = 0):
+def _keys_and_errors(
+    ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm, q: Tensor | None = None, q_layers: int = 0
+):
     """Forward the keys at ws and back-propagate the loss by hand.
 
     Returns inputs[l] (the input of layer l, (B, c, d_l-1)) and deltas[l] = d loss / d z_l
@@ -190,7 +191,9 @@ def _check(q, k, v, lr, momentum, decay, state: MemoryState) -> int:
     b, h, n, d = k.shape
     layers = len(state.weights)
     for name, g in (("lr", lr), ("momentum", momentum), ("decay", decay)):
-        if g is not None and (g.shape[:3] != (b, h, n) or (g.ndim == 4 and g.shape[3] != layers) or g.ndim not in (3, 4)):
+        if g is not None and (
+            g.shape[:3] != (b, h, n) or (g.ndim == 4 and g.shape[3] != layers) or g.ndim not in (3, 4)
+        ):
             raise ValueError(f"{name} must be (b, h, n) or (b, h, n, {layers}), got {tuple(g.shape)}")
     if (momentum is None) != (state.momentum is None):
         raise ValueError("momentum gates and momentum state must be given together (or both None)")
@@ -221,7 +224,9 @@ class LayerCoefficients(NamedTuple):
     neg_n_last: Tensor | None  # (B, c, 1): the last row of -N, as a column
 
 
-def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, layers: int) -> list[tuple[LayerCoefficients, ...]]:
+def _coefficients(
+    lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, layers: int
+) -> list[tuple[LayerCoefficients, ...]]:
     """lr, log_eta, log_keep: (B, K, L', c) for K chunks of c tokens, L' in {1, layers} ->
     per chunk, per memory layer coefficients. All chunks at once (a few batched ops), in the
     gates' precision (float32 at least) also under autocast: these products span whole chunks."""
@@ -253,23 +258,37 @@ def _coefficients_fp(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None
         neg_G = l_beta @ neg_N
         m_last, neg_n_last = m[..., -1, None, None], neg_N[..., -1, :, None]
     fields = {
-        "beta": beta[..., None], "f": None if f is None else f[..., None], "neg_G": neg_G,
-        "beta_last": beta[..., -1, None, None], "f_last": None if f is None else f[..., -1, None, None],
-        "neg_g_last": neg_G[..., -1, :, None], "m_last": m_last, "neg_n_last": neg_n_last,
+        "beta": beta[..., None],
+        "f": None if f is None else f[..., None],
+        "neg_G": neg_G,
+        "beta_last": beta[..., -1, None, None],
+        "f_last": None if f is None else f[..., -1, None, None],
+        "neg_g_last": neg_G[..., -1, :, None],
+        "m_last": m_last,
+        "neg_n_last": neg_n_last,
     }
     # (B, K, L', ...) -> per layer (slot min(i, L' - 1)) -> per chunk
     K = lr.shape[1]
     per_layer = []
     for i in range(layers):
-        per_field = [t.select(2, min(i, t.shape[2] - 1)).unbind(1) if t is not None else [None] * K
-                     for t in fields.values()]
+        per_field = [
+            t.select(2, min(i, t.shape[2] - 1)).unbind(1) if t is not None else [None] * K for t in fields.values()
+        ]
         per_layer.append([LayerCoefficients(*vals) for vals in zip(*per_field)])
     return [tuple(layer[k] for layer in per_layer) for k in range(K)]
 
 
 def _chunk_step(
-    anchor: Weights, M: Weights, S: Weights | None, q: Tensor | None, k: Tensor, v: Tensor,
-    coef: tuple[LayerCoefficients, ...], model: MemoryModel, norm, read: Read,
+    anchor: Weights,
+    M: Weights,
+    S: Weights | None,
+    q: Tensor | None,
+    k: Tensor,
+    v: Tensor,
+    coef: tuple[LayerCoefficients, ...],
+    model: MemoryModel,
+    norm,
+    read: Read,
 ):
     """One chunk piece of c tokens: per-token reads (if q is given) and the end state.
     Written with fused accumulations (addcmul, baddbmm): on CPU every elementwise pass over a
@@ -310,8 +329,16 @@ def _layer(t: Tensor | None, i: int) -> Tensor | None:
 
 
 def _chunkwise_step(
-    W: Weights, S: Weights | None, q: Tensor | None, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor | None,
-    keep: Tensor | None, model: MemoryModel, norm,
+    W: Weights,
+    S: Weights | None,
+    q: Tensor | None,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None,
+    keep: Tensor | None,
+    model: MemoryModel,
+    norm,
 ):
     """granularity "chunk": one inner step for a whole chunk with its mean gates theta, eta,
     keep = 1 - alpha (B, L'), and the reads f_W(q) of the chunk's new queries (same weights:
@@ -342,9 +369,20 @@ def _step(fn, compiled: bool):
 
 
 def memory_update(
-    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum: Tensor | None, decay: Tensor | None,
-    state: MemoryState, *, chunk_size: int, activation: Activation = "gelu", read: Read = "after_update",
-    model: MemoryModel | None = None, granularity: Granularity = "token", checkpoint_chunks: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    activation: Activation = "gelu",
+    read: Read = "after_update",
+    model: MemoryModel | None = None,
+    granularity: Granularity = "token",
+    checkpoint_chunks: int | None = None,
     compiled: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over n tokens from `state`: outputs (b, h, n, d) and the state after them.
@@ -385,8 +423,24 @@ def memory_update(
     if pos < n:
         full = (n - pos) // chunk_size
         if full:
-            outs_full, M, S = _full_chunks(qf, kf, vf, lr_, log_eta, log_keep, M, S, pos, full, chunk_size, model, norm,
-                                           read, checkpoint_chunks, compiled)
+            outs_full, M, S = _full_chunks(
+                qf,
+                kf,
+                vf,
+                lr_,
+                log_eta,
+                log_keep,
+                M,
+                S,
+                pos,
+                full,
+                chunk_size,
+                model,
+                norm,
+                read,
+                checkpoint_chunks,
+                compiled,
+            )
             outs.append(outs_full)
             pos += full * chunk_size
         anchor = M
@@ -438,8 +492,9 @@ def _full_chunks(qf, kf, vf, lr_, log_eta, log_keep, M, S, pos, count, C, model,
     return torch.cat(outs, 1), M, S
 
 
-def _memory_update_chunkwise(q, k, v, lr, momentum, decay, state: MemoryState, C: int, model: MemoryModel,
-                             compiled: bool):
+def _memory_update_chunkwise(
+    q, k, v, lr, momentum, decay, state: MemoryState, C: int, model: MemoryModel, compiled: bool
+):
     """granularity "chunk": reads at the chunk start; the chunk's update waits until it is whole."""
     b, h, n, _ = q.shape
     norm = _norm_params(model, b)
@@ -478,7 +533,7 @@ def _memory_update_chunkwise(q, k, v, lr, momentum, decay, state: MemoryState, C
     left = total % C
     pending = None
     if left:
-        tail = lambda t: None if t is None else t[:, :, total - left:]  # noqa: E731
+        tail = lambda t: None if t is None else t[:, :, total - left :]  # noqa: E731
         pending = (tail(k), tail(v), tail(lr), tail(momentum), tail(decay))
     unflat = lambda ws: None if ws is None else tuple(rearrange(w, "(b h) i o -> b h i o", b=b) for w in ws)  # noqa: E731
     out = rearrange(torch.cat(outs, 1) if outs else q.new_zeros(b * h, 0, q.shape[-1]), "(b h) n d -> b h n d", b=b)
@@ -490,9 +545,20 @@ def _memory_update_chunkwise(q, k, v, lr, momentum, decay, state: MemoryState, C
 
 
 def naive_memory_update(
-    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum: Tensor | None, decay: Tensor | None,
-    state: MemoryState, *, chunk_size: int, activation: Activation = "gelu", read: Read = "after_update",
-    model: MemoryModel | None = None, granularity: Granularity = "token", checkpoint_chunks: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    activation: Activation = "gelu",
+    read: Read = "after_update",
+    model: MemoryModel | None = None,
+    granularity: Granularity = "token",
+    checkpoint_chunks: int | None = None,
     compiled: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Reference: the equations token by token; inner gradients by autograd at W_{t'}
@@ -550,7 +616,7 @@ def naive_memory_update(
         left = (r + n) % chunk_size
         pending = None
         if left:
-            tail = lambda t: None if t is None else t[:, :, r + n - left:]  # noqa: E731
+            tail = lambda t: None if t is None else t[:, :, r + n - left :]  # noqa: E731
             pending = (tail(k), tail(v), tail(lr), tail(momentum), tail(decay))
         out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, d)
         return out, MemoryState(W, S, None, left, pending)
@@ -578,6 +644,14 @@ def naive_memory_update(
     return out, MemoryState(W, S, anchor if offset else None, offset)
 
 
+def memory_read(q: Tensor, weights: Weights, model: MemoryModel) -> Tensor:
+    """y = f_W(q) at fixed weights, no update (MAC's retrieval, eq. 21): q (b, h, n, d),
+    weights (b, h, d_in, d_out) each -> (b, h, n, d)."""
+    b = q.shape[0]
+    y = _forward(tuple(_flat(w) for w in weights), _flat(q), model, _norm_params(model, b))
+    return rearrange(y, "(b h) n d -> b h n d", b=b)
+
+
 def init_memory_state(weights: Weights, batch: int, momentum: bool) -> MemoryState:
     """Fresh state from learned per-head initial weights (h, d_in, d_out) each; S_0 = 0."""
     ws = tuple(w.expand(batch, *w.shape) for w in weights)
@@ -599,5 +673,11 @@ def memory_flops_per_token(widths: list[int], chunk_size: int, momentum: bool, r
 
 
 __all__ = [
-    "MemoryModel", "MemoryState", "init_memory_state", "memory_flops_per_token", "memory_update", "naive_memory_update",
+    "MemoryModel",
+    "MemoryState",
+    "init_memory_state",
+    "memory_flops_per_token",
+    "memory_read",
+    "memory_update",
+    "naive_memory_update",
 ]

@@ -16,9 +16,17 @@ def qkv(n, m, p=0, b=2, h=3, d=8, seed=0):
 
 
 CASES = [  # (n queries, m keys, window, prefix)
-    (37, 37, None, 0), (37, 37, None, 4), (37, 37, 5, 0), (37, 37, 5, 3), (64, 64, 16, 2),
-    (10, 10, 32, 0), (10, 10, 32, 2),  # window larger than the sequence
-    (7, 30, 8, 0), (7, 30, 8, 2), (1, 12, 4, 1), (1, 12, None, 0),  # queries after a cache
+    (37, 37, None, 0),
+    (37, 37, None, 4),
+    (37, 37, 5, 0),
+    (37, 37, 5, 3),
+    (64, 64, 16, 2),
+    (10, 10, 32, 0),
+    (10, 10, 32, 2),  # window larger than the sequence
+    (7, 30, 8, 0),
+    (7, 30, 8, 2),
+    (1, 12, 4, 1),
+    (1, 12, None, 0),  # queries after a cache
     (50, 50, 1, 0),
 ]
 
@@ -51,13 +59,34 @@ def test_window_limits_what_a_query_sees():
 def test_module_streaming_with_cache_equals_one_pass(window, float64):
     attn = AttentionSpec().build(dim=16, heads=2, window=window)
     x = torch.randn(2, 29, 16)
-    prefix = torch.randn(3, 16)
+    prefix = torch.randn(2, 3, 16)
     whole, _ = attn(x, None, prefix)
     state, outs, start = attn.init_state(2), [], 0
     for size in [1, 4, 9, 1, 14]:
-        out, state = attn(x[:, start:start + size], state, prefix)
+        out, state = attn(x[:, start : start + size], state, prefix)
         outs.append(out)
         start += size
     torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-12, rtol=0)
     if window is not None:
         assert state.k.shape[-2] == window - 1
+
+
+@pytest.mark.parametrize("n,m,window,p", [(37, 37, 5, 3), (7, 30, 8, 2), (20, 20, None, 4), (130, 130, 16, 0)])
+def test_flex_attention_path_forward_equals_naive(n, m, window, p):
+    """The CUDA fast path's mask, checked through FlexAttention's eager forward on CPU (its
+    backward is CUDA-only in torch 2.13)."""
+    from components.ops.attention import flex_attention_causal
+
+    q, k, v, pk, pv = qkv(n, m, p)
+    with torch.no_grad():
+        fast = flex_attention_causal(
+            q.float(),
+            k.float(),
+            v.float(),
+            window=window,
+            prefix_k=None if pk is None else pk.float(),
+            prefix_v=None if pv is None else pv.float(),
+            compiled=False,
+        )
+        ref = naive_attention(q, k, v, window=window, prefix_k=pk, prefix_v=pv)
+    torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.ops.memory import MemoryModel, MemoryState, init_memory_state, memory_update, naive_memory_update
+from components.ops.memory import (
+    MemoryModel,
+    MemoryState,
+    init_memory_state,
+    memory_update,
+    naive_memory_update,
+)
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,13 @@ CASES = {
     "mlp silu LN (no residual), decay only": Case(act="silu", residual=False, momentum=False, chunk=5, n=23),
     "mlp depth 3, per-layer lr": Case(depth=3, chunk=5, n=23, per_layer_lr=True),
     "read chunk_start": Case(read="chunk_start", chunk=16, n=37),
-    "read chunk_start, linear, no momentum": Case(depth=1, momentum=False, read="chunk_start", chunk=5, n=23, norm=False, residual=False),
+    "read chunk_start, linear, no momentum": Case(
+        depth=1, momentum=False, read="chunk_start", chunk=5, n=23, norm=False, residual=False
+    ),
     "granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=16, n=37),
-    "granularity chunk, no momentum, linear": Case(depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False),
+    "granularity chunk, no momentum, linear": Case(
+        depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False
+    ),
 }
 
 
@@ -64,8 +74,20 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
 def run(fn, case: Case, inputs, weights, model, **kw):
     q, k, v, lr, mom, dec = inputs
     state = init_memory_state(weights, q.shape[0], case.momentum)
-    return fn(q, k, v, lr, mom, dec, state, chunk_size=case.chunk, model=model, read=case.read,
-              granularity=case.granularity, **kw)
+    return fn(
+        q,
+        k,
+        v,
+        lr,
+        mom,
+        dec,
+        state,
+        chunk_size=case.chunk,
+        model=model,
+        read=case.read,
+        granularity=case.granularity,
+        **kw,
+    )
 
 
 def assert_rel_close(a, b, rtol, what=""):
@@ -101,7 +123,9 @@ def test_fast_equals_naive_float64(name):
             assert_rel_close(a, b, 1e-9, f"gradient of a {tuple(leaf.shape)} input")
 
 
-@pytest.mark.parametrize("name", ["linear online, momentum+decay", "mlp x+LN, momentum+decay, chunk 16", "granularity chunk"])
+@pytest.mark.parametrize(
+    "name", ["linear online, momentum+decay", "mlp x+LN, momentum+decay, chunk 16", "granularity chunk"]
+)
 def test_fast_equals_naive_float32(name):
     case = CASES[name]
     inputs, weights, model, leaves = make(case, dtype=torch.float32)
@@ -136,8 +160,10 @@ def test_linear_online_without_momentum_is_the_gated_delta_rule():
     torch.testing.assert_close(state.weights[0], S, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mlp x+LN, momentum+decay, chunk 16", "read chunk_start", "granularity chunk",
-                                  "linear online, momentum+decay"])
+@pytest.mark.parametrize(
+    "name",
+    ["mlp x+LN, momentum+decay, chunk 16", "read chunk_start", "granularity chunk", "linear online, momentum+decay"],
+)
 @pytest.mark.parametrize("pieces", [[1, 3, 7, 2, 11, 13], [37], [16, 16, 5], [1] * 37])
 def test_streaming_in_pieces_equals_one_pass(name, pieces):
     case = CASES[name]
@@ -148,8 +174,19 @@ def test_streaming_in_pieces_equals_one_pass(name, pieces):
     for size in pieces:
         sl = slice(pos, pos + size)
         cut = lambda t: None if t is None else t[:, :, sl]  # noqa: E731
-        y, state = memory_update(cut(q), cut(k), cut(v), cut(lr), cut(mom), cut(dec), state, chunk_size=case.chunk,
-                                 model=model, read=case.read, granularity=case.granularity)
+        y, state = memory_update(
+            cut(q),
+            cut(k),
+            cut(v),
+            cut(lr),
+            cut(mom),
+            cut(dec),
+            state,
+            chunk_size=case.chunk,
+            model=model,
+            read=case.read,
+            granularity=case.granularity,
+        )
         outs.append(y)
         pos += size
     torch.testing.assert_close(torch.cat(outs, 2), whole, atol=1e-12, rtol=0)

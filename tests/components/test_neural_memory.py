@@ -39,7 +39,7 @@ def test_streaming_equals_one_pass(name, float64):
     whole, _ = mem(x)
     state, outs, pos = mem.init_state(2), [], 0
     for size in [1, 2, 9, 1, 16, 6]:
-        y, state = mem(x[:, pos:pos + size], state)
+        y, state = mem(x[:, pos : pos + size], state)
         outs.append(y)
         pos += size
     torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=0)

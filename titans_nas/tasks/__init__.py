@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Field
 
 from titans_nas.tasks.base import IGNORE, Batch, TaskBase
 from titans_nas.tasks.copy import CopySpec
 
-TaskSpec = Annotated[Union[CopySpec], Field(discriminator="kind")]
+TaskSpec = Annotated[CopySpec, Field(discriminator="kind")]
 
 __all__ = ["IGNORE", "Batch", "CopySpec", "TaskBase", "TaskSpec"]

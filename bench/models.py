@@ -1,0 +1,139 @@
+"""Benchmark of whole models, every block kind: forward+backward tokens/s and peak RSS at 1K-16K
+tokens next to full attention and titans_pytorch.MemoryAsContextTransformer 0.5.5, and
+streaming inference (tokens/s, peak RSS) over 64K, 256K and 1M tokens for MAG and MAC.
+
+Matched CPU setting: dim 256, 2 blocks, 4 heads of 64, byte vocabulary (256), batch 1; memory:
+2-layer MLP x4, chunk 64; window 512 (swa/mag/mal); segment 256 (mac); 16 persistent tokens.
+
+    python bench/models.py --out docs/bench/models.jsonl
+    python bench/models.py --quick
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from harness import main
+
+DEFAULTS = {
+    "impl": "attention",
+    "mode": "fwdbwd",
+    "seq": 1024,
+    "dim": 256,
+    "depth": 2,
+    "heads": 4,
+    "batch": 1,
+    "threads": 2,
+    "chunk": 64,
+    "window": 512,
+    "segment": 256,
+    "persistent": 16,
+}
+
+KINDS = ["attention", "swa", "lmm", "mac", "mag", "mal"]
+
+
+def spec_for(cfg: dict):
+    from titans_nas.config import validate
+    from titans_nas.spec import ModelSpec
+
+    memory = {"chunk_size": cfg["chunk"]}
+    persistent = {"num_tokens": cfg["persistent"]}
+    block = {
+        "attention": {"kind": "attention"},
+        "swa": {"kind": "swa", "window": cfg["window"]},
+        "lmm": {"kind": "lmm", "memory": memory, "persistent": persistent},
+        "mac": {"kind": "mac", "segment_len": cfg["segment"], "memory": memory, "persistent": persistent},
+        "mag": {"kind": "mag", "window": cfg["window"], "memory": memory, "persistent": persistent},
+        "mal": {"kind": "mal", "window": cfg["window"], "memory": memory, "persistent": persistent},
+    }[cfg["impl"]]
+    return validate(
+        {"vocab_size": 256, "dim": cfg["dim"], "depth": cfg["depth"], "heads": cfg["heads"], "block": block}, ModelSpec
+    )
+
+
+def make_step(cfg: dict):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (cfg["batch"], cfg["seq"] + 1), generator=torch.Generator().manual_seed(1))
+    if cfg["impl"] == "titans-pytorch-mac":
+        from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
+
+        head_dim = cfg["dim"] // cfg["heads"]
+        model = MemoryAsContextTransformer(
+            num_tokens=256,
+            dim=cfg["dim"],
+            depth=cfg["depth"],
+            segment_len=cfg["segment"],
+            neural_memory_segment_len=cfg["chunk"],
+            num_persist_mem_tokens=cfg["persistent"],
+            num_longterm_mem_tokens=0,
+            dim_head=head_dim,
+            heads=cfg["heads"],
+            num_residual_streams=1,
+            neural_memory_model=MemoryMLP(head_dim, depth=2, expansion_factor=4.0),
+            neural_memory_kwargs={"heads": cfg["heads"], "dim_head": head_dim},
+        )
+        loss_of = lambda: model(tokens, return_loss=True)  # noqa: E731
+    else:
+        from titans_nas.builder import build_model
+
+        model = build_model(spec_for(cfg))
+
+        def loss_of():
+            logits, _ = model(tokens[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+    def step():
+        if cfg["mode"] == "fwd":
+            with torch.no_grad():
+                loss_of()
+        else:
+            model.zero_grad(set_to_none=True)
+            loss_of().backward()
+
+    return step, model
+
+
+def stream(cfg: dict) -> dict:
+    """Feed `total` tokens in pieces of `piece` through the streaming state, no gradients; record
+    tokens/s and peak RSS when 64K, 256K and 1M tokens have been read."""
+    import torch
+
+    from titans_nas.builder import build_model
+
+    torch.set_num_threads(cfg["threads"])
+    model = build_model(spec_for(cfg)).eval()
+    gen = torch.Generator().manual_seed(1)
+    marks, out = {65536, 262144, 1048576}, {}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with torch.no_grad():
+        state = model.init_state(cfg["batch"])
+        done, t0 = 0, time.perf_counter()
+        while done < cfg["total"]:
+            piece = torch.randint(0, 256, (cfg["batch"], cfg["piece"]), generator=gen)
+            logits, state = model(piece, state)
+            done += cfg["piece"]
+            if done in marks:
+                out[str(done)] = {
+                    "tokens_per_s": done / (time.perf_counter() - t0),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+    return {"streaming": out, "base_rss_mb": rss0, "finite": bool(torch.isfinite(logits).all())}
+
+
+def suite(quick: bool) -> list[list[dict]]:
+    groups = []
+    for seq in [1024] if quick else [1024, 4096, 16384]:
+        rounds = {"rounds": 2} if seq > 4096 else {}
+        groups.append([{"impl": k, "seq": seq, **rounds} for k in [*KINDS, "titans-pytorch-mac"]])
+    for kind in ["mag", "mac"]:
+        groups.append([{"impl": kind, "extra": "stream", "total": 65536 if quick else 1048576, "piece": 4096}])
+    return groups
+
+
+if __name__ == "__main__":
+    main(__doc__, DEFAULTS, suite, make_step, extra=stream)

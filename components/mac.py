@@ -1,0 +1,131 @@
+"""Block kind `mac`, Memory as a Context (Titans eqs. 21-25), per segment S of C tokens:
+
+    h = f_{W_prev}(q(S))                     read the memory as it was before the segment (eq. 21)
+    y = Attn([p ; h ; S])                    segment token j sees all of p, h_i and S_i for i <= j
+                                             (h_i came from token i: this keeps causality; eqs. 22-23)
+    m = LMM(y)                               update the memory with y, read after each token (eq. 24)
+    o = y * sigmoid(RMSNorm(m))              gated output (eq. 25)
+
+No attention crosses segments: the memory carries everything older. Positions (RoPE) are
+segment-local; h_i and S_i share position i. Letters: b batch, n queries, m keys, h heads,
+d head feature, p persistent tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from components.attention import Attention
+from components.base import SpecRuleError
+from components.hybrid import HybridSpec
+from components.neural_memory import NeuralMemory, NeuralMemoryState
+from components.ops.memory import Weights
+from components.persistent import PersistentTokens
+
+
+class MACSpec(HybridSpec):
+    """Titans (MAC): attention inside segments over [persistent ; retrieved memory ; segment],
+    the memory updated from the attention output."""
+
+    kind: Literal["mac"] = "mac"
+    segment_len: int = Field(512, ge=1)
+    """Tokens per attention segment (the paper uses 512); a multiple of memory.chunk_size."""
+
+    def check(self, dim: int, heads: int) -> None:
+        super().check(dim, heads)
+        if self.segment_len % self.memory.chunk_size:
+            raise SpecRuleError(
+                "segment_len",
+                f"{self.segment_len} is not a multiple of memory.chunk_size {self.memory.chunk_size} "
+                "(segment ends must be chunk ends, so each segment reads a finished memory state)",
+            )
+
+    def build(self, dim: int, heads: int) -> MemoryAsContext:
+        return MemoryAsContext(
+            self.attention.build(dim, heads),
+            self.memory.build(dim, heads),
+            self.persistent.build(dim) if self.persistent is not None else None,
+            self.segment_len,
+        )
+
+
+def mac_visibility(start: int, count: int, persistent: int, device: torch.device | None = None) -> Tensor:
+    """(count, persistent + 2 (start + count)) bool: which of [p ; h_0..h_m ; S_0..S_m] the segment
+    tokens start .. start + count - 1 see (m = start + count - 1): every persistent token, and the
+    memory tokens and segment tokens at positions i <= j."""
+    j = torch.arange(start, start + count, device=device)[:, None]
+    i = torch.arange(start + count, device=device)[None, :]
+    causal = i <= j
+    return torch.cat([causal.new_ones(count, persistent), causal, causal], dim=1)
+
+
+@dataclass
+class MACState:
+    memory: NeuralMemoryState
+    """The memory updated by the attention outputs so far."""
+    retrieval: Weights
+    """The memory weights at the start of the current segment (what eq. 21 reads)."""
+    retrieval_conv: Tensor | None
+    """The query convolution's stream over the segment inputs."""
+    keys: Tensor
+    """(b, h, 2 f, d): keys of the current segment's memory tokens, then its segment tokens."""
+    values: Tensor
+    filled: int
+    """f: tokens of the current segment seen so far."""
+
+
+class MemoryAsContext(nn.Module):
+    def __init__(
+        self, attention: Attention, memory: NeuralMemory, persistent: PersistentTokens | None, segment_len: int
+    ) -> None:
+        super().__init__()
+        self.attention, self.memory, self.persistent, self.segment_len = attention, memory, persistent, segment_len
+        self.norm = nn.RMSNorm(memory.out.out_features, eps=1e-6)
+
+    def init_state(self, batch: int) -> MACState:
+        mem = self.memory.init_state(batch)
+        empty = self.attention.init_state(batch).k
+        return MACState(mem, mem.memory.weights, self.memory.init_retrieval_state(batch), empty, empty, 0)
+
+    def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState | None]:
+        """x (b, n, dim) -> (b, n, dim). One pass and streaming share this code: the sequence is
+        cut at segment ends and each piece continues the current segment."""
+        st = state if state is not None else self.init_state(x.shape[0])
+        outs, pos = [], 0
+        while pos < x.shape[1]:
+            take = min(x.shape[1] - pos, self.segment_len - st.filled)
+            out, st = self._piece(x[:, pos : pos + take], st)
+            outs.append(out)
+            pos += take
+        out = torch.cat(outs, 1) if outs else x
+        return out, (st if state is not None else None)
+
+    def _piece(self, s: Tensor, st: MACState) -> tuple[Tensor, MACState]:
+        """Tokens f .. f + r - 1 of the current segment."""
+        f, r = st.filled, s.shape[1]
+        h, conv = self.memory.retrieve(s, st.retrieval, st.retrieval_conv)  # eq. 21
+        q, k_s, v_s = self.attention.project(s, f)
+        _, k_h, v_h = self.attention.project(h, f)  # h_i sits at position i, like S_i
+        hk, sk = st.keys.split(f, dim=2) if f else (st.keys, st.keys)
+        hv, sv = st.values.split(f, dim=2) if f else (st.values, st.values)
+        hk, hv = torch.cat([hk, k_h], 2), torch.cat([hv, v_h], 2)
+        sk, sv = torch.cat([sk, k_s], 2), torch.cat([sv, v_s], 2)
+        keys, values = torch.cat([hk, sk], 2), torch.cat([hv, sv], 2)
+        p = 0
+        if self.persistent is not None:
+            pk, pv = self.attention.project_prefix(self.persistent(s.shape[0]))
+            keys, values, p = torch.cat([pk, keys], 2), torch.cat([pv, values], 2), pk.shape[2]
+        mask = mac_visibility(f, r, p, s.device)
+        y = self.attention.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))  # eq. 23
+        m, mem = self.memory(y, st.memory)  # eq. 24: update with y, read after each token
+        out = y * torch.sigmoid(self.norm(m))  # eq. 25
+        if f + r == self.segment_len:  # the segment is done: the next one reads the updated memory
+            empty = keys[:, :, :0]
+            return out, MACState(mem, mem.memory.weights, conv, empty, empty, 0)
+        return out, MACState(mem, st.retrieval, conv, torch.cat([hk, sk], 2), torch.cat([hv, sv], 2), f + r)
