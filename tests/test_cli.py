@@ -73,3 +73,23 @@ def test_train_command_runs(tmp_path, capsys):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "eval"] == [2, 4]
     assert torch.isfinite(torch.tensor(lines[-1]["loss"]))
+
+
+def test_eval_and_niah_grid_on_a_trained_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    niah = ["--task", "niah", "--task-set", "context_len=256", "--task-set", "digits=3"]
+    assert main(["train", "mag-tiny", *niah, "--steps", "2", "--eval-every", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), *niah, "--batches", "1", "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["exact_match"] <= 1.0 and report["task"]["kind"] == "niah"
+    grid = ["--lengths", "256,300", "--depths", "0,1", "--samples", "2", "--digits", "3"]
+    assert main(["niah", str(out), *grid]) == 0
+    table = (out / "niah" / "niah-passkey.md").read_text()
+    assert "| 256 |" in table and "| 300 |" in table
+    assert (out / "niah" / "niah-passkey.png").stat().st_size > 1000
+
+
+def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--task", "copy"]) == 2
+    assert "not a training run" in capsys.readouterr().err

@@ -59,22 +59,26 @@ def _train(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "seed": args.seed,
         "eval_every": args.eval_every,
+        "compile": args.compile or None,
     }
     cfg = TrainSpec(**{k: v for k, v in cfg_fields.items() if v is not None})
     out = Path(args.out) if args.out else None
     console.print(
         f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps" + (f" -> {out}" if out else "")
     )
+    progress = _progress(cfg.steps)
+
+    def on_log(rec: dict) -> None:
+        if progress is not None and rec["split"] == "train" and "lr" in rec:
+            progress.update(0, completed=rec["step"], description=f"loss {rec['loss']:.4f}")
 
     def on_eval(rec: dict, _ckpt: object) -> None:
-        metric = "  ".join(
-            f"{k} {v:.4f}"
-            for k, v in rec.items()
-            if k not in ("step", "split", "params", "tokens_per_s", "peak_mem_mb")
-        )
+        skip = ("step", "split", "params", "tokens_per_s", "peak_mem_mb")
+        metric = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in skip)
         console.print(f"step {rec['step']:>6}  eval {metric}  {rec['tokens_per_s']:,.0f} tok/s")
 
-    result = train(spec, task, cfg, out, resume=args.resume, on_eval=on_eval, device=args.device)
+    with progress if progress is not None else _nothing():
+        result = train(spec, task, cfg, out, resume=args.resume, on_log=on_log, on_eval=on_eval, device=args.device)
     if result.status == "diverged":
         print(f"diverged: {result.message}", file=sys.stderr)
         return 3
@@ -82,6 +86,64 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.status} at step {result.step}: params {int(result.metrics['params']):,}, "
         f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB"
     )
+    return 0
+
+
+def _progress(total: int):
+    """A progress bar on a terminal; None (quiet) when output is not a TTY."""
+    if not sys.stdout.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    progress.add_task("starting", total=total)
+    return progress
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from titans_nas.evaluate import evaluate_task, load_run
+    from titans_nas.tasks import TaskSpec
+
+    spec, model = load_run(args.run)
+    task = load_union(args.task, TaskSpec, args.task_set)
+    metrics = evaluate_task(model, spec, task, batches=args.batches, batch_size=args.batch_size)
+    print(json.dumps({"run": str(args.run), "task": task.model_dump(mode="json"), **metrics}, indent=2))
+    return 0
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from titans_nas.evaluate import load_run, niah_grid
+    from titans_nas.tasks import NIAHSpec
+    from titans_nas.train import check_compatible
+
+    spec, model = load_run(args.run)
+    task = NIAHSpec(variant=args.variant, digits=args.digits)
+    check_compatible(spec, task)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    grid = niah_grid(model, task, lengths, depths, samples=args.samples, seed=args.seed)
+    out = Path(args.out or Path(args.run) / "niah")
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"S-NIAH {args.variant}: {Path(args.run).name} ({spec.block.kind})"
+    (out / f"niah-{args.variant}.md").write_text(grid.markdown(title))
+    grid.heatmap(out / f"niah-{args.variant}.png", title)
+    print(grid.markdown(title))
+    console.print(f"wrote {out / f'niah-{args.variant}.md'} and .png")
     return 0
 
 
@@ -111,7 +173,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (metrics.jsonl, checkpoint, result.json)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--compile", action="store_true", help="torch.compile the memory's chunk step")
     s.set_defaults(fn=_train)
+
+    s = sub.add_parser("eval", help="a trained run's metric on a task's eval set")
+    s.add_argument("run", help="training run directory (spec.yaml + checkpoint/)")
+    s.add_argument("--task", required=True, help="task kind (its defaults) or a task YAML path")
+    s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
+    s.add_argument("--batches", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(fn=_eval)
+
+    s = sub.add_parser("niah", help="needle-in-a-haystack grid: context length x depth (table + heatmap)")
+    s.add_argument("run", help="training run directory (spec.yaml + checkpoint/)")
+    s.add_argument("--variant", default="passkey", choices=["passkey", "number", "uuid"])
+    s.add_argument("--lengths", default="256,512,1024,2048,4096")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    s.add_argument("--digits", type=int, default=7)
+    s.add_argument("--samples", type=int, default=20, help="examples per cell")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="directory for niah-<variant>.md and .png (default RUN/niah)")
+    s.set_defaults(fn=_niah)
     return p
 
 

@@ -8,7 +8,26 @@ from pydantic import Field
 
 from titans_nas.tasks.base import IGNORE, Batch, TaskBase
 from titans_nas.tasks.copy import CopySpec
+from titans_nas.tasks.induction import InductionSpec
+from titans_nas.tasks.lm import LMSpec
+from titans_nas.tasks.mqar import MQARSpec
+from titans_nas.tasks.niah import NIAHSpec
+from titans_nas.tasks.selective_copy import SelectiveCopySpec
 
-TaskSpec = Annotated[CopySpec, Field(discriminator="kind")]
+TaskSpec = Annotated[
+    MQARSpec | NIAHSpec | SelectiveCopySpec | InductionSpec | LMSpec | CopySpec, Field(discriminator="kind")
+]
+"""Every task kind, discriminated by `kind`."""
 
-__all__ = ["IGNORE", "Batch", "CopySpec", "TaskBase", "TaskSpec"]
+__all__ = [
+    "IGNORE",
+    "Batch",
+    "CopySpec",
+    "InductionSpec",
+    "LMSpec",
+    "MQARSpec",
+    "NIAHSpec",
+    "SelectiveCopySpec",
+    "TaskBase",
+    "TaskSpec",
+]

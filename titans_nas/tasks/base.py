@@ -37,8 +37,9 @@ class TaskBase(Spec):
         """Token ids the task uses are in [0, vocab_size)."""
 
     @abstractmethod
-    def sample(self, batch: int, generator: torch.Generator) -> Batch:
-        """A batch drawn with `generator` (the only source of randomness: seeds reproduce)."""
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> Batch:
+        """A batch drawn with `generator` (the only source of randomness: seeds reproduce).
+        `split` is "train" or "eval"; tasks on real text draw from disjoint documents."""
 
     def score(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
         """Sums to aggregate over evaluation batches: metric -> (numerator, denominator).

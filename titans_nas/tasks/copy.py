@@ -26,7 +26,7 @@ class CopySpec(TaskBase):
     def vocab_size(self) -> int:
         return FIRST_SYMBOL + self.symbols
 
-    def sample(self, batch: int, generator: torch.Generator) -> Batch:
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> Batch:
         x = torch.randint(FIRST_SYMBOL, self.vocab_size, (batch, self.length), generator=generator)
         sep = torch.full((batch, 1), SEP)
         inputs = torch.cat([x, sep, x[:, :-1]], dim=1)

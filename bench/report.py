@@ -1,0 +1,126 @@
+"""Render the JSON lines of bench/memory.py and bench/models.py as the markdown tables of
+docs/benchmarks.md (ratios are taken inside one side-by-side group).
+
+    python bench/report.py memory docs/bench/memory.jsonl
+    python bench/report.py models docs/bench/models.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def memory_report(rows: list[dict]) -> str:
+    out = []
+    key = lambda r: (r["seq"], r["mode"], r["chunk"], r["depth"])  # noqa: E731
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if "error" not in r:
+            groups[key(r)][r["impl"]] = r
+    impls = ["exact", "exact+compile", "coarse", "coarse+compile", "titans-pytorch", "titans-pytorch-ttt", "naive"]
+    out.append(
+        "| seq | mode | chunk | depth | " + " | ".join(impls) + " | exact / tp | coarse / tp | coarse / tp-ttt |"
+    )
+    out.append("|" + "---|" * (len(impls) + 7))
+    for k in sorted(groups, key=lambda k: (k[2] != 64 or k[3] != 2, k[0], k[1], k[2], k[3])):
+        g = groups[k]
+        tps = {i: g[i]["tokens_per_s"] if i in g else None for i in impls}
+
+        def ratio(a, b):
+            return f"{tps[a] / tps[b]:.2f}x" if tps[a] and tps[b] else "-"
+
+        cells = [fmt(tps[i]) for i in impls]
+        cells += [
+            ratio("exact", "titans-pytorch"),
+            ratio("coarse", "titans-pytorch"),
+            ratio("coarse", "titans-pytorch-ttt"),
+        ]
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Peak RSS (MiB; in brackets, after imports and building), forward+backward, chunk 64, depth 2:")
+    out.append("")
+    out.append("| seq | " + " | ".join(impls[:-1]) + " |")
+    out.append("|" + "---|" * len(impls))
+    for k in sorted(k for k in groups if k[1] == "fwdbwd" and k[2] == 64 and k[3] == 2):
+        g = groups[k]
+        cells = [
+            f"{fmt(g[i].get('peak_rss_mb'))} ({fmt(g[i].get('base_rss_mb'))})" if i in g else "-" for i in impls[:-1]
+        ]
+        out.append(f"| {k[0]} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Executed GFLOP/s (torch FlopCounterMode count of one step / best time), chunk 64, depth 2:")
+    out.append("")
+    out.append("| seq | mode | " + " | ".join(impls[:-1]) + " |")
+    out.append("|" + "---|" * (len(impls) + 1))
+    for k in sorted(k for k in groups if k[2] == 64 and k[3] == 2 and k[0] > 256):
+        g = groups[k]
+        out.append(
+            f"| {k[0]} | {k[1]} | "
+            + " | ".join(fmt(g[i].get("gflop_per_s"), 1) if i in g else "-" for i in impls[:-1])
+            + " |"
+        )
+    return "\n".join(out)
+
+
+def models_report(rows: list[dict]) -> str:
+    out = []
+    timed = [r for r in rows if "streaming" not in r and "error" not in r]
+    by_seq: dict[int, dict[str, dict]] = defaultdict(dict)
+    for r in timed:
+        by_seq[r["seq"]][r["impl"]] = r
+    kinds = ["attention", "swa", "lmm", "mac", "mag", "mal", "titans-pytorch-mac"]
+    out.append("Forward+backward tokens/s (in brackets: relative to full attention at that length):")
+    out.append("")
+    out.append("| seq | " + " | ".join(kinds) + " |")
+    out.append("|" + "---|" * (len(kinds) + 1))
+    for seq in sorted(by_seq):
+        g = by_seq[seq]
+        base = g.get("attention", {}).get("tokens_per_s")
+        cells = []
+        for k in kinds:
+            t = g.get(k, {}).get("tokens_per_s")
+            cells.append("-" if t is None else f"{t:,.0f} ({t / base:.2f}x)" if base else f"{t:,.0f}")
+        out.append(f"| {seq} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Peak RSS, forward+backward (MiB):")
+    out.append("")
+    out.append("| seq | " + " | ".join(kinds) + " |")
+    out.append("|" + "---|" * (len(kinds) + 1))
+    for seq in sorted(by_seq):
+        g = by_seq[seq]
+        out.append(f"| {seq} | " + " | ".join(fmt(g.get(k, {}).get("peak_rss_mb")) for k in kinds) + " |")
+    out.append("")
+    out.append(
+        "MAC: ours relative to titans-pytorch's MemoryAsContextTransformer at the same length: "
+        + ", ".join(
+            f"{seq}: {by_seq[seq]['mac']['tokens_per_s'] / by_seq[seq]['titans-pytorch-mac']['tokens_per_s']:.2f}x"
+            for seq in sorted(by_seq)
+            if "mac" in by_seq[seq] and "titans-pytorch-mac" in by_seq[seq]
+        )
+    )
+    streams = [r for r in rows if "streaming" in r]
+    if streams:
+        out.append("")
+        out.append("Streaming inference (no gradients, pieces of 4,096 tokens, batch 1):")
+        out.append("")
+        out.append("| kind | tokens read | tokens/s so far | peak RSS (MiB) |")
+        out.append("|---|---|---|---|")
+        for r in streams:
+            for n, m in sorted(r["streaming"].items(), key=lambda kv: int(kv[0])):
+                out.append(f"| {r['impl']} | {int(n):,} | {m['tokens_per_s']:,.0f} | {m['peak_rss_mb']:,.0f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    what, path = sys.argv[1], sys.argv[2]
+    print(memory_report(load(path)) if what == "memory" else models_report(load(path)))

@@ -1,0 +1,128 @@
+"""Every task generator: shapes, the answer is recoverable from the input, seeds reproduce, the
+metric is perfect on the ground truth and near chance on random predictions."""
+
+import math
+
+import pytest
+import torch
+
+from titans_nas.config import union_members
+from titans_nas.tasks import (
+    IGNORE,
+    CopySpec,
+    InductionSpec,
+    LMSpec,
+    MQARSpec,
+    NIAHSpec,
+    SelectiveCopySpec,
+    TaskSpec,
+)
+
+SMALL = {
+    "mqar": MQARSpec(seq_len=64, num_kv_pairs=8, vocab=128),
+    "niah-passkey": NIAHSpec(variant="passkey", context_len=256),
+    "niah-number": NIAHSpec(variant="number", context_len=300, depth=0.3),
+    "niah-uuid": NIAHSpec(variant="uuid", context_len=400),
+    "selective_copy": SelectiveCopySpec(length=40, num_tokens=6, vocab=10),
+    "induction": InductionSpec(seq_len=32, vocab=8),
+    "lm": LMSpec(seq_len=64),
+    "copy": CopySpec(length=8, symbols=8),
+}
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_every_task_kind_is_covered():
+    assert {name.split("-")[0] for name in SMALL} == set(union_members(TaskSpec))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_shapes_vocab_and_seeds(name):
+    task = SMALL[name]
+    a, b, c = task.sample(4, gen(0)), task.sample(4, gen(0)), task.sample(4, gen(1))
+    assert a.inputs.shape == a.targets.shape and a.inputs.dtype == a.targets.dtype == torch.long
+    assert 0 <= int(a.inputs.min()) and int(a.inputs.max()) < task.vocab_size
+    scored = a.targets[a.targets != IGNORE]
+    assert scored.numel() > 0 and int(scored.max()) < task.vocab_size
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_metric_is_perfect_on_the_truth_and_near_chance_at_random(name):
+    task = SMALL[name]
+    batch = task.sample(64, gen(2))
+    truth = torch.full((*batch.targets.shape, task.vocab_size), -30.0)
+    ok = batch.targets != IGNORE
+    truth[ok] = torch.nn.functional.one_hot(batch.targets[ok], task.vocab_size).float() * 60 - 30
+    random = torch.randn(*batch.targets.shape, task.vocab_size, generator=gen(3))
+    best, chance = task.score(truth, batch), task.score(random, batch)
+    metric = type(task).metric
+    value = lambda s: s[metric][0] / s[metric][1]  # noqa: E731
+    if metric == "bits_per_byte":
+        assert value(best) < 1e-6
+        assert abs(value(chance) - math.log2(256)) < 1.5  # random logits ~ uniform over bytes
+    else:
+        assert value(best) == 1.0
+        assert value(chance) < 0.2
+
+
+def test_mqar_answer_is_the_value_paired_with_the_queried_key():
+    task = SMALL["mqar"]
+    batch = task.sample(8, gen(4))
+    kv = task.num_kv_pairs
+    for row in range(8):
+        # the example is inputs plus the last target; its first 2 kv tokens are the pairs
+        pairs = batch.inputs[row, : 2 * kv].view(kv, 2)
+        lookup = dict(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
+        positions = (batch.targets[row] != IGNORE).nonzero().flatten()
+        assert len(positions) == kv  # every key queried once
+        for t in positions.tolist():
+            assert lookup[int(batch.inputs[row, t])] == int(batch.targets[row, t])
+
+
+@pytest.mark.parametrize("name", ["niah-passkey", "niah-number", "niah-uuid"])
+def test_niah_answer_is_in_the_needle(name):
+    task = SMALL[name]
+    batch = task.sample(6, gen(5))
+    for row in range(6):
+        text = bytes(batch.inputs[row].tolist())
+        answer = bytes(batch.targets[row][batch.targets[row] != IGNORE].tolist())
+        needle_at = text.find(b"One of the special magic")
+        assert needle_at >= 0 and text.find(answer[:-1], needle_at) > needle_at
+        assert len(text) + 1 == task.context_len
+
+
+def test_niah_depth_places_the_needle():
+    early, late = NIAHSpec(context_len=1024, depth=0.0), NIAHSpec(context_len=1024, depth=1.0)
+    pos = lambda t: bytes(t.sample(1, gen(6)).inputs[0].tolist()).find(b"One of the special")  # noqa: E731
+    assert pos(early) < 100 < 800 < pos(late)
+
+
+def test_selective_copy_targets_are_the_data_tokens_in_order():
+    task = SMALL["selective_copy"]
+    batch = task.sample(5, gen(7))
+    body = batch.inputs[:, : task.length + task.num_tokens]
+    for row in range(5):
+        data = body[row][body[row] != 0]
+        assert torch.equal(data, batch.targets[row][batch.targets[row] != IGNORE])
+
+
+def test_induction_target_follows_the_first_trigger():
+    task = SMALL["induction"]
+    batch = task.sample(5, gen(8))
+    for row in range(5):
+        x = batch.inputs[row]
+        first = int((x == task.vocab - 1).nonzero()[0])
+        assert int(batch.targets[row, -1]) == int(x[first + 1])
+
+
+def test_lm_splits_are_disjoint_documents():
+    from titans_nas.tasks.text import split_names
+
+    train, val = split_names("shakespeare", "train"), split_names("shakespeare", "eval")
+    assert len(val) == 4 and not set(train) & set(val) and len(train) + len(val) == 42
+    batch = SMALL["lm"].sample(2, gen(9))
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
