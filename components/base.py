@@ -20,9 +20,12 @@ class SpecRuleError(ValueError):
     raised it; the config layer prefixes the spec's own location, so users see the full path."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(path, reason)  # args = constructor args: copyable, picklable (Ray)
         self.path = path
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
     def under(self, prefix: str) -> SpecRuleError:
         """The same error seen from the parent spec that holds this one at `prefix`."""

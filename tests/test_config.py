@@ -32,10 +32,13 @@ def test_extends_merges_deeply_and_later_wins(tmp_path):
     assert (spec.depth, spec.dim, spec.block.attention.rope.base, spec.block.attention.heads) == (5, 64, 500, 2)
 
 
-def test_override_of_kind_replaces_the_sub_spec(tmp_path):
-    base = write(tmp_path, "ln.yaml", "extends: attention-tiny\nnorm: {kind: layernorm, eps: 0.001}\n")
-    spec = load_spec(base, ["norm.kind=rmsnorm"])  # eps of the layernorm must not leak
-    assert spec.norm.kind == "rmsnorm" and spec.norm.eps == 1e-6
+def test_a_change_of_kind_keeps_shared_fields_and_drops_the_others():
+    spec = load_spec("mag-tiny", ["block.kind=mac", "block.segment_len=32"])
+    # memory and persistent carry over from the MAG preset; its window (no MAC field) does not
+    assert spec.block.kind == "mac" and spec.block.memory.chunk_size == 8 and spec.block.persistent.num_tokens == 4
+    assert "window" not in spec.block.model_dump()
+    swa = load_spec("mag-tiny", ["block.kind=swa"])
+    assert swa.block.window == 16 and swa.block.persistent.num_tokens == 4
 
 
 def test_null_switches_a_mechanism_off():

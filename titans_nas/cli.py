@@ -147,6 +147,34 @@ def _niah(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from titans_nas.search import engine
+    from titans_nas.search.report import load_trials, report, status_counts, trials_table
+    from titans_nas.search.study import load_study
+
+    if args.action == "run":
+        study = load_study(args.target, args.set)
+        run_dir = engine.run(args.target, args.out or Path("runs") / study.spec.name, tuple(args.set))
+    elif args.action == "resume":
+        run_dir = engine.resume(args.target)
+    else:
+        run_dir = Path(args.target)
+        if not (run_dir / "state.json").is_file():
+            raise SpecError(str(run_dir), "", "not a study run directory (no state.json)")
+    study = load_study(run_dir / "study.yaml")
+    records = load_trials(run_dir)
+    metrics = list(dict.fromkeys([o.metric for o in study.spec.objectives] + ["loss"]))
+    if args.action == "status":
+        state = json.loads((run_dir / "state.json").read_text())
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(status_counts(records).items())) or "no trial started"
+        console.print(f"study {study.spec.name}: {'finished' if state['finished'] else 'not finished'}; {counts}")
+    print(trials_table(records, metrics))
+    if args.action != "status":
+        console.print(f"report: {report(run_dir)}")
+    failed = [r for r in records if r.status == "failed"]
+    return 4 if records and len(failed) == len(records) else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="titans-nas", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,6 +222,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="directory for niah-<variant>.md and .png (default RUN/niah)")
     s.set_defaults(fn=_niah)
+
+    s = sub.add_parser("study", help="run, resume, watch or report a study (Ray Tune + Optuna)")
+    s.add_argument("action", choices=["run", "resume", "status", "report"])
+    s.add_argument("target", help="run: a study YAML; resume/status/report: a run directory")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a study field (run)")
+    s.add_argument("--out", help="run directory (run; default runs/<study name>)")
+    s.set_defaults(fn=_study)
     return p
 
 

@@ -30,8 +30,11 @@ class SpecError(Exception):
     """A spec that cannot be loaded. The CLI prints `str(error)` and exits with code 2."""
 
     def __init__(self, source: str, path: str, reason: str) -> None:
-        super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
+        super().__init__(source, path, reason)  # args = constructor args: copyable, picklable (Ray)
         self.source, self.path, self.reason = source, path, reason
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.path}: {self.reason}" if self.path else f"{self.source}: {self.reason}"
 
 
 def preset_dir() -> Path:
@@ -100,13 +103,46 @@ def _label(path: Path) -> str:
         return str(path)
 
 
-def _drop_switched(base: Any, over: Any) -> Any:
-    """Copy of `base` where every sub-dict whose `kind` `over` changes is emptied."""
+def drop_switched(base: Any, over: Any, cls: type[BaseModel] | None = None) -> Any:
+    """Copy of `base` prepared for merging `over` on top: where `over` changes the `kind` of a
+    sub-spec, the old sub-spec's fields that the new kind does not have are dropped (so a MAG
+    `window` never leaks into a MAC block, while `memory`, `attention` and `persistent` carry
+    over). Without the spec class `cls` to tell the fields apart, the whole sub-spec is dropped."""
     if not (isinstance(base, dict) and isinstance(over, dict)):
         return base
-    if "kind" in over and base.get("kind", over["kind"]) != over["kind"]:
-        return {}
-    return {k: _drop_switched(v, over[k]) if k in over else v for k, v in base.items()}
+    out = {}
+    for key, value in base.items():
+        if key not in over:
+            out[key] = value
+            continue
+        field = cls.model_fields.get(key) if cls is not None else None
+        members = models_in(field.annotation) if field is not None else []
+        new, old = over[key], value
+        if (
+            isinstance(new, dict)
+            and isinstance(old, dict)
+            and "kind" in new
+            and old.get("kind", new["kind"]) != new["kind"]
+        ):
+            target = next(
+                (m for m in members if m.model_fields.get("kind") and m.model_fields["kind"].default == new["kind"]),
+                None,
+            )
+            if target is None:
+                continue  # no schema to go by: replace the sub-spec
+            old = {k: v for k, v in old.items() if k in target.model_fields and k != "kind"}
+            out[key] = {k: drop_switched(v, new.get(k), _single(target, k)) for k, v in old.items()}
+            continue
+        out[key] = drop_switched(old, new, _single(cls, key) if cls is not None else None)
+    return out
+
+
+def _single(cls: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The spec class of field `key` when it is a single (possibly optional) spec."""
+    if cls is None or key not in cls.model_fields:
+        return None
+    members = models_in(cls.model_fields[key].annotation)
+    return members[0] if len(members) == 1 else None
 
 
 def _flat(d: Any, prefix: str = "") -> list[str]:
@@ -116,13 +152,16 @@ def _flat(d: Any, prefix: str = "") -> list[str]:
 
 
 def compose(
-    source: str | Path, overrides: Sequence[str] = (), presets: Path | None = None
+    source: str | Path, overrides: Sequence[str] = (), presets: Path | None = None, cls: type[BaseModel] | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The merged plain dict, and for each dotted path the label of the layer that set it last."""
-    return _merge_layers(_layers(str(source), None, (), "command line", presets), overrides)
+    """The merged plain dict, and for each dotted path the label of the layer that set it last.
+    `cls` (the spec class the result is for) lets a change of `kind` keep the shared fields."""
+    return merge_layers(_layers(str(source), None, (), "command line", presets), overrides, cls)
 
 
-def _merge_layers(layers: list[tuple[str, dict]], overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+def merge_layers(
+    layers: list[tuple[str, dict]], overrides: Sequence[str], cls: type[BaseModel] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     layers = list(layers)
     for item in overrides:
         if "=" not in item:
@@ -135,7 +174,7 @@ def _merge_layers(layers: list[tuple[str, dict]], overrides: Sequence[str]) -> t
     provenance: dict[str, str] = {}
     for label, data in layers:
         try:
-            merged = OmegaConf.to_container(OmegaConf.merge(_drop_switched(merged, data), data))
+            merged = OmegaConf.to_container(OmegaConf.merge(drop_switched(merged, data, cls), data))
         except OmegaConfBaseException as e:
             raise SpecError(label, "", str(e).splitlines()[0]) from None
         provenance.update({p: label for p in _flat(data)})
@@ -148,13 +187,13 @@ def _merge_layers(layers: list[tuple[str, dict]], overrides: Sequence[str]) -> t
 
 
 def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = ModelSpec) -> S:
-    data, provenance = compose(source, overrides)
+    data, provenance = compose(source, overrides, cls=cls)
     return validate(data, cls, provenance)
 
 
 def union_members(union: Any) -> dict[str, type[BaseModel]]:
     """kind tag -> spec class, for a discriminated union of specs."""
-    return {m.model_fields["kind"].default: m for m in _models_in(union)}
+    return {m.model_fields["kind"].default: m for m in models_in(union)}
 
 
 def load_union(source: str | Path, union: Any, overrides: Sequence[str] = (), presets: Path | None = None) -> BaseModel:
@@ -164,7 +203,7 @@ def load_union(source: str | Path, union: Any, overrides: Sequence[str] = (), pr
     base = {"kind": str(source)} if str(source) in members else None
     if base is not None:
         layers: list[tuple[str, dict]] = [(f"kind {source}", base)]
-        data, provenance = _merge_layers(layers, overrides)
+        data, provenance = merge_layers(layers, overrides)
     else:
         data, provenance = compose(source, overrides, presets=presets)
     kind = data.get("kind")
@@ -201,7 +240,7 @@ def _fill_kinds(cls: type[BaseModel], data: Any) -> Any:
         value = out.get(name)
         if not isinstance(value, dict):
             continue
-        members = _models_in(field.annotation)
+        members = models_in(field.annotation)
         if field.discriminator and "kind" not in value and isinstance(field.default, BaseModel):
             value = {"kind": field.default.kind, **value}
         tags = {m.model_fields["kind"].default: m for m in members if "kind" in m.model_fields}
@@ -218,11 +257,11 @@ def _source_of(path: str, provenance: dict[str, str]) -> str:
     return provenance[""]
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def models_in(annotation: Any) -> list[type[BaseModel]]:
     """The spec classes inside a field annotation (through Optional, Union, Annotated, list)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    return [m for a in get_args(annotation) for m in _models_in(a)]
+    return [m for a in get_args(annotation) for m in models_in(a)]
 
 
 def _walk(cls: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
@@ -238,7 +277,7 @@ def _walk(cls: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] 
         field = model.model_fields.get(key) if model is not None and isinstance(key, str) else None
         nxt: type[BaseModel] | None = None
         if field is not None:
-            members = _models_in(field.annotation)
+            members = models_in(field.annotation)
             if field.discriminator and i + 1 < len(loc) and len(members) > 0:
                 tag, i = loc[i + 1], i + 1
                 nxt = next((m for m in members if m.model_fields["kind"].default == tag), None)

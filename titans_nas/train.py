@@ -114,7 +114,7 @@ def evaluate(model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.devi
     sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
     for _ in range(cfg.eval_batches):
         batch = task.sample(cfg.batch_size, gen, "eval")
-        batch = type(batch)(*(t.to(device) for t in batch))
+        batch = batch.to(device)
         with _autocast(device):
             logits, _ = model(batch.inputs)
         n = float((batch.targets != IGNORE).sum())
@@ -177,6 +177,7 @@ def train(
         (out_dir / "train.yaml").write_text(dump_spec(cfg))
         if resume and (ckpt_dir / "state.pt").is_file():
             step = load_checkpoint(ckpt_dir, model, opt, gen)
+            _truncate_metrics(out_dir / "metrics.jsonl", step)
         elif not resume:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     params = sum(p.numel() for p in model.parameters())
@@ -269,6 +270,13 @@ def train(
             json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2)
         )
     return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the records written after the checkpoint (they will be written again)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def save_checkpoint(

@@ -21,7 +21,15 @@ class Batch(NamedTuple):
     inputs: Tensor
     """(b, n) int64 token ids."""
     targets: Tensor
-    """(b, n) int64; IGNORE where the position is not scored."""
+    """(b, n) int64; IGNORE where the position is not trained on."""
+    scored: Tensor | None = None
+    """(b, n) bool: the positions the metric reads; None = every position with a target."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(None if t is None else t.to(device) for t in self))
+
+    def metric_mask(self) -> Tensor:
+        return self.scored if self.scored is not None else self.targets != IGNORE
 
 
 class TaskBase(Spec):
@@ -44,6 +52,6 @@ class TaskBase(Spec):
     def score(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
         """Sums to aggregate over evaluation batches: metric -> (numerator, denominator).
         Default: accuracy of the argmax over scored positions."""
-        scored = batch.targets != IGNORE
+        scored = batch.metric_mask()
         correct = (logits.argmax(-1) == batch.targets) & scored
         return {"accuracy": (float(correct.sum()), float(scored.sum()))}

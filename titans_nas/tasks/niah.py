@@ -45,6 +45,9 @@ class NIAHSpec(TaskBase):
     """Where the needle sits in the haystack (0 = start, 1 = end); null = uniform per example."""
     digits: int = Field(7, ge=1, le=32)
     """Digits of the number (passkey and number variants; RULER uses 7)."""
+    text_loss: bool = False
+    """Also train on predicting every byte of the text, not only the answer (a denser signal;
+    the metric still reads the answer bytes only)."""
 
     metric: ClassVar[str] = "exact_match"
 
@@ -110,13 +113,14 @@ class NIAHSpec(TaskBase):
             rows.append(torch.frombuffer(bytearray(text), dtype=torch.uint8).long())
             answers.append(n)
         seq = torch.stack(rows)
-        targets = torch.full_like(seq, IGNORE)
+        answer = torch.zeros_like(seq, dtype=torch.bool)
         for i, n in enumerate(answers):
-            targets[i, -n:] = seq[i, -n:]
-        return Batch(seq[:, :-1], targets[:, 1:])
+            answer[i, -n:] = True
+        targets = seq if self.text_loss else seq.masked_fill(~answer, IGNORE)
+        return Batch(seq[:, :-1], targets[:, 1:], answer[:, 1:])
 
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
-        scored = batch.targets != IGNORE
+        scored = batch.metric_mask()
         right = (logits.argmax(-1) == batch.targets) | ~scored
         exact = right.all(dim=1)
         return {

@@ -1,0 +1,95 @@
+"""Studies on a real local Ray (one session-scoped Ray; trainables live in the installed package)."""
+
+import json
+
+import optuna
+import pytest
+
+from tests.search.conftest import write_study
+from titans_nas.search import engine
+from titans_nas.search.report import load_trials, report
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+CONDITIONAL = {
+    "block": {
+        "variants": {"lmm": {}, "mag": {"window": {"choice": [4, 8]}}},
+        "memory": {"momentum": {"choice": [None, {"init": 0.1}]}},
+    }
+}
+
+
+def optuna_trials(run_dir):
+    state = json.loads((run_dir / "state.json").read_text())
+    study = optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    return study.trials
+
+
+def test_search_with_a_conditional_space_and_asha(tmp_path):
+    path = write_study(tmp_path, space=CONDITIONAL, trials=4, scheduler={"grace_period": 1, "reduction_factor": 2})
+    run = engine.run(path, tmp_path / "run")
+    records = load_trials(run)
+    assert len(records) == 4
+    assert {r.status for r in records} <= {"completed", "stopped early"}
+    assert any(r.status == "completed" for r in records)
+    kinds = {json.loads((r.dir / "trial.json").read_text())["params"]["block.kind"] for r in records}
+    assert kinds <= {"lmm", "mag"}
+    # trials ASHA stopped are PRUNED in Optuna, never COMPLETE with a partial budget
+    by_status = {r.trial_id: r.status for r in records}
+    states = [t.state for t in optuna_trials(run)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == list(by_status.values()).count("completed")
+    assert states.count(optuna.trial.TrialState.PRUNED) == list(by_status.values()).count("stopped early")
+    text = report(run).read_text()
+    assert "## Best" in text and (run / "trials.csv").is_file() and (run / "curves.png").is_file()
+
+
+def test_multi_objective_study_has_a_pareto_front(tmp_path):
+    path = write_study(
+        tmp_path,
+        space=CONDITIONAL,
+        trials=4,
+        scheduler=None,
+        sampler="nsga2",
+        objectives=[{"metric": "loss", "mode": "min"}, {"metric": "params", "mode": "min"}],
+    )
+    run = engine.run(path, tmp_path / "run")
+    assert all(r.status == "completed" for r in load_trials(run))
+    text = report(run).read_text()
+    assert (run / "pareto.png").is_file() and text.count("- `") >= 1
+    complete = [t for t in optuna_trials(run) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and all(len(t.values) == 2 for t in complete)
+
+
+def test_failing_and_diverging_trials_are_recorded_and_the_study_completes(tmp_path):
+    space = {"heads": {"choice": [2, 3]}, "train": {"lr": {"choice": [0.003, 1.0e30]}}}
+    first = [{"heads": 2, "train.lr": 0.003}, {"heads": 3, "train.lr": 0.003}, {"heads": 2, "train.lr": 1.0e30}]
+    path = write_study(tmp_path, space=space, trials=4, enqueue=first, scheduler=None)
+    run = engine.run(path, tmp_path / "run")
+    statuses = [r.status for r in load_trials(run)]
+    assert len(statuses) == 4
+    assert "failed" in statuses and "diverged" in statuses and "completed" in statuses
+    failed = [r for r in load_trials(run) if r.status == "failed"]
+    assert all("heads" in (r.dir / "error.txt").read_text() for r in failed if r.dir)
+    states = {t.state for t in optuna_trials(run)}
+    assert optuna.trial.TrialState.FAIL in states
+    diverged = [r for r in load_trials(run) if r.status == "diverged"]
+    assert all(json.loads((r.dir / "result.json").read_text())["status"] == "diverged" for r in diverged)
+
+
+def test_ablation_reports_mean_std_and_deltas(tmp_path):
+    path = write_study(
+        tmp_path,
+        kind="ablation",
+        tasks={"copy": {"kind": "copy", "length": 4, "symbols": 8}},
+        variants={
+            "base": [],
+            "w/o momentum": ["block.memory.momentum=null"],
+            "linear": {"block": {"memory": {"model": {"kind": "linear"}}}},
+        },
+        baseline="base",
+        seeds=[0, 1],
+    )
+    run = engine.run(path, tmp_path / "run")
+    assert len(load_trials(run)) == 6
+    text = report(run).read_text()
+    assert "| w/o momentum |" in text and "±" in text and "Δ copy: loss" in text

@@ -1,0 +1,95 @@
+"""Engine tests that need their own Ray: a driver killed with SIGKILL and resumed, and a cluster
+of several nodes (ray.cluster_utils.Cluster) on this one machine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from tests.search.conftest import TINY_TRAIN, write_study
+from titans_nas.search.report import load_trials
+
+SPACE = {"block": {"memory": {"momentum": {"choice": [None, {"init": 0.1}]}}}}
+
+
+def completed(run: Path) -> list[Path]:
+    out = []
+    for d in (run / "trials").glob("*") if (run / "trials").is_dir() else []:
+        result = d / "result.json"
+        if result.is_file() and json.loads(result.read_text())["status"] == "completed":
+            out.append(d)
+    return out
+
+
+def ray_processes(temp_dir: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_kill_the_driver_then_resume_loses_and_reruns_nothing(tmp_path):
+    train = {**TINY_TRAIN, "steps": 24, "eval_every": 4}
+    path = write_study(tmp_path, space=SPACE, trials=6, scheduler=None, sampler="random", train=train)
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "titans_nas.cli", "study"]
+    driver = subprocess.Popen(
+        [*cli, "run", str(path), "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while len(completed(run)) < 2 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+    assert driver.poll() is None, "the study ended before it could be interrupted"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first_temp = json.loads((run / "state.json").read_text())["ray_temp_dir"]
+    before = {d.name: (d / "metrics.jsonl").read_text() for d in completed(run)}
+    assert len(before) >= 2
+
+    resumed = subprocess.run([*cli, "resume", str(run)], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = load_trials(run)
+    assert len(records) == 6 and all(r.status == "completed" for r in records)
+    for name, text in before.items():  # finished before the kill: kept, not trained again
+        assert (run / "trials" / name / "metrics.jsonl").read_text() == text
+    state = json.loads((run / "state.json").read_text())
+    study = optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{run / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6
+    assert ray_processes(first_temp) == [] and ray_processes(state["ray_temp_dir"]) == []
+
+
+CLUSTER = """
+import os, sys
+os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+import ray
+ray.init(address=cluster.address, log_to_driver=False)
+from titans_nas.search import engine
+engine.run(sys.argv[1], sys.argv[2])
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_trials_run_on_several_nodes_of_a_cluster(tmp_path):
+    path = write_study(tmp_path, space=SPACE, trials=4, scheduler=None, sampler="random", concurrency=2)
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", CLUSTER, str(path), str(run)], capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nodes = {json.loads((d / "trial.json").read_text())["node"] for d in (run / "trials").glob("*")}
+    assert len(load_trials(run)) == 4 and len(nodes) >= 2

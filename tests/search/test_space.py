@@ -1,0 +1,161 @@
+"""Search spaces without Ray: grammar, validation before anything runs, define-by-run sampling,
+conditional knobs, FixedTrial replay."""
+
+import glob
+
+import optuna
+import pytest
+import yaml
+
+from titans_nas import load_spec
+from titans_nas.config import SpecError
+from titans_nas.search.space import check_space, sample, spec_from_params
+from titans_nas.search.study import load_study
+
+BASE = load_spec("lmm-tiny", ["dim=32", "heads=2"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("studies/*.yaml")))
+def test_shipped_studies_and_their_spaces_validate(path):
+    study = load_study(path)
+    assert study.base is not None
+
+
+def test_sampled_specs_are_valid_and_conditional_knobs_follow_their_kind():
+    study = load_study("studies/quickstart.yaml")
+    s = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    kinds = set()
+    for _ in range(30):
+        trial = s.ask()
+        spec = spec_from_params(study.base, study.space, dict(sample_params(trial, study.space)))
+        kinds.add(spec.block.kind)
+        params = trial.params
+        for name in params:
+            if name.startswith("block.mac."):
+                assert params["block.kind"] == "mac"
+            if name.startswith("block.memory.model.mlp."):
+                assert params["block.memory.model.kind"] == "mlp"
+        if spec.block.kind in ("mag", "mal"):
+            assert spec.block.window == params[f"block.{spec.block.kind}.window"]
+        s.tell(trial, 0.0)
+    assert kinds == {"lmm", "mag", "mal", "mac"}
+
+
+def sample_params(trial, space):
+    sample(trial, space)
+    return trial.params
+
+
+def test_fixed_trial_replay_reproduces_the_spec():
+    study = load_study("studies/quickstart.yaml")
+    s = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    trial = s.ask()
+    overrides = sample(trial, study.space)
+    replayed = spec_from_params(study.base, study.space, trial.params)
+    assert replayed == spec_from_params(study.base, study.space, dict(trial.params))
+    assert replayed.block.kind == overrides["block"]["kind"]
+
+
+def test_choices_of_mappings_and_null_switch_mechanisms():
+    space = {"block": {"memory": {"momentum": {"choice": [None, {"init": 0.2}]}}}}
+    off = spec_from_params(BASE, space, {"block.memory.momentum": "null"})
+    on = spec_from_params(BASE, space, {"block.memory.momentum": '{"init": 0.2}'})
+    assert off.block.memory.momentum is None and on.block.memory.momentum.init == 0.2
+
+
+BAD = {
+    "unknown field": ({"dpeth": {"int": [1, 2]}}, "dpeth", "did you mean 'depth'"),
+    "unknown nested field": ({"block": {"memory": {"chunk": {"int": [4, 8]}}}}, "block.memory.chunk", "unknown field"),
+    "low above high": ({"depth": {"int": [4, 2]}}, "depth", "above high"),
+    "log of zero": (
+        {"block": {"memory": {"lr": {"theta_max": {"float": [0.0, 0.1], "log": True}}}}},
+        "block.memory.lr.theta_max",
+        "positive",
+    ),
+    "empty choice": ({"depth": {"choice": []}}, "depth", "non-empty"),
+    "two domains": ({"depth": {"int": [1, 2], "choice": [1]}}, "depth", "exactly one"),
+    "float bounds for int": ({"depth": {"int": [1.5, 2]}}, "depth", "integers"),
+    "unknown variant": ({"block": {"variants": {"rnn": {}}}}, "block.variants.rnn", "unknown kind 'rnn'"),
+    "knob of another kind": (
+        {"block": {"variants": {"mac": {"window": {"int": [8, 16]}}}}},
+        "block.window",
+        "unknown field",
+    ),
+    "variants on a plain field": ({"depth": {"variants": {"a": {}}}}, "depth.variants", "a field with kinds"),
+    "impossible variant": (
+        {"block": {"variants": {"lmm": {}, "mac": {"segment_len": {"choice": [12, 20]}}}}},
+        "block.segment_len",
+        "block.kind=mac",
+    ),
+    "impossible everywhere": ({"heads": {"choice": [3, 5]}}, "heads", "no sampled configuration is valid"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_spaces_are_refused_with_a_path(name):
+    space, path, words = BAD[name]
+    with pytest.raises(SpecError) as e:
+        check_space(space, BASE, "space.yaml")
+    assert e.value.source == "space.yaml"
+    assert e.value.path == path, e.value
+    assert words in str(e.value)
+
+
+def test_invalid_study_file_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from titans_nas.cli import main
+
+    bad_space = tmp_path / "space.yaml"
+    bad_space.write_text(yaml.safe_dump({"block": {"memory": {"chunk": {"int": [4, 8]}}}}))
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "kind": "search",
+                "model": "lmm-tiny",
+                "space": "space.yaml",
+                "task": {"kind": "copy"},
+                "objectives": [{"metric": "loss", "mode": "min"}],
+            }
+        )
+    )
+    was_up = ray.is_initialized()
+    assert main(["study", "run", str(study), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "space.yaml: block.memory.chunk: unknown field" in err
+    assert not (tmp_path / "run").exists() and ray.is_initialized() == was_up
+
+
+def test_study_file_errors_name_the_field(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "kind": "ablation",
+                "model": "lmm-tiny",
+                "tasks": {"c": {"kind": "copy"}},
+                "variants": {"base": []},
+                "baseline": "nope",
+                "objectives": [{"metric": "loss", "mode": "min"}],
+            }
+        )
+    )
+    with pytest.raises(SpecError) as e:
+        load_study(study)
+    assert e.value.path == "baseline" and "not one of the variants" in e.value.reason
+
+
+def test_enqueued_points_are_encoded_like_samples_and_checked():
+    from titans_nas.search.space import enqueued_params
+
+    space = {"heads": {"choice": [2, 4]}, "block": {"memory": {"momentum": {"choice": [None, {"init": 0.2}]}}}}
+    [params] = enqueued_params([{"heads": 4, "block.memory.momentum": {"init": 0.2}}], space, "s.yaml")
+    trial = optuna.trial.FixedTrial(params)
+    assert sample(trial, space) == {"heads": 4, "block": {"memory": {"momentum": {"init": 0.2}}}}
+    with pytest.raises(SpecError, match=r"enqueue\.0: heads: 3 is not one of the choices"):
+        enqueued_params([{"heads": 3}], space, "s.yaml")
+    with pytest.raises(SpecError, match=r"enqueue\.0: not parameters of the space here: dim"):
+        enqueued_params([{"dim": 3}], space, "s.yaml")

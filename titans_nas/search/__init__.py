@@ -1,0 +1,1 @@
+"""Studies on Ray Tune + Optuna: search spaces, study specs, the engine and reports (DESIGN §8)."""

@@ -1,0 +1,285 @@
+"""The study engine: `ray.tune.Tuner` + `OptunaSearch` (define-by-run) + `ASHAScheduler` for
+searches, `tune.grid_search` over the points of ablations and grids; one trainable for all.
+
+The run directory holds everything: `study.yaml` (resolved), `state.json` (the unique Optuna study
+name, the Ray temp dir), `optuna.db` (default storage), `tune/` (Tune's experiment state and
+checkpoints), `trials/<id>/` (spec, metrics, checkpoint, result of each trial), `trials.json`
+and the report. `resume` restores Tune's experiment: finished trials are neither lost nor rerun.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from titans_nas.search.study import AblationStudySpec, GridStudySpec, SearchStudySpec, Study, dump_study, load_study
+
+EXPERIMENT = "tune"
+console = Console(highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Optuna side
+
+
+def define_by_run(trial: Any, space: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """OptunaSearch's `space`: sample through the one `sample` function; constants ride along.
+    Module level (the searcher's state is pickled with it)."""
+    from titans_nas.search.space import sample
+
+    sample(trial, space)
+    return {"run_dir": run_dir}
+
+
+def _sampler(spec: SearchStudySpec):
+    import optuna
+
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+    }[spec.sampler]()
+
+
+def storage_url(study: Study, run_dir: Path) -> str:
+    return study.spec.storage or f"sqlite:///{run_dir / 'optuna.db'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray_env(local: bool) -> None:
+    """Environment for Ray 2.60 before it is imported (research/ray_optuna.md pitfalls)."""
+    defaults = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100000",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    if local:  # loopback only: no token file, node IP pinned to 127.0.0.1
+        defaults.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
+    """Join the Ray that is already up (tests share one), a cluster (`ray.address`), or start a
+    local one in its own temp dir and shut it down afterwards (no Ray process outlives a run)."""
+    address = study.spec.ray.address
+    _ray_env(local=address is None)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        ray.init(
+            num_cpus=study.spec.ray.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            _temp_dir=state["ray_temp_dir"],
+        )
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def kill_orphans(temp_dir: str) -> int:
+    """Processes of an earlier Ray session of this run (a driver killed with SIGKILL leaves Ray's
+    agents behind): every process whose command line names its temp dir."""
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir and temp_dir in cmd and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+# ---------------------------------------------------------------------------------------------
+# the Tuner
+
+
+def _trainable(study: Study):
+    from ray import tune
+
+    from titans_nas.search.trainable import run_trial
+
+    r = study.spec.resources
+    return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
+
+
+def _run_config(run_dir: Path, study: Study):
+    from ray import tune
+
+    from titans_nas.search.tune_parts import Progress
+
+    return tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=str(run_dir),
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[Progress([o.metric for o in study.spec.objectives])],
+    )
+
+
+def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
+    from ray import tune
+
+    spec = study.spec
+    if isinstance(spec, SearchStudySpec):
+        import optuna
+        from ray.tune.schedulers import ASHAScheduler
+
+        metrics = [o.metric for o in spec.objectives]
+        modes = [o.mode for o in spec.objectives]
+        model_space = {k: v for k, v in study.space.items()}
+        from titans_nas.search.space import enqueued_params
+        from titans_nas.search.tune_parts import StudySearch
+
+        search = StudySearch(
+            space=functools.partial(define_by_run, space=model_space, run_dir=str(run_dir)),
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
+            sampler=_sampler(spec),
+            storage=optuna.storages.RDBStorage(storage_url(study, run_dir)),
+            study_name=state["study_name"],
+            points_to_evaluate=enqueued_params(spec.enqueue, study.space, study.source) or None,
+        )
+        scheduler = None
+        if spec.scheduler is not None:
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                metric=metrics[0],
+                mode=modes[0],
+                max_t=spec.scheduled_evals(),
+                grace_period=spec.scheduler.grace_period,
+                reduction_factor=spec.scheduler.reduction_factor,
+            )
+        config = tune.TuneConfig(
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=spec.trials,
+            max_concurrent_trials=spec.concurrency,
+            reuse_actors=True,
+        )
+        return tune.Tuner(_trainable(study), tune_config=config, run_config=_run_config(run_dir, study))
+    assert isinstance(spec, AblationStudySpec | GridStudySpec)
+    config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True)
+    space = {"point": tune.grid_search(study.points()), "run_dir": str(run_dir)}
+    return tune.Tuner(_trainable(study), param_space=space, tune_config=config, run_config=_run_config(run_dir, study))
+
+
+# ---------------------------------------------------------------------------------------------
+# run / resume / status
+
+
+def run(study_path: str | Path, run_dir: str | Path, overrides: tuple[str, ...] = ()) -> Path:
+    """Validate the study (before Ray starts), create the run directory, run every trial."""
+    study = load_study(study_path, list(overrides))
+    run_dir = Path(run_dir).absolute()
+    if (run_dir / "state.json").exists():
+        from titans_nas.config import SpecError
+
+        raise SpecError(str(run_dir), "", "already holds a study run: use `study resume` or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "study.yaml").write_text(dump_study(study))
+    state = {
+        "study": study.spec.name,
+        "kind": study.kind,
+        "study_name": f"{study.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        "ray_temp_dir": f"/tmp/tn-ray-{uuid.uuid4().hex[:8]}",
+        "created": time.time(),
+        "finished": False,
+    }
+    _write_state(run_dir, state)
+    console.print(f"study {study.spec.name} ({study.kind}): {_size(study)} -> {run_dir}")
+    return _fit(study, run_dir, state, restore=False)
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue an interrupted run: finished trials stay, unfinished ones restart from their
+    last checkpoint, the searcher continues where it was."""
+    run_dir = Path(run_dir).absolute()
+    state = json.loads((run_dir / "state.json").read_text())
+    kill_orphans(state["ray_temp_dir"])
+    study = load_study(run_dir / "study.yaml")
+    state["ray_temp_dir"] = f"/tmp/tn-ray-{uuid.uuid4().hex[:8]}"
+    _write_state(run_dir, state)
+    console.print(f"resuming study {study.spec.name} in {run_dir}")
+    return _fit(study, run_dir, state, restore=True)
+
+
+def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> Path:
+    with ray_session(study, state):
+        from ray import tune
+
+        from titans_nas.search import tune_parts
+
+        if restore and tune.Tuner.can_restore(str(run_dir / EXPERIMENT)):
+            tuner = tune.Tuner.restore(
+                str(run_dir / EXPERIMENT),
+                trainable=_trainable(study),
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+            )
+        else:
+            tuner = make_tuner(study, run_dir, state)
+        grid = tuner.fit()
+        trials = []
+        for result in grid:
+            last = result.metrics or {}
+            found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name) if result.path else None
+            trial_id = last.get("trial_id") or (found.group(1) if found else "?")
+            trials.append(
+                {
+                    "trial_id": trial_id,
+                    "status": tune_parts.trial_status(last, result.error is not None),
+                    "config": {k: v for k, v in (result.config or {}).items() if k != "run_dir"},
+                    "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))},
+                    "error": str(result.error).splitlines()[0] if result.error is not None else None,
+                }
+            )
+    (run_dir / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
+    state["finished"] = True
+    _write_state(run_dir, state)
+    return run_dir
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(run_dir / "state.json")
+
+
+def _size(study: Study) -> str:
+    s = study.spec
+    n = s.trials if isinstance(s, SearchStudySpec) else len(study.points())
+    return f"{n} trials, {s.concurrency} at a time, {s.train.steps} steps each"

@@ -1,0 +1,283 @@
+"""Study reports: the trials table (markdown + CSV), the best configurations, the Pareto front,
+parameter importances and learning curves (PNG), and the paper's Table-5 view for ablations.
+Everything is read from the run directory, so `study status` works on a live run too."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from titans_nas.search.study import AblationStudySpec, SearchStudySpec, Study, load_study
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str
+    point: dict[str, Any]
+    metrics: dict[str, Any]
+    steps: int
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    dir: Path | None = None
+
+    def value(self, metric: str) -> float | None:
+        v = self.metrics.get(metric)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def label(self) -> str:
+        if "variant" in self.point:
+            return f"{self.point['variant']} / {self.point['task']} / seed {self.point['seed']}"
+        if "values" in self.point:
+            vals = ", ".join(f"{k}={v}" for k, v in self.point["values"].items())
+            return f"{vals} / {self.point['task']} / seed {self.point['seed']}"
+        return ", ".join(f"{k}={_short(v)}" for k, v in sorted(self.point.get("params", {}).items()))
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def load_trials(run_dir: Path) -> list[TrialRecord]:
+    """Every trial of the run. Status from the engine's final summary when the run finished,
+    otherwise from what each trial left on disk (a live or interrupted run)."""
+    summary = {}
+    if (run_dir / "trials.json").is_file():
+        summary = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
+    records = []
+    for d in sorted((run_dir / "trials").glob("*")) if (run_dir / "trials").is_dir() else []:
+        info = json.loads((d / "trial.json").read_text()) if (d / "trial.json").is_file() else {}
+        curve = []
+        if (d / "metrics.jsonl").is_file():
+            curve = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        evals = [r for r in curve if r.get("split") == "eval"]
+        metrics = dict(evals[-1]) if evals else {}
+        result = json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else None
+        if d.name in summary:
+            status = summary[d.name]["status"]
+        elif result is not None:
+            status = result["status"]
+        elif (d / "error.txt").is_file():
+            status = "failed"
+        else:
+            status = "running"
+        if status == "diverged":
+            metrics = {k: math.nan for k in metrics} | {"step": metrics.get("step")}
+        point = {k: v for k, v in info.items() if k not in ("trial_id", "node")}
+        records.append(TrialRecord(d.name, status, point, metrics, int(metrics.get("step") or 0), evals, d))
+    known = {r.trial_id for r in records}
+    for tid, t in summary.items():  # trials that failed before writing anything
+        if tid not in known:
+            records.append(TrialRecord(tid, t["status"], t.get("config", {}), {}, 0))
+    return records
+
+
+def pareto(records: list[TrialRecord], objectives: list[tuple[str, str]]) -> list[TrialRecord]:
+    """Non-dominated completed trials."""
+    done = [r for r in records if r.status == "completed" and all(r.value(m) is not None for m, _ in objectives)]
+    sign = {m: (1 if mode == "min" else -1) for m, mode in objectives}
+
+    def dominates(a: TrialRecord, b: TrialRecord) -> bool:
+        pa = [sign[m] * a.value(m) for m, _ in objectives]
+        pb = [sign[m] * b.value(m) for m, _ in objectives]
+        return all(x <= y for x, y in zip(pa, pb)) and any(x < y for x, y in zip(pa, pb))
+
+    return [r for r in done if not any(dominates(o, r) for o in done if o is not r)]
+
+
+def status_counts(records: list[TrialRecord]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+def trials_table(records: list[TrialRecord], metrics: list[str]) -> str:
+    rows = [
+        "| trial | status | steps | " + " | ".join(metrics) + " | configuration |",
+        "|" + "---|" * (len(metrics) + 4),
+    ]
+    for r in records:
+        vals = [_fmt(r.metrics.get(m)) for m in metrics]
+        rows.append(f"| {r.trial_id} | {r.status} | {r.steps} | " + " | ".join(vals) + f" | {r.label()} |")
+    return "\n".join(rows)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write report.md, trials.csv, best/ (specs) and PNG plots into the run directory."""
+    run_dir = Path(run_dir)
+    study = load_study(run_dir / "study.yaml")
+    records = load_trials(run_dir)
+    objectives = [(o.metric, o.mode) for o in study.spec.objectives]
+    shown = list(dict.fromkeys([m for m, _ in objectives] + ["loss", "params", "tokens_per_s"]))
+    lines = [
+        f"# Study {study.spec.name} ({study.kind})",
+        "",
+        "Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(status_counts(records).items())),
+        "",
+    ]
+    if isinstance(study.spec, AblationStudySpec):
+        lines += [
+            "## Ablation (mean +- std over seeds; delta to the baseline row)",
+            "",
+            ablation_table(study, records),
+            "",
+        ]
+    best = best_trials(records, objectives)
+    lines += ["## Best", ""]
+    if not best:
+        lines.append("No trial completed its full budget.")
+    for r in best:
+        vals = ", ".join(f"{m} {_fmt(r.value(m))}" for m, _ in objectives)
+        lines.append(f"- `{r.trial_id}`: {vals}; {r.label()} (spec: `trials/{r.trial_id}/spec.yaml`)")
+    lines += ["", "## Trials", "", trials_table(records, shown), ""]
+    plots = write_plots(run_dir, study, records, objectives)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    with open(run_dir / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "status", "steps", *shown, "configuration"])
+        for r in records:
+            w.writerow([r.trial_id, r.status, r.steps, *[r.metrics.get(m, "") for m in shown], r.label()])
+    return run_dir / "report.md"
+
+
+def best_trials(records: list[TrialRecord], objectives: list[tuple[str, str]]) -> list[TrialRecord]:
+    """The best completed trial (one objective) or the Pareto front (several), best first on the
+    first objective."""
+    metric, mode = objectives[0]
+    front = pareto(records, objectives)
+    return sorted(front, key=lambda r: r.value(metric) * (1 if mode == "min" else -1))
+
+
+def ablation_table(study: Study, records: list[TrialRecord]) -> str:
+    spec = study.spec
+    assert isinstance(spec, AblationStudySpec)
+    metrics = [o.metric for o in spec.objectives]
+    cols = [(t, m) for t in spec.tasks for m in metrics]
+    done = [r for r in records if r.status == "completed"]
+
+    def values(variant: str, task: str, metric: str) -> list[float]:
+        return [
+            v
+            for r in done
+            if r.point.get("variant") == variant and r.point.get("task") == task
+            for v in [r.value(metric)]
+            if v is not None
+        ]
+
+    def mean_std(xs: list[float]) -> str:
+        if not xs:
+            return "-"
+        return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else f"{xs[0]:.4g}"
+
+    head = (
+        "| variant | "
+        + " | ".join(f"{t}: {m}" for t, m in cols)
+        + " | "
+        + " | ".join(f"Δ {t}: {m}" for t, m in cols)
+        + " |"
+    )
+    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    for variant in spec.variants:
+        cells = [mean_std(values(variant, t, m)) for t, m in cols]
+        deltas = []
+        for t, m in cols:
+            mine, base = values(variant, t, m), values(spec.baseline, t, m)
+            deltas.append(
+                "-"
+                if variant == spec.baseline or not mine or not base
+                else f"{statistics.mean(mine) - statistics.mean(base):+.4g}"
+            )
+        rows.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+    return "\n".join(rows)
+
+
+def write_plots(
+    run_dir: Path, study: Study, records: list[TrialRecord], objectives: list[tuple[str, str]]
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list[Path] = []
+    metric = objectives[0][0]
+    curves = [r for r in records if r.curve and any(metric in c for c in r.curve)]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in curves:
+            pts = [(c["step"], c[metric]) for c in r.curve if isinstance(c.get(metric), (int, float))]
+            ax.plot(*zip(*pts), marker=".", alpha=0.8, label=r.trial_id)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{study.spec.name}: learning curves")
+        if len(curves) <= 12:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        out.append(_save(fig, run_dir / "curves.png"))
+    if len(objectives) >= 2:
+        (m1, _), (m2, _) = objectives[:2]
+        done = [r for r in records if r.status == "completed" and r.value(m1) is not None and r.value(m2) is not None]
+        front = pareto(records, objectives)
+        if done:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.scatter([r.value(m1) for r in done], [r.value(m2) for r in done], c="grey", label="completed")
+            pts = sorted((r.value(m1), r.value(m2)) for r in front)
+            ax.plot(*zip(*pts), "o-", c="C3", label="Pareto front")
+            ax.set_xlabel(m1)
+            ax.set_ylabel(m2)
+            ax.legend()
+            ax.set_title(f"{study.spec.name}: Pareto front")
+            fig.tight_layout()
+            out.append(_save(fig, run_dir / "pareto.png"))
+    if isinstance(study.spec, SearchStudySpec):
+        importances = param_importances(run_dir, study)
+        if importances:
+            fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(importances)))
+            names = list(importances)[::-1]
+            ax.barh(names, [importances[n] for n in names])
+            ax.set_xlabel(f"importance for {metric} (fANOVA)")
+            fig.tight_layout()
+            out.append(_save(fig, run_dir / "importance.png"))
+            (run_dir / "importance.yaml").write_text(yaml.safe_dump(importances, sort_keys=False))
+    return out
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def param_importances(run_dir: Path, study: Study) -> dict[str, float]:
+    """fANOVA importances from the Optuna study (complete, full-budget trials only)."""
+    import optuna
+
+    from titans_nas.search.engine import storage_url
+
+    state = json.loads((run_dir / "state.json").read_text())
+    try:
+        ostudy = optuna.load_study(study_name=state["study_name"], storage=storage_url(study, run_dir))
+        complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2:
+            return {}
+        target = (lambda t: t.values[0]) if len(study.spec.objectives) > 1 else None
+        return dict(optuna.importance.get_param_importances(ostudy, target=target))
+    except (RuntimeError, ValueError, KeyError):
+        return {}

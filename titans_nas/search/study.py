@@ -1,0 +1,308 @@
+"""StudySpec: a study as data (DESIGN §8). Three kinds share one engine:
+
+- `search`: Optuna samples the search space (define-by-run) for `trials` trials; ASHA may stop
+  poor trials early; one or several objectives (several give a Pareto front);
+- `ablation`: a base model and named one-at-a-time variants, each trained with every seed on
+  every task; reported like the paper's Table 5 (mean +- std, delta to the baseline row);
+- `grid`: every combination of the listed values of dotted spec paths, with every seed and task.
+
+Everything is validated when the file is loaded, before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from components.base import Spec, SpecRuleError
+from titans_nas.config import SpecError, compose, dump_spec, merge_layers, read_yaml, union_members, validate
+from titans_nas.spec import ModelSpec
+from titans_nas.tasks import TaskSpec
+from titans_nas.train import TrainSpec
+
+
+class ObjectiveSpec(Spec):
+    """A metric the study optimises."""
+
+    metric: str
+    """A reported metric: `loss`, the task's metric (e.g. `exact_match`, `accuracy`,
+    `bits_per_byte`), `params`, `tokens_per_s` or `peak_mem_mb`."""
+    mode: Literal["min", "max"]
+    """Whether smaller or larger is better."""
+
+
+class ASHASpec(Spec):
+    """Asynchronous successive halving (Ray Tune's ASHAScheduler) on the first objective."""
+
+    kind: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    """Evaluations every trial gets before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1.0)
+    """Keep the top 1/reduction_factor at each rung."""
+
+
+class ResourcesSpec(Spec):
+    """Resources one trial holds."""
+
+    cpu: float = Field(1.0, gt=0.0)
+    """CPU cores per trial."""
+    gpu: float = Field(0.0, ge=0.0)
+    """GPUs per trial (fractions share a GPU)."""
+
+
+class RaySpec(Spec):
+    """Where trials run."""
+
+    address: str | None = None
+    """null: start a local Ray; `auto`: join the cluster this machine belongs to; or host:port."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local Ray (null: all of this machine's)."""
+
+
+class StudyBase(Spec):
+    """Fields every study kind has."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Study name (letters, digits, `_.-`); the run gets a unique Optuna study name from it."""
+    model: str | dict[str, Any]
+    """The base model: a preset name, a spec path (relative to the study file) or an inline spec."""
+    train: TrainSpec = TrainSpec(steps=200, eval_every=50)
+    """Training budget of every trial (`eval_every` is also ASHA's time unit)."""
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    """What to optimise or report; the first one also drives the scheduler and `best`."""
+    concurrency: int = Field(2, ge=1)
+    """Trials running at the same time."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Per trial."""
+    storage: str | None = None
+    """Optuna storage URL (search studies); null = SQLite in the run directory. Use PostgreSQL
+    (`postgresql://...`) when several drivers or a cluster share it."""
+    ray: RaySpec = RaySpec()
+    """Local Ray or a cluster."""
+
+    def scheduled_evals(self) -> int:
+        return max(1, self.train.steps // self.train.eval_every)
+
+
+class SearchStudySpec(StudyBase):
+    """Optuna (through Ray Tune's OptunaSearch) samples a search space."""
+
+    kind: Literal["search"] = "search"
+    space: str | dict[str, Any]
+    """The search space: a path (relative to the study file) or an inline mapping."""
+    task: TaskSpec
+    """The task every trial trains on."""
+    trials: int = Field(8, ge=1)
+    """Configurations to sample."""
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    """Optuna sampler (TPE and NSGA-II handle several objectives)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the sampler; every trial also trains with train.seed."""
+    scheduler: ASHASpec | None = ASHASpec()
+    """Early stopping; null = every trial gets the full budget."""
+    enqueue: list[dict[str, Any]] = []
+    """Configurations tried first (e.g. the paper's defaults), by parameter name:
+    `{block.kind: mag, block.mag.window: 32, heads: 4}`; the others are sampled."""
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> SearchStudySpec:
+        if len(self.objectives) > 1 and self.sampler == "gp":
+            raise SpecRuleError("sampler", "the GP sampler takes one objective; use tpe or nsga2 for several")
+        return self
+
+
+class AblationStudySpec(StudyBase):
+    """The base model and named variants of it, one change each (the paper's Table 5)."""
+
+    kind: Literal["ablation"] = "ablation"
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
+    """Named tasks; every variant trains on each."""
+    variants: dict[str, list[str] | dict[str, Any]] = Field(min_length=1)
+    """Row name -> the change to the base model: dotted overrides (`block.memory.momentum=null`)
+    or a nested mapping. An empty list is the base itself."""
+    baseline: str
+    """The row the others are compared with (delta columns)."""
+    seeds: list[int] = Field([0, 1], min_length=1)
+    """Training seeds; the report gives mean +- std over them."""
+
+    @model_validator(mode="after")
+    def _baseline_listed(self) -> AblationStudySpec:
+        if self.baseline not in self.variants:
+            raise SpecRuleError("baseline", f"'{self.baseline}' is not one of the variants: {', '.join(self.variants)}")
+        return self
+
+
+class GridStudySpec(StudyBase):
+    """Every combination of values of dotted spec paths."""
+
+    kind: Literal["grid"] = "grid"
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
+    """Named tasks; every grid point trains on each."""
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    """Dotted spec path -> the values to try (`block.window: [16, 32, 64]`)."""
+    seeds: list[int] = Field([0], min_length=1)
+    """Training seeds."""
+
+
+StudySpec = Annotated[SearchStudySpec | AblationStudySpec | GridStudySpec, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Study:
+    """A loaded study: the spec, the resolved base model, the resolved space, and the trial
+    configurations it runs (`points` for ablation and grid)."""
+
+    def __init__(
+        self,
+        spec: SearchStudySpec | AblationStudySpec | GridStudySpec,
+        base: ModelSpec,
+        space: dict[str, Any] | None,
+        source: str,
+    ) -> None:
+        self.spec, self.base, self.space, self.source = spec, base, space, source
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def points(self) -> list[dict[str, Any]]:
+        """Ablation and grid: one dict per trial (variant or grid values, task, seed)."""
+        s = self.spec
+        if isinstance(s, AblationStudySpec):
+            return [{"variant": v, "task": t, "seed": seed} for v in s.variants for t in s.tasks for seed in s.seeds]
+        assert isinstance(s, GridStudySpec)
+        combos: list[dict[str, Any]] = [{}]
+        for path, values in s.grid.items():
+            combos = [{**c, path: v} for c in combos for v in values]
+        return [{"values": c, "task": t, "seed": seed} for c in combos for t in s.tasks for seed in s.seeds]
+
+    def trial_setup(self, config: dict[str, Any]) -> tuple[ModelSpec, Any, TrainSpec]:
+        """The model spec, task and training config of one trial, from its Tune config."""
+        from titans_nas.search.space import apply, sample
+
+        s = self.spec
+        if isinstance(s, SearchStudySpec):
+            import optuna
+
+            overrides = sample(optuna.trial.FixedTrial(config["params"]), self.space)
+            train_over = overrides.pop("train", {})
+            spec = validate(apply(self.base.model_dump(mode="json"), overrides), ModelSpec, {"": "search space"})
+            train = validate({**s.train.model_dump(mode="json"), **train_over}, TrainSpec, {"": "search space"})
+            return spec, s.task, train
+        if isinstance(s, AblationStudySpec):
+            spec = variant_spec(self.base, s.variants[config["variant"]], f"variants.{config['variant']}")
+        else:
+            spec = variant_spec(self.base, [f"{k}={json_value(v)}" for k, v in config["values"].items()], "grid")
+        return spec, s.tasks[config["task"]], s.train.model_copy(update={"seed": config["seed"]})
+
+
+def json_value(v: Any) -> str:
+    """A value as the right-hand side of a dotted override (YAML flow syntax)."""
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def variant_spec(base: ModelSpec, change: list[str] | dict[str, Any], where: str) -> ModelSpec:
+    """base + one ablation change (dotted overrides or a nested mapping), validated."""
+    from titans_nas.search.space import apply
+
+    if isinstance(change, dict):
+        data = apply(base.model_dump(mode="json"), change)
+        return validate(data, ModelSpec, {"": where})
+    data, provenance = merge_layers([(where, base.model_dump(mode="json"))], change, ModelSpec)
+    return validate(data, ModelSpec, provenance)
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read, compose (`extends`, `--set`) and validate a study file, its base model, its space and
+    every trial's model. Raises SpecError (file, dotted path, reason) before anything runs."""
+    from titans_nas.search.space import check_space
+
+    data, provenance = compose(path, overrides, presets=Path(path).parent)
+    kind = data.get("kind")
+    members = union_members(StudySpec)
+    if kind not in members:
+        raise SpecError(
+            str(path), "kind", f"unknown or missing study kind {kind!r} (expected one of: {', '.join(members)})"
+        )
+    spec = validate(data, members[kind], provenance)
+    here = Path(path).parent
+    base = _load_model(spec.model, here, str(path))
+    space = None
+    if isinstance(spec, SearchStudySpec):
+        space, space_source = _load_space(spec.space, here, str(path))
+        train_space = space.get("train")
+        model_space = {k: v for k, v in space.items() if k != "train"}
+        check_space(model_space, base, space_source)
+        if train_space is not None:
+            _check_train_space(train_space, space_source)
+        from titans_nas.search.space import enqueued_params
+
+        enqueued_params(spec.enqueue, space, str(path))
+        from titans_nas.train import check_compatible
+
+        check_compatible(base, spec.task)
+    study = Study(spec, base, space, str(path))
+    if not isinstance(spec, SearchStudySpec):
+        from titans_nas.train import check_compatible
+
+        for point in study.points():
+            model, task, _ = study.trial_setup(point)
+            try:
+                check_compatible(model, task)
+            except SpecError as e:
+                raise SpecError(str(path), f"tasks.{point['task']}", e.reason) from None
+    return study
+
+
+def _load_model(model: str | dict[str, Any], here: Path, source: str) -> ModelSpec:
+    """A preset name, a spec path (relative to the study file first) or an inline spec that
+    may itself `extends:` presets or paths."""
+    from titans_nas.config import load_spec
+
+    near = lambda ref: here / ref if (here / ref).is_file() else ref  # noqa: E731
+    if isinstance(model, str):
+        return load_spec(near(model))
+    parents = model.get("extends")
+    layers = [(source, compose(near(p))[0]) for p in ([parents] if isinstance(parents, str) else (parents or []))]
+    layers.append((f"{source} (model)", {k: v for k, v in model.items() if k != "extends"}))
+    data, provenance = merge_layers(layers, (), ModelSpec)
+    return validate(data, ModelSpec, provenance)
+
+
+def _load_space(space: str | dict[str, Any], here: Path, source: str) -> tuple[dict[str, Any], str]:
+    if isinstance(space, dict):
+        return space, f"{source} (space)"
+    candidates = [here / space, Path(space)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return read_yaml(candidate), str(candidate)
+    raise SpecError(source, "space", f"no search space file '{space}'")
+
+
+def _check_train_space(space: Any, source: str) -> None:
+    from titans_nas.search.space import _check_leaf, is_leaf
+
+    if not isinstance(space, dict):
+        raise SpecError(source, "train", "train knobs are a mapping of TrainSpec fields")
+    for key, value in space.items():
+        if key not in TrainSpec.model_fields:
+            raise SpecError(source, f"train.{key}", f"unknown training field '{key}'")
+        if is_leaf(value):
+            _check_leaf(value, source, f"train.{key}")
+
+
+def dump_study(study: Study) -> str:
+    """The resolved study (model inlined, space inlined): what the run directory keeps."""
+    data = study.spec.model_dump(mode="json")
+    data["model"] = study.base.model_dump(mode="json")
+    if study.space is not None:
+        data["space"] = study.space
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+__all__ = ["Study", "StudySpec", "dump_spec", "dump_study", "load_study"]

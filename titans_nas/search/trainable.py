@@ -1,0 +1,78 @@
+"""The Ray Tune function trainable every study trial runs: one call of `titans_nas.train.train`,
+reporting each evaluation (with its checkpoint) to Tune, resuming from Tune's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import traceback
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from titans_nas.search.study import Study, load_study
+
+
+@cache
+def _study(run_dir: str) -> Study:
+    return load_study(Path(run_dir) / "study.yaml")
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the trial inside its study: Optuna's params, or an ablation/grid point."""
+    if "point" in config:
+        return config["point"]
+    return {"params": {k: v for k, v in config.items() if k != "run_dir"}}
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    from titans_nas.config import dump_spec
+    from titans_nas.train import train
+
+    run_dir = Path(config["run_dir"])
+    study = _study(str(run_dir))
+    trial_id = tune.get_context().get_trial_id()
+    out = run_dir / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    point = trial_params(config)
+    import ray
+
+    record = {"trial_id": trial_id, **point, "node": ray.get_runtime_context().get_node_id(), "started": time.time()}
+    (out / "trial.json").write_text(json.dumps(record, indent=2, default=str))
+    try:
+        spec, task, cfg = study.trial_setup(point)
+        cfg = cfg.model_copy(update={"checkpoint_every": cfg.eval_every})
+        resume = False
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:  # restarted (resume, or ASHA's pause): continue exactly
+            with checkpoint.as_directory() as d:
+                shutil.rmtree(out / "checkpoint", ignore_errors=True)
+                shutil.copytree(d, out / "checkpoint")
+            resume = True
+        (out / "spec.yaml").write_text(dump_spec(spec))
+        objectives = [o.metric for o in study.spec.objectives]
+
+        def on_eval(rec: dict[str, Any], written: Path | None) -> None:
+            metrics = {k: v for k, v in rec.items() if k != "split"}
+            metrics.update(full_budget=rec["step"] >= cfg.steps, status="running")
+            ckpt = tune.Checkpoint.from_directory(str(written)) if written is not None else None
+            tune.report(metrics, checkpoint=ckpt)
+
+        result = train(spec, task, cfg, out, resume=resume, on_eval=on_eval)
+        if result.status == "diverged":
+            tune.report(
+                {
+                    **{m: math.nan for m in objectives},
+                    "step": result.step,
+                    "full_budget": False,
+                    "status": "diverged",
+                    "message": result.message,
+                }
+            )
+    except Exception as e:
+        (out / "error.txt").write_text("".join(traceback.format_exception(e)))
+        raise

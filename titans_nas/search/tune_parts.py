@@ -1,0 +1,59 @@
+"""The Ray Tune pieces the engine plugs in. This module imports Ray at its top, so the engine
+imports it only after setting Ray's environment; its classes are module level, so Tune pickles
+them by reference."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+
+console = Console(highlight=False)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials that did not finish: a trial ASHA
+    stopped early is PRUNED (not a COMPLETE full-budget result), a diverged or crashed trial is
+    FAIL. Only full-budget results reach the sampler and the Pareto front."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or (result is not None and result.get("status") == "diverged"):
+            return super().on_trial_complete(trial_id, None, error=True)
+        if result is None or not result.get("full_budget", False):
+            return super().on_trial_complete(trial_id, None, error=False)
+        return super().on_trial_complete(trial_id, result, error=False)
+
+
+def trial_status(last: dict[str, Any], error: bool) -> str:
+    """completed | diverged | failed | stopped early, from a trial's last reported result."""
+    if error:
+        return "failed"
+    if last.get("status") == "diverged":
+        return "diverged"
+    if last.get("full_budget"):
+        return "completed"
+    return "stopped early" if last else "not started"
+
+
+class Progress(Callback):
+    """Live progress in the terminal: one line per evaluation and per finished trial."""
+
+    def __init__(self, objectives: list[str]) -> None:
+        self.objectives = objectives
+        self.started = time.time()
+
+    def _line(self, trial: Any, text: str) -> None:
+        console.print(f"[{time.time() - self.started:6.0f}s] {trial.trial_id:>12}  {text}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        values = "  ".join(f"{m} {result[m]:.4g}" for m in self.objectives if isinstance(result.get(m), (int, float)))
+        self._line(trial, f"step {result.get('step', '?'):>5}  {values}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, f"done: {trial_status(trial.last_result or {}, error=False)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "failed (see trials/<id>/error.txt)")
