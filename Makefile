@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup bench-setup demo test clean
+.PHONY: setup bench-setup demo test docs clean
 
 setup: $(STAMP)
 
@@ -20,9 +20,17 @@ $(STAMP): pyproject.toml
 bench-setup: setup
 	$(PY) -m pip install -q -e ".[dev,bench]"
 
+# The main job: a 10-trial search (ASHA, two objectives) over the Titans mechanisms on MQAR, its
+# report, then the best model exported (spec + safetensors) and loaded back to re-score it.
 demo: setup
-	$(VENV)/bin/titans-nas train mag-tiny --task niah --task-set context_len=256 --task-set digits=5 \
-		--steps 400 --eval-every 50 --out runs/demo
+	rm -rf runs/quickstart
+	$(VENV)/bin/titans-nas study run studies/quickstart.yaml --out runs/quickstart
+	$(VENV)/bin/titans-nas export runs/quickstart --out runs/quickstart/best
+	$(VENV)/bin/titans-nas eval runs/quickstart/best
+
+# The generated reference of every spec, study and search-space field.
+docs: setup
+	$(PY) -m titans_nas.reference > docs/reference.md
 
 test: setup
 	$(VENV)/bin/ruff check components titans_nas tests bench

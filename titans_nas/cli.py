@@ -120,10 +120,30 @@ def _eval(args: argparse.Namespace) -> int:
     from titans_nas.tasks import TaskSpec
 
     spec, model = load_run(args.run)
-    task = load_union(args.task, TaskSpec, args.task_set)
-    metrics = evaluate_task(model, spec, task, batches=args.batches, batch_size=args.batch_size)
+    run = Path(args.run)
+    recorded = _recorded_eval(run)  # the run's own evaluation set, unless told otherwise
+    task_ref = args.task or (str(run / "task.yaml") if (run / "task.yaml").is_file() else None)
+    if task_ref is None:
+        raise SpecError(str(run), "", "no task.yaml here: give --task")
+    task = load_union(task_ref, TaskSpec, args.task_set)
+    batches = args.batches or recorded.get("batches", 8)
+    batch_size = args.batch_size or recorded.get("batch_size", 16)
+    seed = args.eval_seed if args.eval_seed is not None else recorded.get("seed")
+    metrics = evaluate_task(model, spec, task, batches=batches, batch_size=batch_size, seed=seed)
     print(json.dumps({"run": str(args.run), "task": task.model_dump(mode="json"), **metrics}, indent=2))
     return 0
+
+
+def _recorded_eval(run: Path) -> dict:
+    """The evaluation set an export (metrics.json) or a training run (train.yaml) was scored on."""
+    if (run / "metrics.json").is_file():
+        return json.loads((run / "metrics.json").read_text()).get("eval", {})
+    if (run / "train.yaml").is_file():
+        import yaml
+
+        t = yaml.safe_load((run / "train.yaml").read_text())
+        return {"seed": t["eval_seed"], "batches": t["eval_batches"], "batch_size": t["batch_size"]}
+    return {}
 
 
 def _niah(args: argparse.Namespace) -> int:
@@ -175,6 +195,19 @@ def _study(args: argparse.Namespace) -> int:
     return 4 if records and len(failed) == len(records) else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from titans_nas.export import export, load_export
+
+    out = export(args.run, args.out, rank=args.rank, trial=args.trial, objective=args.objective)
+    spec, model, metrics = load_export(out)  # what a user will load: checked right away
+    final = ", ".join(f"{k} {v:.4g}" for k, v in metrics["final_eval"].items() if isinstance(v, float))
+    study = metrics["study"]
+    origin = f"trial {study['trial_id']} of {study['study']}" if study else str(args.run)
+    params = sum(p.numel() for p in model.parameters())
+    console.print(f"exported {origin} -> {out} ({spec.block.kind}, {params:,} params; {final})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="titans-nas", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,11 +238,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_train)
 
     s = sub.add_parser("eval", help="a trained run's metric on a task's eval set")
-    s.add_argument("run", help="training run directory (spec.yaml + checkpoint/)")
-    s.add_argument("--task", required=True, help="task kind (its defaults) or a task YAML path")
+    s.add_argument("run", help="training run or export directory")
+    s.add_argument("--task", help="task kind (its defaults) or a task YAML path (default: the run's task.yaml)")
     s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
-    s.add_argument("--batches", type=int, default=8)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batches", type=int, help="evaluation batches (default: the run's own evaluation set)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--eval-seed", type=int)
     s.set_defaults(fn=_eval)
 
     s = sub.add_parser("niah", help="needle-in-a-haystack grid: context length x depth (table + heatmap)")
@@ -222,6 +256,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="directory for niah-<variant>.md and .png (default RUN/niah)")
     s.set_defaults(fn=_niah)
+
+    s = sub.add_parser("export", help="write a trained configuration as a model directory (spec + safetensors)")
+    s.add_argument("run", help="a study run directory or a training run directory")
+    s.add_argument("--out", required=True, help="export directory (new or empty)")
+    s.add_argument("--rank", type=int, default=1, help="the rank-th best completed trial (default: the best)")
+    s.add_argument("--trial", help="a trial id instead of a rank")
+    s.add_argument("--objective", help="rank on this objective (several objectives: among the Pareto front)")
+    s.set_defaults(fn=_export)
 
     s = sub.add_parser("study", help="run, resume, watch or report a study (Ray Tune + Optuna)")
     s.add_argument("action", choices=["run", "resume", "status", "report"])

@@ -18,8 +18,14 @@ from titans_nas.train import TrainSpec, check_compatible, evaluate
 
 
 def load_run(run_dir: str | Path) -> tuple[ModelSpec, TitansLM]:
-    """The spec and trained weights of a training run directory (spec.yaml + checkpoint/)."""
+    """The spec and trained weights of a training run directory (spec.yaml + checkpoint/) or of
+    an export directory (checked: hashes, safetensors only)."""
+    from titans_nas.export import is_export, load_export
+
     run = Path(run_dir)
+    if is_export(run):
+        spec, model, _ = load_export(run)
+        return spec, model
     weights = run / "checkpoint" / "model.safetensors"
     if not (run / "spec.yaml").is_file() or not weights.is_file():
         raise SpecError(str(run), "", "not a training run: spec.yaml or checkpoint/model.safetensors is missing")
@@ -29,9 +35,13 @@ def load_run(run_dir: str | Path) -> tuple[ModelSpec, TitansLM]:
     return spec, model.eval()
 
 
-def evaluate_task(model: TitansLM, spec: ModelSpec, task: TaskBase, batches: int = 8, batch_size: int = 16) -> dict:
+def evaluate_task(
+    model: TitansLM, spec: ModelSpec, task: TaskBase, batches: int = 8, batch_size: int = 16, seed: int | None = None
+) -> dict:
+    """Loss and task metric on the fixed evaluation set `train` uses (seed, batches, batch size)."""
     check_compatible(spec, task)
     cfg = TrainSpec(eval_batches=batches, batch_size=batch_size)
+    cfg = cfg if seed is None else cfg.model_copy(update={"eval_seed": seed})
     return evaluate(model, task, cfg, next(model.parameters()).device)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.base import Spec, SpecRuleError
 from components.lmm import LMMSpec
@@ -15,6 +15,9 @@ from components.mlp import MLPSpec
 from components.norm import NormSpec, RMSNormSpec
 from components.swa import SWASpec
 from components.transformer import TransformerSpec
+
+SCHEMA_VERSION = 1
+"""Version of the spec schema this package writes and reads; bumped when a field changes meaning."""
 
 BlockSpec = Annotated[TransformerSpec | SWASpec | LMMSpec | MACSpec | MAGSpec | MALSpec, Field(discriminator="kind")]
 """Every block kind, discriminated by `kind`. A new kind is one more member here."""
@@ -42,6 +45,19 @@ class ModelSpec(Spec):
     """Share the token embedding matrix with the LM head."""
     seed: int = Field(0, ge=0)
     """Seed of the parameter initialisation: the same spec always builds the same weights."""
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    """Spec schema version the file was written with; a newer one than this package reads is
+    refused (upgrade titans-nas) rather than misread."""
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(
+                f"written by a newer titans-nas (spec schema {v}); this one reads schema <= {SCHEMA_VERSION}:"
+                " upgrade titans-nas"
+            )
+        return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> ModelSpec:

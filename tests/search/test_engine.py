@@ -6,8 +6,11 @@ import optuna
 import pytest
 
 from tests.search.conftest import write_study
+from titans_nas.evaluate import evaluate_task
+from titans_nas.export import export, load_export
 from titans_nas.search import engine
-from titans_nas.search.report import load_trials, report
+from titans_nas.search.report import load_trials, pareto, report
+from titans_nas.tasks import CopySpec
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -17,6 +20,10 @@ CONDITIONAL = {
         "memory": {"momentum": {"choice": [None, {"init": 0.1}]}},
     }
 }
+
+
+def copy_task():
+    return CopySpec(length=4, symbols=8)  # the task of conftest.write_study
 
 
 def optuna_trials(run_dir):
@@ -58,6 +65,15 @@ def test_multi_objective_study_has_a_pareto_front(tmp_path):
     assert (run / "pareto.png").is_file() and text.count("- `") >= 1
     complete = [t for t in optuna_trials(run) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4 and all(len(t.values) == 2 for t in complete)
+    # export the front's best on `loss`: it re-scores exactly what the trial reported
+    out = export(run, tmp_path / "best", objective="loss")
+    spec, model, metrics = load_export(out)
+    front = {r.trial_id: r for r in pareto(load_trials(run), [("loss", "min"), ("params", "min")])}
+    trial = front[metrics["study"]["trial_id"]]
+    assert trial.value("loss") == min(r.value("loss") for r in front.values())
+    e = metrics["eval"]
+    again = evaluate_task(model, spec, copy_task(), batches=e["batches"], batch_size=e["batch_size"], seed=e["seed"])
+    assert again["loss"] == trial.value("loss")
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_study_completes(tmp_path):

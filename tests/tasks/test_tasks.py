@@ -42,6 +42,7 @@ def test_every_task_kind_is_covered():
 def test_shapes_vocab_and_seeds(name):
     task = SMALL[name]
     a, b, c = task.sample(4, gen(0)), task.sample(4, gen(0)), task.sample(4, gen(1))
+    assert task.sample(4, gen(0), "eval").inputs.shape[0] == 4  # every task takes the split (evaluation)
     assert a.inputs.shape == a.targets.shape and a.inputs.dtype == a.targets.dtype == torch.long
     assert 0 <= int(a.inputs.min()) and int(a.inputs.max()) < task.vocab_size
     scored = a.targets[a.targets != IGNORE]

@@ -31,6 +31,24 @@ from titans_nas.spec import ModelSpec
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 LEAVES = ("int", "float", "choice")
+LEAF_DOCS = {
+    "int": ("{int: [lo, hi]}", "An integer in [lo, hi], both ends included (Optuna IntDistribution)."),
+    "float": ("{float: [lo, hi]}", "A number in [lo, hi] (Optuna FloatDistribution)."),
+    "choice": (
+        "{choice: [a, b, ...]}",
+        "One of the listed values: numbers, strings, null (switches a"
+        " mechanism off) or mappings (a whole sub-spec) (Optuna CategoricalDistribution).",
+    ),
+    "log": ("log: true", "With int or float: sample on a log scale (the low bound must be positive)."),
+    "step": ("step: s", "With int or float: only lo, lo+s, lo+2s, ..."),
+    "variants": (
+        "variants: {kind: {knobs}}",
+        "Under a field with kinds (a union, e.g. `block`, `memory.model`):"
+        " first pick the kind, then sample only that kind's knobs; keys next to `variants` are knobs"
+        " every listed kind shares.",
+    ),
+}
+"""Every key of the space grammar and what it means (the generated reference lists them)."""
 Space = dict[str, Any]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from components.base import Spec, SpecRuleError
 from titans_nas.config import SpecError, compose, dump_spec, merge_layers, read_yaml, union_members, validate
@@ -114,12 +114,36 @@ class SearchStudySpec(StudyBase):
         return self
 
 
-class AblationStudySpec(StudyBase):
+class MultiTaskStudy(StudyBase):
+    """Fields of the studies that train every configuration on several named tasks."""
+
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
+    """Named tasks; every configuration trains on each."""
+    task_train: dict[str, dict[str, Any]] = {}
+    """Per-task changes to `train` (e.g. a smaller batch for a long-context task):
+    `{niah: {batch_size: 8, steps: 300}}`."""
+
+    @model_validator(mode="after")
+    def _task_train_fits(self) -> MultiTaskStudy:
+        for name in self.task_train:
+            if name not in self.tasks:
+                raise SpecRuleError(f"task_train.{name}", f"'{name}' is not one of the tasks: {', '.join(self.tasks)}")
+            try:
+                self.train_for(name)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise SpecRuleError(f"task_train.{name}.{where}", err["msg"]) from None
+        return self
+
+    def train_for(self, task: str) -> TrainSpec:
+        return TrainSpec.model_validate({**self.train.model_dump(), **self.task_train.get(task, {})})
+
+
+class AblationStudySpec(MultiTaskStudy):
     """The base model and named variants of it, one change each (the paper's Table 5)."""
 
     kind: Literal["ablation"] = "ablation"
-    tasks: dict[str, TaskSpec] = Field(min_length=1)
-    """Named tasks; every variant trains on each."""
     variants: dict[str, list[str] | dict[str, Any]] = Field(min_length=1)
     """Row name -> the change to the base model: dotted overrides (`block.memory.momentum=null`)
     or a nested mapping. An empty list is the base itself."""
@@ -135,12 +159,10 @@ class AblationStudySpec(StudyBase):
         return self
 
 
-class GridStudySpec(StudyBase):
+class GridStudySpec(MultiTaskStudy):
     """Every combination of values of dotted spec paths."""
 
     kind: Literal["grid"] = "grid"
-    tasks: dict[str, TaskSpec] = Field(min_length=1)
-    """Named tasks; every grid point trains on each."""
     grid: dict[str, list[Any]] = Field(min_length=1)
     """Dotted spec path -> the values to try (`block.window: [16, 32, 64]`)."""
     seeds: list[int] = Field([0], min_length=1)
@@ -198,7 +220,7 @@ class Study:
             spec = variant_spec(self.base, s.variants[config["variant"]], f"variants.{config['variant']}")
         else:
             spec = variant_spec(self.base, [f"{k}={json_value(v)}" for k, v in config["values"].items()], "grid")
-        return spec, s.tasks[config["task"]], s.train.model_copy(update={"seed": config["seed"]})
+        return spec, s.tasks[config["task"]], s.train_for(config["task"]).model_copy(update={"seed": config["seed"]})
 
 
 def json_value(v: Any) -> str:

@@ -45,7 +45,7 @@ class MQARSpec(TaskBase):
     def vocab_size(self) -> int:
         return self.vocab
 
-    def sample(self, batch: int, generator: torch.Generator) -> Batch:
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> Batch:
         kv, L, V = self.num_kv_pairs, self.seq_len, self.vocab
         # distinct keys in [1, V/2) and values in [V/2, V) per example
         keys = torch.argsort(torch.rand(batch, V // 2 - 1, generator=generator), dim=1)[:, :kv] + 1

@@ -1,0 +1,22 @@
+# Shared by niah_cpu.sh and lm_cpu.sh: the six block kinds at one size (dim 64, 2 blocks, 2
+# heads; memory chunk 16 with 4 persistent tokens; window / segment 32), trained two at a time
+# with one thread each (2 cores). The sourcing script defines `run NAME PRESET OVERRIDES...`.
+TN=${TN:-.venv/bin/titans-nas}
+SIZE=(--set dim=64 --set depth=2 --set heads=2)
+MEM=(--set block.memory.chunk_size=16 --set block.persistent.num_tokens=4)
+train_kind() {  # name, preset, overrides... (+ TASK and TRAIN of the sourcing script)
+  local name=$1 preset=$2; shift 2
+  OMP_NUM_THREADS=1 "$TN" train "$preset" "${SIZE[@]}" "$@" "${TASK[@]}" "${TRAIN[@]}" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+}
+six_kinds() {
+  mkdir -p "$OUT"
+  run attention attention-tiny &
+  run swa swa-tiny --set block.window=32
+  wait
+  run lmm lmm-tiny "${MEM[@]}" &
+  run mag mag-tiny --set block.window=32 "${MEM[@]}"
+  wait
+  run mac mac-tiny --set block.segment_len=32 "${MEM[@]}" &
+  run mal mal-tiny --set block.window=32 "${MEM[@]}"
+  wait
+}

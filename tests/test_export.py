@@ -1,0 +1,117 @@
+"""Export and safe loading: the round trip is exact, tampering and pickles are refused (exit 2),
+an exported architecture retrains from its spec."""
+
+import hashlib
+import json
+import pickle
+
+import pytest
+import torch
+
+from titans_nas import load_model, load_spec
+from titans_nas.cli import main
+from titans_nas.evaluate import evaluate_task, load_run
+from titans_nas.export import FILES, export, load_export
+from titans_nas.tasks import CopySpec
+from titans_nas.train import TrainSpec, train
+
+SPEC = load_spec("mag-tiny", ["dim=16", "heads=2", "depth=1", "vocab_size=16", "block.window=4"])
+TASK = CopySpec(length=4, symbols=8)
+CFG = TrainSpec(steps=6, batch_size=4, eval_every=3, eval_batches=2, warmup_steps=1, log_every=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train(SPEC, TASK, CFG, run)
+    return run
+
+
+@pytest.fixture
+def exported(trained, tmp_path):
+    return export(trained, tmp_path / "export")
+
+
+def test_export_holds_every_file_and_reproduces_the_run_exactly(trained, exported):
+    assert sorted(p.name for p in exported.iterdir()) == sorted(FILES)
+    spec, model, metrics = load_export(exported)
+    assert spec == SPEC and "extends" not in (exported / "spec.yaml").read_text()
+    final = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if r["split"] == "eval"][-1]
+    e = metrics["eval"]
+    again = evaluate_task(model, spec, TASK, batches=e["batches"], batch_size=e["batch_size"], seed=e["seed"])
+    assert again["loss"] == final["loss"] and again["accuracy"] == final["accuracy"]
+    tokens = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    _, from_checkpoint = load_run(trained)
+    assert torch.equal(load_model(exported)(tokens)[0], from_checkpoint(tokens)[0])
+    assert metrics["steps"] == CFG.steps and metrics["task"]["kind"] == "copy"
+    card = (exported / "README.md").read_text()
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card and "memory as gate" in card
+
+
+def test_cli_eval_of_an_export_uses_its_own_task_and_eval_set(trained, exported, capsys):
+    assert main(["eval", str(exported)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["loss"] == json.loads((exported / "metrics.json").read_text())["final_eval"]["loss"]
+
+
+def _rehash(export_dir, name):
+    prov = json.loads((export_dir / "provenance.json").read_text())
+    prov["sha256"][name] = hashlib.sha256((export_dir / name).read_bytes()).hexdigest()
+    (export_dir / "provenance.json").write_text(json.dumps(prov))
+
+
+def _refused(export_dir, capsys, *needles):
+    assert main(["eval", str(export_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(n in err for n in needles), err
+
+
+def test_changed_weights_are_refused(exported, capsys):
+    data = bytearray((exported / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (exported / "model.safetensors").write_bytes(bytes(data))
+    _refused(exported, capsys, "model.safetensors", "sha256 differs")
+
+
+def test_changed_spec_is_refused(exported, capsys):
+    text = (exported / "spec.yaml").read_text().replace("seed: 0", "seed: 1")
+    (exported / "spec.yaml").write_text(text)
+    _refused(exported, capsys, "spec.yaml", "sha256 differs")
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_pickle_renamed_to_safetensors_is_refused_even_with_matching_hashes(exported, capsys, how):
+    weights = {k: v.clone() for k, v in load_model(exported).state_dict().items()}
+    path = exported / "model.safetensors"
+    if how == "pickle":
+        path.write_bytes(pickle.dumps(weights))
+    else:
+        torch.save(weights, path)
+    _rehash(exported, "model.safetensors")
+    _refused(exported, capsys, "refused", "only safetensors")
+
+
+def test_missing_file_and_newer_schema_are_clear_errors(exported, capsys):
+    (exported / "spec.yaml").write_text(
+        (exported / "spec.yaml").read_text().replace("schema_version: 1", "schema_version: 7")
+    )
+    _rehash(exported, "spec.yaml")
+    _refused(exported, capsys, "schema_version", "newer titans-nas", "upgrade")
+    (exported / "model.safetensors").unlink()
+    _refused(exported, capsys, "model.safetensors", "missing")
+
+
+def test_export_into_a_full_dir_or_from_a_non_run_is_refused(trained, exported, tmp_path, capsys):
+    assert main(["export", str(trained), "--out", str(exported)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a finished training run" in capsys.readouterr().err
+
+
+def test_an_exported_architecture_retrains_at_a_larger_budget(exported, tmp_path):
+    out = tmp_path / "retrain"
+    args = ["train", str(exported / "spec.yaml"), "--task", str(exported / "task.yaml"), "--steps", "8"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert load_spec(out / "spec.yaml") == SPEC
+    assert json.loads((out / "result.json").read_text())["step"] == 8
