@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def ray_local():
     yield
     ray.shutdown()
     kill_orphans(temp)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 TINY_MODEL = {

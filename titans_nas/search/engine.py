@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import time
 import uuid
@@ -101,6 +102,9 @@ def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if address is None:  # our private session dir: logs of a finished run (trial errors are in trials/)
+            kill_orphans(state["ray_temp_dir"])
+            shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
 
 
 def kill_orphans(temp_dir: str) -> int:
@@ -228,7 +232,8 @@ def resume(run_dir: str | Path) -> Path:
     last checkpoint, the searcher continues where it was."""
     run_dir = Path(run_dir).absolute()
     state = json.loads((run_dir / "state.json").read_text())
-    kill_orphans(state["ray_temp_dir"])
+    kill_orphans(state["ray_temp_dir"])  # what a killed driver left behind
+    shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
     study = load_study(run_dir / "study.yaml")
     state["ray_temp_dir"] = f"/tmp/tn-ray-{uuid.uuid4().hex[:8]}"
     _write_state(run_dir, state)
