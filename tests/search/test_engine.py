@@ -48,6 +48,7 @@ def test_search_with_a_conditional_space_and_asha(tmp_path):
     assert states.count(optuna.trial.TrialState.PRUNED) == list(by_status.values()).count("stopped early")
     text = report(run).read_text()
     assert "## Best" in text and (run / "trials.csv").is_file() and (run / "curves.png").is_file()
+    assert "## Parameter importance" in text and (run / "importance.png").is_file()  # stopped trials count too
 
 
 def test_multi_objective_study_has_a_pareto_front(tmp_path):

@@ -144,6 +144,10 @@ def report(run_dir: str | Path) -> Path:
         lines.append(f"- `{r.trial_id}`: {vals}; {r.label()} (spec: `trials/{r.trial_id}/spec.yaml`)")
     lines += ["", "## Trials", "", trials_table(records, shown), ""]
     plots = write_plots(run_dir, study, records, objectives)
+    if any(p.name == "importance.png" for p in plots):
+        found = yaml.safe_load((run_dir / "importance.yaml").read_text())
+        lines += [f"## Parameter importance ({found['basis']})", ""]
+        lines += [f"- `{name}`: {value:.3f}" for name, value in found["importances"].items()] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     (run_dir / "report.md").write_text("\n".join(lines))
@@ -245,15 +249,17 @@ def write_plots(
             fig.tight_layout()
             out.append(_save(fig, run_dir / "pareto.png"))
     if isinstance(study.spec, SearchStudySpec):
-        importances = param_importances(run_dir, study)
+        importances, basis = param_importances(run_dir, study, records)
         if importances:
-            fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(importances)))
+            fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(importances)))
             names = list(importances)[::-1]
             ax.barh(names, [importances[n] for n in names])
-            ax.set_xlabel(f"importance for {metric} (fANOVA)")
+            ax.set_xlabel("importance (fANOVA)")
+            ax.set_title(f"{study.spec.name}: importance for {metric}, {basis}", fontsize=9)
             fig.tight_layout()
             out.append(_save(fig, run_dir / "importance.png"))
-            (run_dir / "importance.yaml").write_text(yaml.safe_dump(importances, sort_keys=False))
+            found = {"metric": metric, "basis": basis, "importances": importances}
+            (run_dir / "importance.yaml").write_text(yaml.safe_dump(found, sort_keys=False))
     return out
 
 
@@ -265,19 +271,45 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def param_importances(run_dir: Path, study: Study) -> dict[str, float]:
-    """fANOVA importances from the Optuna study (complete, full-budget trials only)."""
+def param_importances(run_dir: Path, study: Study, records: list[TrialRecord]) -> tuple[dict[str, float], str]:
+    """fANOVA importances of the search parameters for the first objective, and what they were
+    computed on: the full-budget results when at least 4 trials completed; otherwise (ASHA stops
+    most trials) every trial's value at the deepest evaluation step all of them reached, so that
+    the stopped trials count too (a value at a common budget, never mixed budgets)."""
     import optuna
 
     from titans_nas.search.engine import storage_url
 
+    metric, mode = study.spec.objectives[0].metric, study.spec.objectives[0].mode
     state = json.loads((run_dir / "state.json").read_text())
     try:
-        ostudy = optuna.load_study(study_name=state["study_name"], storage=storage_url(study, run_dir))
-        complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(complete) < 2:
-            return {}
-        target = (lambda t: t.values[0]) if len(study.spec.objectives) > 1 else None
-        return dict(optuna.importance.get_param_importances(ostudy, target=target))
-    except (RuntimeError, ValueError, KeyError):
-        return {}
+        stored = optuna.load_study(study_name=state["study_name"], storage=storage_url(study, run_dir))
+    except (KeyError, ValueError):
+        return {}, ""
+    distributions: dict[str, Any] = {}
+    for t in stored.trials:
+        distributions.update(t.distributions)
+    ran = [r for r in records if r.status in ("completed", "stopped early") and r.point.get("params")]
+    completed = [r for r in ran if r.status == "completed"]
+    if len(completed) >= 4:
+        pool, step, basis = completed, None, "full-budget trials"
+    else:
+        reached = [max((c["step"] for c in r.curve if metric in c), default=0) for r in ran]
+        step = min(reached, default=0)
+        pool, basis = ran, f"all trials at step {step}"
+    scratch = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    for r in pool:
+        value = next((c[metric] for c in r.curve if c["step"] == step), None) if step else r.value(metric)
+        params = r.point["params"]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not set(params) <= set(distributions):
+            continue
+        trial = optuna.trial.create_trial(
+            params=params, distributions={k: distributions[k] for k in params}, value=float(value)
+        )
+        scratch.add_trial(trial)
+    if len(scratch.trials) < 3:
+        return {}, ""
+    try:
+        return dict(optuna.importance.get_param_importances(scratch)), basis
+    except (RuntimeError, ValueError):
+        return {}, ""
