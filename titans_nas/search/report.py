@@ -254,7 +254,7 @@ def write_plots(
             fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(importances)))
             names = list(importances)[::-1]
             ax.barh(names, [importances[n] for n in names])
-            ax.set_xlabel("importance (fANOVA)")
+            ax.set_xlabel("importance (PED-ANOVA, Optuna default)")
             ax.set_title(f"{study.spec.name}: importance for {metric}, {basis}", fontsize=9)
             fig.tight_layout()
             out.append(_save(fig, run_dir / "importance.png"))
@@ -272,10 +272,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def param_importances(run_dir: Path, study: Study, records: list[TrialRecord]) -> tuple[dict[str, float], str]:
-    """fANOVA importances of the search parameters for the first objective, and what they were
-    computed on: the full-budget results when at least 4 trials completed; otherwise (ASHA stops
-    most trials) every trial's value at the deepest evaluation step all of them reached, so that
-    the stopped trials count too (a value at a common budget, never mixed budgets)."""
+    """PED-ANOVA importances (Optuna's default evaluator) of the search parameters for the first
+    objective, and what they were computed on: the full-budget results when at least 4 trials
+    completed; otherwise (ASHA stops most trials) every trial's value at the deepest evaluation
+    step all of them reached, so that the stopped trials count too (one budget, never mixed)."""
     import optuna
 
     from titans_nas.search.engine import storage_url
