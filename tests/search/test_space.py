@@ -171,3 +171,16 @@ def test_per_task_training_changes_apply_to_their_task_only_and_are_validated():
     with pytest.raises(SpecError) as e:
         load_study("studies/paper_ablation.yaml", ["task_train.nope.steps=3"])
     assert e.value.path == "task_train.nope" and "not one of the tasks" in e.value.reason
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_a_study_can_name_samples_the_space(sampler):
+    from titans_nas.search.engine import _sampler
+
+    study = load_study("studies/quickstart.yaml", [f"sampler={sampler}", "objectives=[{metric: accuracy, mode: max}]"])
+    s = optuna.create_study(sampler=_sampler(study.spec), direction="maximize")
+    for i in range(12):  # past the random start-up trials, so the model-based path runs
+        trial = s.ask()
+        spec = spec_from_params(study.base, study.space, sample_params(trial, study.space))
+        s.tell(trial, float(spec.depth + i % 3))
+    assert len(s.trials) == 12
