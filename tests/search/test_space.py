@@ -184,3 +184,12 @@ def test_every_sampler_a_study_can_name_samples_the_space(sampler):
         spec = spec_from_params(study.base, study.space, sample_params(trial, study.space))
         s.tell(trial, float(spec.depth + i % 3))
     assert len(s.trials) == 12
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_local_study_asking_for_a_gpu_this_machine_lacks_is_refused(tmp_path, capsys):
+    from titans_nas.cli import main
+
+    out = tmp_path / "run"
+    assert main(["study", "run", "studies/quickstart.yaml", "--set", "resources.gpu=1", "--out", str(out)]) == 2
+    assert "resources.gpu: this machine has no GPU" in capsys.readouterr().err and not out.exists()

@@ -207,6 +207,7 @@ def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
 def run(study_path: str | Path, run_dir: str | Path, overrides: tuple[str, ...] = ()) -> Path:
     """Validate the study (before Ray starts), create the run directory, run every trial."""
     study = load_study(study_path, list(overrides))
+    _check_local_gpu(study, str(study_path))
     run_dir = Path(run_dir).absolute()
     if (run_dir / "state.json").exists():
         from titans_nas.config import SpecError
@@ -225,6 +226,17 @@ def run(study_path: str | Path, run_dir: str | Path, overrides: tuple[str, ...] 
     _write_state(run_dir, state)
     console.print(f"study {study.spec.name} ({study.kind}): {_size(study)} -> {run_dir}")
     return _fit(study, run_dir, state, restore=False)
+
+
+def _check_local_gpu(study: Study, source: str) -> None:
+    """On a local Ray, trials asking for a GPU this machine lacks would wait forever: refuse."""
+    if study.spec.ray.address is None and study.spec.resources.gpu > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            from titans_nas.config import SpecError
+
+            raise SpecError(source, "resources.gpu", "this machine has no GPU torch can use (local Ray)")
 
 
 def resume(run_dir: str | Path) -> Path:

@@ -27,6 +27,17 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     return {"params": {k: v for k, v in config.items() if k != "run_dir"}}
 
 
+def trial_device(study: Study) -> str:
+    """A trial that holds a GPU (`resources.gpu > 0`; Ray sets CUDA_VISIBLE_DEVICES) trains on it."""
+    if study.spec.resources.gpu > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the study gives each trial a GPU (resources.gpu) but this node's torch sees none")
+        return "cuda"
+    return "cpu"
+
+
 def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
@@ -62,7 +73,7 @@ def run_trial(config: dict[str, Any]) -> None:
             ckpt = tune.Checkpoint.from_directory(str(written)) if written is not None else None
             tune.report(metrics, checkpoint=ckpt)
 
-        result = train(spec, task, cfg, out, resume=resume, on_eval=on_eval)
+        result = train(spec, task, cfg, out, resume=resume, on_eval=on_eval, device=trial_device(study))
         if result.status == "diverged":
             tune.report(
                 {
