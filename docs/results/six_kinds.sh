@@ -8,15 +8,18 @@ train_kind() {  # name, preset, overrides... (+ TASK and TRAIN of the sourcing s
   local name=$1 preset=$2; shift 2
   OMP_NUM_THREADS=1 "$TN" train "$preset" "${SIZE[@]}" "$@" "${TASK[@]}" "${TRAIN[@]}" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
 }
+pick() {  # run NAME ... unless KINDS (e.g. KINDS="lmm mac") leaves it out
+  [[ -z "${KINDS:-}" || " $KINDS " == *" $1 "* ]] && run "$@" || true
+}
 six_kinds() {
   mkdir -p "$OUT"
-  run attention attention-tiny &
-  run swa swa-tiny --set block.window=32
+  pick attention attention-tiny &
+  pick swa swa-tiny --set block.window=32
   wait
-  run lmm lmm-tiny "${MEM[@]}" &
-  run mag mag-tiny --set block.window=32 "${MEM[@]}"
+  pick lmm lmm-tiny "${MEM[@]}" &
+  pick mag mag-tiny --set block.window=32 "${MEM[@]}"
   wait
-  run mac mac-tiny --set block.segment_len=32 "${MEM[@]}" &
-  run mal mal-tiny --set block.window=32 "${MEM[@]}"
+  pick mac mac-tiny --set block.segment_len=32 "${MEM[@]}" &
+  pick mal mal-tiny --set block.window=32 "${MEM[@]}"
   wait
 }
