@@ -79,27 +79,20 @@ def models_report(rows: list[dict]) -> str:
     for r in timed:
         by_seq[r["seq"]][r["impl"]] = r
     kinds = ["attention", "swa", "lmm", "mac", "mag", "mal", "titans-pytorch-mac"]
-    out.append("Forward+backward tokens/s (in brackets: relative to full attention at that length):")
-    out.append("")
-    out.append("| seq | " + " | ".join(kinds) + " |")
-    out.append("|" + "---|" * (len(kinds) + 1))
-    for seq in sorted(by_seq):
-        g = by_seq[seq]
-        base = g.get("attention", {}).get("tokens_per_s")
-        cells = []
-        for k in kinds:
-            t = g.get(k, {}).get("tokens_per_s")
-            cells.append("-" if t is None else f"{t:,.0f} ({t / base:.2f}x)" if base else f"{t:,.0f}")
-        out.append(f"| {seq} | " + " | ".join(cells) + " |")
-    out.append("")
-    out.append("Peak RSS, forward+backward (MiB):")
-    out.append("")
-    out.append("| seq | " + " | ".join(kinds) + " |")
-    out.append("|" + "---|" * (len(kinds) + 1))
-    for seq in sorted(by_seq):
-        g = by_seq[seq]
-        out.append(f"| {seq} | " + " | ".join(fmt(g.get(k, {}).get("peak_rss_mb")) for k in kinds) + " |")
-    out.append("")
+
+    def table(title: str, cell) -> None:  # one row per sequence length, one column per kind
+        out.extend([title, "", "| seq | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)])
+        for seq in sorted(by_seq):
+            g = by_seq[seq]
+            out.append(f"| {seq} | " + " | ".join(cell(g, g.get(k, {})) for k in kinds) + " |")
+        out.append("")
+
+    def speed(group: dict, row: dict) -> str:
+        t, base = row.get("tokens_per_s"), group.get("attention", {}).get("tokens_per_s")
+        return "-" if t is None else f"{t:,.0f} ({t / base:.2f}x)" if base else f"{t:,.0f}"
+
+    table("Forward+backward tokens/s (in brackets: relative to full attention at that length):", speed)
+    table("Peak RSS, forward+backward (MiB):", lambda group, row: fmt(row.get("peak_rss_mb")))
     out.append(
         "MAC: ours relative to titans-pytorch's MemoryAsContextTransformer at the same length: "
         + ", ".join(

@@ -141,8 +141,9 @@ def _recorded_eval(run: Path) -> dict:
     if (run / "train.yaml").is_file():
         import yaml
 
-        t = yaml.safe_load((run / "train.yaml").read_text())
-        return {"seed": t["eval_seed"], "batches": t["eval_batches"], "batch_size": t["batch_size"]}
+        from titans_nas.train import eval_set
+
+        return eval_set(yaml.safe_load((run / "train.yaml").read_text()))
     return {}
 
 

@@ -35,6 +35,7 @@ from titans_nas.builder import build_model
 from titans_nas.config import SpecError, dump_spec, load_spec
 from titans_nas.model import TitansLM
 from titans_nas.spec import SCHEMA_VERSION, ModelSpec
+from titans_nas.train import eval_set, read_metrics
 
 FILES = ("spec.yaml", "model.safetensors", "task.yaml", "metrics.json", "README.md", "provenance.json")
 
@@ -61,8 +62,7 @@ def _run_source(run: Path, study: dict[str, Any] | None = None) -> Source:
     missing = [f for f in needed if not (run / f).is_file()]
     if missing:
         raise SpecError(str(run), "", f"not a finished training run: missing {', '.join(missing)}")
-    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    evals = [r for r in evals if r.get("split") == "eval"]
+    evals = read_metrics(run / "metrics.jsonl", "eval")
     if not evals:
         raise SpecError(str(run), "metrics.jsonl", "the run has no evaluation to export")
     result = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else {}
@@ -90,9 +90,10 @@ def pick(run_dir: str | Path, rank: int = 1, trial: str | None = None, objective
     study = load_study(run_dir / "study.yaml")
     state = json.loads((run_dir / "state.json").read_text())
     objectives = study.spec.objectives
-    records = [r for r in load_trials(run_dir) if r.status == "completed" and r.dir is not None]
+    every = load_trials(run_dir)
+    records = [r for r in every if r.status == "completed" and r.dir is not None]
     if trial is not None:
-        chosen = [r for r in load_trials(run_dir) if r.trial_id == trial]
+        chosen = [r for r in every if r.trial_id == trial]
         if not chosen:
             raise SpecError(str(run_dir), "", f"no trial '{trial}' in this study")
         if chosen[0].status != "completed":
@@ -168,7 +169,7 @@ def export(run_dir: str | Path, out: str | Path, rank: int = 1, trial: str | Non
         "task": task,
         "seed": train["seed"],
         "steps": source.metrics.get("step"),
-        "eval": {"seed": train["eval_seed"], "batch_size": train["batch_size"], "batches": train["eval_batches"]},
+        "eval": eval_set(train),
         "source": str(source.dir.absolute()),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_finite))

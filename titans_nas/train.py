@@ -272,6 +272,20 @@ def train(
     return result
 
 
+def read_metrics(path: Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The records `train` wrote to `metrics.jsonl` (only those of `split` if given)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if split is None or r.get("split") == split]
+
+
+def eval_set(cfg: TrainSpec | dict[str, Any]) -> dict[str, int]:
+    """What fixes a run's evaluation set (with the task): seed, batch size, number of batches."""
+    c = cfg if isinstance(cfg, dict) else cfg.model_dump()
+    return {"seed": c["eval_seed"], "batch_size": c["batch_size"], "batches": c["eval_batches"]}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop the records written after the checkpoint (they will be written again)."""
     if path.is_file():

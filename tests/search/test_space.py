@@ -193,3 +193,12 @@ def test_a_local_study_asking_for_a_gpu_this_machine_lacks_is_refused(tmp_path, 
     out = tmp_path / "run"
     assert main(["study", "run", "studies/quickstart.yaml", "--set", "resources.gpu=1", "--out", str(out)]) == 2
     assert "resources.gpu: this machine has no GPU" in capsys.readouterr().err and not out.exists()
+
+
+def test_replay_separates_train_knobs_from_the_model_spec():
+    from titans_nas.search.space import replay
+
+    space = {"heads": {"choice": [2, 4]}, "train": {"lr": {"float": [0.001, 0.01], "log": True}}}
+    spec, train = replay(BASE, space, {"heads": 4, "train.lr": 0.002})
+    assert spec.heads == 4 and train == {"lr": 0.002}
+    assert spec_from_params(BASE, space, {"heads": 2, "train.lr": 0.002}).heads == 2

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from titans_nas.search.study import AblationStudySpec, SearchStudySpec, Study, load_study
+from titans_nas.train import read_metrics
 
 
 @dataclass
@@ -53,10 +54,7 @@ def load_trials(run_dir: Path) -> list[TrialRecord]:
     records = []
     for d in sorted((run_dir / "trials").glob("*")) if (run_dir / "trials").is_dir() else []:
         info = json.loads((d / "trial.json").read_text()) if (d / "trial.json").is_file() else {}
-        curve = []
-        if (d / "metrics.jsonl").is_file():
-            curve = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        evals = [r for r in curve if r.get("split") == "eval"]
+        evals = read_metrics(d / "metrics.jsonl", "eval")
         metrics = dict(evals[-1]) if evals else {}
         result = json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else None
         if d.name in summary:

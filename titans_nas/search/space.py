@@ -103,10 +103,17 @@ def apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(merged)
 
 
-def spec_from_params(base: ModelSpec, space: Space, params: dict[str, Any]) -> ModelSpec:
-    """Replay: the spec a trial with these Optuna params trained (FixedTrial through `sample`)."""
+def replay(base: ModelSpec, space: Space, params: dict[str, Any]) -> tuple[ModelSpec, dict[str, Any]]:
+    """Replay a trial from its Optuna params (FixedTrial through `sample`): the model spec it
+    trained, and its `train` knobs (TrainSpec field -> value) when the space has any."""
     overrides = sample(optuna.trial.FixedTrial(params), space)
-    return validate(apply(base.model_dump(mode="json"), overrides), ModelSpec, {"": "search space"})
+    train = overrides.pop("train", {})
+    return validate(apply(base.model_dump(mode="json"), overrides), ModelSpec, {"": "search space"}), train
+
+
+def spec_from_params(base: ModelSpec, space: Space, params: dict[str, Any]) -> ModelSpec:
+    """The model spec a trial with these Optuna params trained."""
+    return replay(base, space, params)[0]
 
 
 class _PointTrial:
@@ -116,12 +123,13 @@ class _PointTrial:
     def __init__(self, point: dict[str, Any]) -> None:
         self.point, self.params, self.used = point, {}, set()
 
-    def _pick(self, name: str, default: Any) -> Any:
+    def _pick(self, name: str, default: Any, encoded: Any = None) -> Any:
+        """The point's value for `name` (recorded in Optuna's encoding), or `default`."""
         if name not in self.point:
             return default
         self.used.add(name)
-        self.params[name] = self.point[name]
-        return self.point[name]
+        self.params[name] = self.point[name] if encoded is None else encoded
+        return self.params[name]
 
     def suggest_int(self, name: str, lo: int, hi: int, **_: Any) -> int:
         value = self._pick(name, lo)
@@ -142,9 +150,7 @@ class _PointTrial:
         value = raw if raw in labels else json.dumps(raw, sort_keys=True)  # non-plain choices are JSON labels
         if value not in labels:
             raise ValueError(f"{name}: {raw!r} is not one of the choices")
-        self._pick(name, raw)
-        self.params[name] = value
-        return value
+        return self._pick(name, None, encoded=value)
 
 
 def enqueued_params(points: list[dict[str, Any]], space: Space, source: str) -> list[dict]:

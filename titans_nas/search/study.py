@@ -21,7 +21,7 @@ from components.base import Spec, SpecRuleError
 from titans_nas.config import SpecError, compose, dump_spec, merge_layers, read_yaml, union_members, validate
 from titans_nas.spec import ModelSpec
 from titans_nas.tasks import TaskSpec
-from titans_nas.train import TrainSpec
+from titans_nas.train import TrainSpec, check_compatible
 
 
 class ObjectiveSpec(Spec):
@@ -205,15 +205,11 @@ class Study:
 
     def trial_setup(self, config: dict[str, Any]) -> tuple[ModelSpec, Any, TrainSpec]:
         """The model spec, task and training config of one trial, from its Tune config."""
-        from titans_nas.search.space import apply, sample
+        from titans_nas.search.space import replay
 
         s = self.spec
         if isinstance(s, SearchStudySpec):
-            import optuna
-
-            overrides = sample(optuna.trial.FixedTrial(config["params"]), self.space)
-            train_over = overrides.pop("train", {})
-            spec = validate(apply(self.base.model_dump(mode="json"), overrides), ModelSpec, {"": "search space"})
+            spec, train_over = replay(self.base, self.space, config["params"])
             train = validate({**s.train.model_dump(mode="json"), **train_over}, TrainSpec, {"": "search space"})
             return spec, s.task, train
         if isinstance(s, AblationStudySpec):
@@ -265,13 +261,9 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         from titans_nas.search.space import enqueued_params
 
         enqueued_params(spec.enqueue, space, str(path))
-        from titans_nas.train import check_compatible
-
         check_compatible(base, spec.task)
     study = Study(spec, base, space, str(path))
     if not isinstance(spec, SearchStudySpec):
-        from titans_nas.train import check_compatible
-
         for point in study.points():
             model, task, _ = study.trial_setup(point)
             try:
