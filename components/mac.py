@@ -1,10 +1,17 @@
 """Block kind `mac`, Memory as a Context (Titans eqs. 21-25), per segment S of C tokens:
 
     h = f_{W_prev}(q(S))                     read the memory as it was before the segment (eq. 21)
-    y = Attn([p ; h ; S])                    segment token j sees all of p, h_i and S_i for i <= j
+    y = Attn([p ; RMSNorm(h) ; S])           segment token j sees all of p, h_i and S_i for i <= j
                                              (h_i came from token i: this keeps causality; eqs. 22-23)
-    m = LMM(y)                               update the memory with y, read after each token (eq. 24)
+    m = LMM(RMSNorm(S + y))                  update the memory with the attention layer's output (its
+                                             residual included), read after each token (eq. 24)
     o = y * sigmoid(RMSNorm(m))              gated output (eq. 25)
+
+The two RMSNorms put what crosses between memory and attention on the scale of the segment
+tokens (unit RMS): without them the memory tokens enter attention at RMS ~0.17 and the memory
+stores the attention output at RMS ~0.06. The attention layer's output includes its residual,
+as every layer of the paper's blocks (T1 §4.4): the memory stores each token with its context,
+not a context average that at initialisation barely holds the token (docs/decisions/0006).
 
 No attention crosses segments: the memory carries everything older. Positions (RoPE) are
 segment-local; h_i and S_i share position i. Letters: b batch, n queries, m keys, h heads,
@@ -86,7 +93,9 @@ class MemoryAsContext(nn.Module):
     ) -> None:
         super().__init__()
         self.attention, self.memory, self.persistent, self.segment_len = attention, memory, persistent, segment_len
-        self.norm = nn.RMSNorm(memory.out.out_features, eps=1e-6)
+        dim = memory.out.out_features
+        self.norm_retrieved, self.norm_attended = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MACState:
         mem = self.memory.init_state(batch)
@@ -110,6 +119,7 @@ class MemoryAsContext(nn.Module):
         """Tokens f .. f + r - 1 of the current segment."""
         f, r = st.filled, s.shape[1]
         h, conv = self.memory.retrieve(s, st.retrieval, st.retrieval_conv)  # eq. 21
+        h = self.norm_retrieved(h)
         q, k_s, v_s = self.attention.project(s, f)
         _, k_h, v_h = self.attention.project(h, f)  # h_i sits at position i, like S_i
         hk, sk = st.keys.split(f, dim=2) if f else (st.keys, st.keys)
@@ -123,7 +133,7 @@ class MemoryAsContext(nn.Module):
             keys, values, p = torch.cat([pk, keys], 2), torch.cat([pv, values], 2), pk.shape[2]
         mask = mac_visibility(f, r, p, s.device)
         y = self.attention.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))  # eq. 23
-        m, mem = self.memory(y, st.memory)  # eq. 24: update with y, read after each token
+        m, mem = self.memory(self.norm_attended(s + y), st.memory)  # eq. 24: update, read after each token
         out = y * torch.sigmoid(self.norm(m))  # eq. 25
         if f + r == self.segment_len:  # the segment is done: the next one reads the updated memory
             empty = keys[:, :, :0]

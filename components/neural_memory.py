@@ -8,6 +8,7 @@ Letters: b batch, n sequence, h heads, d head feature, e hidden width of an MLP 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -25,6 +26,7 @@ from components.ops.memory import (
     MemoryState,
     Read,
     Weights,
+    chunk_surprise,
     init_memory_state,
     memory_read,
     memory_update,
@@ -44,8 +46,10 @@ class LinearMemorySpec(Spec):
 
 
 class MLPMemorySpec(Spec):
-    """A deep memory: `depth` fast-weight layers, f(x) = act(... act(x W_1) ...) W_L, by default
-    wrapped as x + LN(f(x)) (Titans T2 §3.3: depth 2, expansion 4, GELU, residual + LayerNorm)."""
+    """A deep memory: `depth` fast-weight layers, f(x) = act(... act(x W_1) ...) W_L (Titans T2
+    §3.3: depth 2, expansion 4, GELU). The paper wraps it as x + LN(f(x)); that form is
+    `residual: true, norm: true`, off by default because its inner loss cannot fall below a floor
+    and its forget gate only rescales what the LayerNorm undoes (docs/decisions/0006)."""
 
     kind: Literal["mlp"] = "mlp"
     depth: int = Field(2, ge=2, le=8)
@@ -54,10 +58,10 @@ class MLPMemorySpec(Spec):
     """Hidden width as a multiple of the head dim."""
     activation: Literal["gelu", "silu"] = "gelu"
     """Nonlinearity between the layers."""
-    residual: bool = True
-    """Add the input: x + f(x)."""
-    norm: bool = True
-    """LayerNorm on f(x) (its gain and bias are outer parameters, not fast weights)."""
+    residual: bool = False
+    """Add the input: x + f(x) (the paper's form, with `norm`)."""
+    norm: bool = False
+    """LayerNorm on f(x), gain and bias outer parameters (the paper's form; see the class doc)."""
 
     def widths(self, head_dim: int) -> list[int]:
         hidden = max(1, round(self.expansion * head_dim))
@@ -73,12 +77,28 @@ MemoryModelSpec = Annotated[MLPMemorySpec | LinearMemorySpec, Field(discriminato
 
 
 class LRSpec(Spec):
-    """Inner learning rate theta_t = theta_max * sigmoid(x W_theta + b), per token and head."""
+    """Inner learning rate theta_t = theta_max * sigmoid(x W_theta + b), per token and head, times
+    (1 - eta_t) when momentum is on: eq. 14's momentum then averages surprise instead of summing
+    it, so a surprise repeated forever moves the memory by theta_max sigmoid(.) per token whatever
+    eta is (summed, a chunk of near-identical keys at eta 0.63 overshot and diverged:
+    docs/decisions/0006). The recurrence is eq. 14 with this theta."""
 
-    theta_max: float = Field(0.1, gt=0.0, le=10.0)
-    """Upper bound of the inner step; with l2-normalised keys this bound keeps the inner loop finite."""
-    init: float = Field(0.5, gt=0.0, lt=1.0)
-    """theta starts at init * theta_max (the gate's bias; its weights start at zero)."""
+    theta_max: float | None = Field(None, gt=0.0, le=10.0)
+    """Upper bound of the inner step; null = 1 / chunk_size: a chunk's gradients are all taken at
+    its start, so c repeated unit keys add up to a step of 2 c theta; at 1 / c the error along
+    that key flips sign at worst and never grows (docs/decisions/0006 §4). Above it a run of one
+    repeated token diverges."""
+    curvature_cap: float | None = Field(2.0, gt=0.0)
+    """Also bound each token's step by the curvature kappa of its own loss (normalised LMS): at
+    most curvature_cap / (chunk_size kappa), where kappa is the Gauss-Newton curvature along the
+    token's error (1 for a linear memory with unit keys, where the cap never binds below
+    theta_max). A deep memory's curvature grows with its weights; with no cap MAL and MAC at
+    theta_max 1 / c diverged within 340 steps (docs/decisions/0006 §4). null = eq. 14 with
+    theta_max as the only bound."""
+    init: float = Field(0.9, gt=0.0, lt=1.0)
+    """theta starts at init * theta_max (the gate's bias; its weights start at zero): writes start
+    strong, and the gate learns what not to write (at 0.5 the LMM stayed at chance on S-NIAH for
+    1000 steps, at 0.9 it solved it in 600: docs/decisions/0006)."""
     per_layer: bool = True
     """One theta per memory layer (T2 App. B.3: without it a deep memory does not beat a linear one)."""
 
@@ -91,10 +111,16 @@ class MomentumSpec(Spec):
 
 
 class DecaySpec(Spec):
-    """Forget gate (eq. 13): M_t = (1 - alpha_t) M_{t-1} + S_t; alpha_t = sigmoid(x W_alpha + b)."""
+    """Forget gate (eq. 13): M_t = (1 - alpha_t) M_{t-1} + alpha_t P + S_t; alpha_t = sigmoid(x W_alpha + b)."""
 
-    init: float = Field(0.007, gt=0.0, lt=1.0)
-    """Initial alpha (fraction of the memory forgotten per token)."""
+    init: float = Field(0.001, gt=0.0, lt=1.0)
+    """Initial alpha (fraction of the memory forgotten per token): 0.001 keeps 37% of a write
+    after 1000 tokens (0.007 kept 0.1%), so what is learned on short contexts still holds on
+    long ones."""
+    toward: Literal["initial", "zero"] = "initial"
+    """P, what forgetting returns to: the learned initial weights W_0 (the memory's prior), or zero
+    (eq. 13 as written; a deep memory decayed toward zero loses both layers at once and stops
+    learning: docs/decisions/0006)."""
 
 
 class OutputGateSpec(Spec):
@@ -124,6 +150,10 @@ class NeuralMemorySpec(Spec):
     """Short causal convolution after the q/k/v projections; null = off."""
     qk_norm: Literal["l2", "none"] = "l2"
     """Normalisation of queries and keys per head (l2 keeps the inner loop stable)."""
+    v_norm: Literal["l2", "none"] = "l2"
+    """Normalisation of the values per head: l2 puts the targets on the unit sphere with the keys,
+    so the outer model cannot rescale the inner problem (a deep memory's curvature grows with
+    |v|^2; docs/decisions/0006); none = the paper's raw values."""
     gate: OutputGateSpec | None = OutputGateSpec()
     """Output norm and gate; null = the memory output goes straight to the projection."""
     read: Literal["after_update", "chunk_start"] = "after_update"
@@ -134,6 +164,10 @@ class NeuralMemorySpec(Spec):
     checkpoint_chunks: int | None = Field(None, ge=1)
     """Recompute groups of this many chunks in the backward pass instead of storing them
     (less memory, ~1.3x compute); null = store everything."""
+
+    def theta_max(self) -> float:
+        """The inner step's bound: `lr.theta_max`, or 1 / chunk_size when that is null."""
+        return self.lr.theta_max if self.lr.theta_max is not None else 1.0 / self.chunk_size
 
     def check(self, dim: int, heads: int) -> None:
         h = self.heads or heads
@@ -148,7 +182,10 @@ class NeuralMemorySpec(Spec):
     def build(self, dim: int, heads: int) -> NeuralMemory:
         h = self.heads or heads
         net = self.model.build(h, dim // h)
-        gates = Gates(dim, h, lr=self.lr, layers=len(net.initial), momentum=self.momentum, decay=self.decay)
+        gates = Gates(
+            dim, h, lr=self.lr, theta_max=self.theta_max(), layers=len(net.initial), momentum=self.momentum,
+            decay=self.decay,
+        )  # fmt: skip
         return NeuralMemory(
             dim,
             h,
@@ -156,8 +193,17 @@ class NeuralMemorySpec(Spec):
             gates=gates,
             conv=self.conv.build(3 * dim) if self.conv is not None else None,
             qk_norm=self.qk_norm == "l2",
+            v_norm=self.v_norm == "l2",
             out_gate=OutputGate(dim, h, self.gate.activation) if self.gate is not None else None,
-            rule=UpdateRule(self.chunk_size, self.read, self.granularity, self.checkpoint_chunks),
+            rule=UpdateRule(
+                self.chunk_size,
+                self.read,
+                self.granularity,
+                self.checkpoint_chunks,
+                forget_to_prior=self.decay is not None and self.decay.toward == "initial",
+                # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
+                step_cap=4.0 * self.lr.curvature_cap / self.chunk_size if self.lr.curvature_cap else None,
+            ),  # fmt: skip
         )
 
 
@@ -167,16 +213,23 @@ class MemoryNet(nn.Module):
     def __init__(self, heads: int, widths: list[int], *, activation: str, residual: bool, norm: bool) -> None:
         super().__init__()
         self.activation, self.residual = activation, residual
-        # unit-variance propagation: W_l ~ N(0, 1 / d_in)
+        # W_l ~ N(0, 1 / d_in) for the hidden layers, a tenth of that scale for the last: a fresh
+        # memory's reads are small, so what is written dominates them (at unit scale the prior's
+        # reads drowned a needle 14 to 1), yet not zero, which the output norms would amplify
+        # without bound (docs/decisions/0006)
+        last = len(widths) - 2
         self.initial = nn.ParameterList(
-            nn.Parameter(torch.randn(heads, a, b) / math.sqrt(a)) for a, b in zip(widths[:-1], widths[1:])
+            nn.Parameter(torch.randn(heads, a, b) / math.sqrt(a) * (0.1 if i == last else 1.0))
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
         )
-        self.gain = nn.Parameter(torch.ones(heads, widths[-1])) if norm else None
+        # gain d^-1/2: the LayerNorm's output then has norm ~1, the norm of the (l2) values it fits
+        self.gain = nn.Parameter(torch.full((heads, widths[-1]), widths[-1] ** -0.5)) if norm else None
         self.bias = nn.Parameter(torch.zeros(heads, widths[-1])) if norm else None
 
-    def model(self) -> MemoryModel:
+    def model(self, forget_to_prior: bool = False, step_cap: float | None = None) -> MemoryModel:
         norm = (self.gain, self.bias) if self.gain is not None else None
-        return MemoryModel(self.activation, self.residual, norm)
+        prior = tuple(self.initial) if forget_to_prior else None
+        return MemoryModel(self.activation, self.residual, norm, prior=prior, step_cap=step_cap)
 
 
 class Gates(nn.Module):
@@ -184,10 +237,18 @@ class Gates(nn.Module):
     op takes eta and alpha and works with log eta and log1p(-alpha))."""
 
     def __init__(
-        self, dim: int, heads: int, *, lr: LRSpec, layers: int, momentum: MomentumSpec | None, decay: DecaySpec | None
+        self,
+        dim: int,
+        heads: int,
+        *,
+        lr: LRSpec,
+        theta_max: float,
+        layers: int,
+        momentum: MomentumSpec | None,
+        decay: DecaySpec | None,
     ) -> None:
         super().__init__()
-        self.heads, self.theta_max = heads, lr.theta_max
+        self.heads, self.theta_max = heads, theta_max
         self.lr_layers = layers if lr.per_layer and layers > 1 else 1
         self.sizes = [heads * self.lr_layers, heads if momentum else 0, heads if decay else 0]
         self.proj = nn.Linear(dim, sum(self.sizes))
@@ -213,6 +274,8 @@ class Gates(nn.Module):
         )
         mom = rearrange(torch.sigmoid(mom), "b n h -> b h n") if self.sizes[1] else None
         dec = rearrange(torch.sigmoid(dec), "b n h -> b h n") if self.sizes[2] else None
+        if mom is not None:  # theta_t (1 - eta_t): momentum averages surprise (LRSpec)
+            lr = lr * (1 - (mom[..., None] if lr.ndim == 4 else mom))
         return lr, mom, dec
 
 
@@ -236,6 +299,24 @@ class UpdateRule:
     read: Read
     granularity: Granularity
     checkpoint_chunks: int | None
+    forget_to_prior: bool = False
+    step_cap: float | None = None
+
+
+@dataclass
+class MemoryHealth:
+    """What one forward of the memory did, for a researcher to see whether it memorizes."""
+
+    surprise: Tensor
+    """(chunks,): mean inner loss of each whole chunk's tokens at the weights it starts from."""
+    theta: float
+    """Mean inner learning rate."""
+    eta: float | None
+    """Mean momentum gate (None: momentum off)."""
+    alpha: float | None
+    """Mean forget gate (None: decay off)."""
+    w_norm: float
+    """Frobenius norm of the memory weights after the forward (all layers), mean over batch and heads."""
 
 
 @dataclass
@@ -254,13 +335,15 @@ class NeuralMemory(nn.Module):
         gates: Gates,
         conv: ShortConv | None,
         qk_norm: bool,
+        v_norm: bool,
         out_gate: OutputGate | None,
         rule: UpdateRule,
     ) -> None:
         super().__init__()
-        self.heads, self.qk_norm, self.rule = heads, qk_norm, rule
+        self.heads, self.qk_norm, self.v_norm, self.rule = heads, qk_norm, v_norm, rule
         self.compiled = False  # run the chunk step through torch.compile: see compile_memory()
         self.update = memory_update  # the op; benchmarks swap in naive_memory_update
+        self.health: list[MemoryHealth] | None = None  # a list while `recording`: one entry per forward
         self.net, self.gates, self.conv, self.out_gate = net, gates, conv, out_gate
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
@@ -279,13 +362,15 @@ class NeuralMemory(nn.Module):
         q, k, v = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         if self.qk_norm:  # Titans §4.4: l2-normalised queries and keys
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.v_norm:
+            v = F.normalize(v, dim=-1)
         lr, momentum, decay = self.gates(x)
         memory = (
             state.memory
             if state is not None
             else init_memory_state(tuple(self.net.initial), x.shape[0], momentum is not None)
         )
-        rule = self.rule
+        rule, before = self.rule, memory
         y, memory = self.update(
             q,
             k,
@@ -296,12 +381,28 @@ class NeuralMemory(nn.Module):
             memory,
             chunk_size=rule.chunk_size,
             read=rule.read,
-            model=self.net.model(),
+            model=self.memory_model(),
             granularity=rule.granularity,
             checkpoint_chunks=rule.checkpoint_chunks,
             compiled=self.compiled,
         )
+        if self.health is not None:
+            self.health.append(self._health(k, v, lr, momentum, decay, before, memory))
         return self.readout(y, x), (NeuralMemoryState(conv_state, memory) if state is not None else None)
+
+    @torch.no_grad()
+    def _health(self, k, v, lr, momentum, decay, before: MemoryState, after: MemoryState) -> MemoryHealth:
+        rule = self.rule
+        surprise = chunk_surprise(
+            k, v, lr, momentum, decay, before, chunk_size=rule.chunk_size, model=self.memory_model(),
+            granularity=rule.granularity,
+        )  # fmt: skip
+        w_norm = torch.stack([w.pow(2).sum((-2, -1)) for w in after.weights]).sum(0).sqrt()
+        mean = lambda g: None if g is None else float(g.mean())  # noqa: E731
+        return MemoryHealth(surprise.mean((0, 1)), float(lr.mean()), mean(momentum), mean(decay), float(w_norm.mean()))
+
+    def memory_model(self) -> MemoryModel:
+        return self.net.model(self.rule.forget_to_prior, self.rule.step_cap)
 
     def readout(self, y: Tensor, x: Tensor) -> Tensor:
         """Memory output per head (b, h, n, d) -> (b, n, dim): output norm and gate from the
@@ -320,7 +421,7 @@ class NeuralMemory(nn.Module):
         q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
-        return self.readout(memory_read(q, weights, self.net.model()), x), conv_state
+        return self.readout(memory_read(q, weights, self.memory_model()), x), conv_state
 
     def init_retrieval_state(self, batch: int) -> Tensor | None:
         return self.conv.init_state(batch)[..., : self.out.in_features] if self.conv is not None else None
@@ -343,6 +444,37 @@ def primed(memory: NeuralMemory, prefix: Tensor | None, batch: int) -> tuple[Ten
     if prefix is None:
         return None, state
     return memory(prefix, state)
+
+
+def summarize_health(records: list[MemoryHealth]) -> dict[str, float]:
+    """One memory's records of one model forward (MAC makes one per segment, in order) ->
+    scalars: surprise (mean over chunks), surprise_start / surprise_end (first / last quarter of
+    the chunks: a memory that learns the sequence shows end < start), theta, eta, alpha, w_norm."""
+    if not records:
+        return {}
+    curve = torch.cat([r.surprise for r in records])
+    out: dict[str, float] = {}
+    if curve.numel():
+        q = max(1, curve.numel() // 4)
+        out |= {"surprise": float(curve.mean()), "surprise_start": float(curve[:q].mean()),
+                "surprise_end": float(curve[-q:].mean())}  # fmt: skip
+    for name in ("theta", "eta", "alpha", "w_norm"):
+        values = [getattr(r, name) for r in records if getattr(r, name) is not None]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+@contextmanager
+def recording(modules: list[NeuralMemory]):
+    """Record `MemoryHealth` of every forward of `modules` inside the block; yields the lists."""
+    for m in modules:
+        m.health = []
+    try:
+        yield [m.health for m in modules]
+    finally:
+        for m in modules:
+            m.health = None
 
 
 def compile_memory(model: nn.Module, on: bool = True) -> nn.Module:

@@ -1,5 +1,7 @@
 """Training: the loss falls on a generated task within a few hundred CPU steps."""
 
+import math
+
 import pytest
 
 from titans_nas import load_spec
@@ -57,3 +59,63 @@ def test_absurd_learning_rate_ends_as_diverged_with_metrics_kept(tmp_path, capsy
     assert records and records[-1]["status"] == "diverged"
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "diverged" and "non-finite" in result["message"]
+
+
+def test_weight_decay_hits_linear_weights_only():
+    """Decay by role: every linear map's weight, nothing else (not the memory's W_0, norms, gate
+    biases, conv filters, persistent tokens or the embedding)."""
+    import torch
+
+    from titans_nas import build_model
+    from titans_nas.train import decayed_parameters, make_optimizer
+
+    model = build_model(load_spec("mac-tiny"))
+    decayed = {n for n in decayed_parameters(model) if n.startswith("blocks.0.")} | (
+        {"head.weight"} & set(decayed_parameters(model))
+    )
+    assert decayed == {
+        "head.weight",
+        "blocks.0.mixer.attention.qkv.weight",
+        "blocks.0.mixer.attention.out.weight",
+        "blocks.0.mixer.memory.gates.proj.weight",
+        "blocks.0.mixer.memory.out_gate.proj.weight",
+        "blocks.0.mixer.memory.qkv.weight",
+        "blocks.0.mixer.memory.out.weight",
+        "blocks.0.mlp.gate_up.weight",
+        "blocks.0.mlp.down.weight",
+    }
+    opt = make_optimizer(model, TrainSpec(weight_decay=0.1))
+    by_group = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[i] for i in by_group[0.0]}
+    for spared in (
+        "embedding.weight",
+        "blocks.0.mixer.memory.net.initial.0",
+        "blocks.0.mixer.memory.gates.proj.bias",
+        "blocks.0.mixer.memory.conv.weight",
+        "blocks.0.mixer.persistent.tokens",
+        "blocks.0.mixer.norm.weight",
+        "blocks.0.norm_mixer.weight",
+    ):
+        assert spared in kept
+    assert {names[i] for i in by_group[0.1]} == set(decayed_parameters(model))
+    assert sum(len(g) for g in by_group.values()) == len(list(model.parameters()))
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_evaluations_record_memory_health_per_block(tmp_path):
+    """Surprise, gates and weight norms of every block's memory, pre-clip gradient norms."""
+    import json
+
+    cfg = TrainSpec(steps=4, batch_size=2, warmup_steps=1, eval_every=2, eval_batches=1, log_every=2)
+    train(load_spec("mac-tiny"), CopySpec(length=8, symbols=8), cfg, tmp_path / "mac")
+    records = [json.loads(x) for x in (tmp_path / "mac" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    for block in (0, 1):
+        for name in ("surprise", "surprise_start", "surprise_end", "theta", "eta", "alpha", "w_norm"):
+            assert all(math.isfinite(r[f"block.{block}.{name}"]) for r in evals), name
+        assert all(r[f"block.{block}.grad_norm"] > 0 for r in records if r["split"] == "train")
+    assert all(r["grad_norm_max"] >= r["grad_norm"] > 0 for r in evals)
+    train(load_spec("swa-tiny"), CopySpec(length=8, symbols=8), cfg, tmp_path / "swa")
+    swa = [json.loads(x) for x in (tmp_path / "swa" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.endswith("surprise") for r in swa for k in r)

@@ -49,7 +49,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from titans_nas.tasks import TaskSpec
-    from titans_nas.train import TrainSpec, train
+    from titans_nas.train import TrainSpec, health_lines, train
 
     spec = load_spec(args.spec, args.set)
     task = load_union(args.task, TaskSpec, args.task_set)
@@ -73,9 +73,15 @@ def _train(args: argparse.Namespace) -> int:
             progress.update(0, completed=rec["step"], description=f"loss {rec['loss']:.4f}")
 
     def on_eval(rec: dict, _ckpt: object) -> None:
-        skip = ("step", "split", "params", "tokens_per_s", "peak_mem_mb")
-        metric = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in skip)
-        console.print(f"step {rec['step']:>6}  eval {metric}  {rec['tokens_per_s']:,.0f} tok/s")
+        skip = ("step", "split", "params", "tokens_per_s", "peak_mem_mb", "grad_norm", "grad_norm_max")
+        metric = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in skip and not k.startswith("block."))
+        console.print(
+            f"step {rec['step']:>6}  eval {metric}  {rec['tokens_per_s']:,.0f} tok/s  "
+            f"grad norm {rec['grad_norm']:.2f} (max {rec['grad_norm_max']:.2f}, pre-clip)",
+            soft_wrap=True,
+        )
+        for line in health_lines(rec):
+            console.print(f"{'':13}{line}", soft_wrap=True)
 
     with progress if progress is not None else _nothing():
         result = train(spec, task, cfg, out, resume=args.resume, on_log=on_log, on_eval=on_eval, device=args.device)

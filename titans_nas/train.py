@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from components.base import Spec
-from components.neural_memory import compile_memory
+from components.neural_memory import NeuralMemory, compile_memory, recording, summarize_health
 from titans_nas.builder import build_model
 from titans_nas.config import SpecError, dump_spec
 from titans_nas.model import TitansLM
@@ -47,7 +48,8 @@ class TrainSpec(Spec):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """The cosine decays to lr * min_lr_ratio at the last step."""
     weight_decay: float = Field(0.1, ge=0.0)
-    """AdamW decoupled weight decay, on matrices only (not norms, biases, gates' biases)."""
+    """AdamW decoupled weight decay, on the weights of linear maps only (`decays`: not embeddings,
+    norms, biases, conv filters, persistent tokens or the memory's initial weights)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     grad_clip: float | None = Field(1.0, gt=0.0)
@@ -88,11 +90,42 @@ def lr_at(step: int, cfg: TrainSpec) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def decays(module: torch.nn.Module, name: str) -> bool:
+    """Whether AdamW's weight decay applies to `module`'s own parameter `name`: only to the weight
+    matrices of linear maps (projections, gate projections, MLPs, the LM head). Everything else
+    keeps its value unless the loss moves it: embeddings, norm gains, biases (gate biases set the
+    gates' resting values), conv filters, persistent tokens and the memory's initial fast weights
+    W_0 (decay would pull the memory's prior to zero)."""
+    return isinstance(module, torch.nn.Linear) and name == "weight"
+
+
+def decayed_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters `make_optimizer` decays."""
+    return [
+        f"{prefix}.{name}".lstrip(".")
+        for prefix, module in model.named_modules()
+        for name, _ in module.named_parameters(recurse=False)
+        if decays(module, name)
+    ]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainSpec) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    names = set(decayed_parameters(model))
+    params = dict(model.named_parameters())  # tied parameters appear once
+    decay = [p for n, p in params.items() if n in names]
+    rest = [p for n, p in params.items() if n not in names]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _block_grad_norms(model: TitansLM) -> dict[str, float]:
+    """Pre-clip gradient norm of each block's parameters: `block.<i>.grad_norm`."""
+    out = {}
+    for i, block in enumerate(model.blocks):
+        grads = [p.grad for p in block.parameters() if p.grad is not None]
+        if grads:
+            out[f"block.{i}.grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    return out
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -105,18 +138,31 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+def _memories(model: TitansLM) -> dict[int, NeuralMemory]:
+    """The neural memory of each block that has one, by block index."""
+    return {i: m for i, block in enumerate(model.blocks) for m in block.modules() if isinstance(m, NeuralMemory)}
+
+
 @torch.no_grad()
-def evaluate(model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.device) -> dict[str, float]:
-    """Loss and task metric on the fixed evaluation set (same batches for every run)."""
+def evaluate(
+    model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.device, health: bool = False
+) -> dict[str, float]:
+    """Loss and task metric on the fixed evaluation set (same batches for every run). health:
+    also the memory health of every block on the first batch (`block.<i>.surprise`, ...:
+    `summarize_health`)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(cfg.eval_seed)
     sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
-    for _ in range(cfg.eval_batches):
+    memories = _memories(model) if health else {}
+    seen: dict[str, float] = {}
+    for i in range(cfg.eval_batches):
         batch = task.sample(cfg.batch_size, gen, "eval")
         batch = batch.to(device)
-        with _autocast(device):
+        with _autocast(device), recording(list(memories.values()) if i == 0 else []) as records:
             logits, _ = model(batch.inputs)
+        for b, log in zip(memories, records):
+            seen |= {f"block.{b}.{k}": v for k, v in summarize_health(log).items()}
         n = float((batch.targets != IGNORE).sum())
         sums["loss"][0] += float(loss_fn(logits, batch.targets)) * n
         sums["loss"][1] += n
@@ -125,7 +171,7 @@ def evaluate(model: TitansLM, task: TaskBase, cfg: TrainSpec, device: torch.devi
             acc[0] += num
             acc[1] += den
     model.train(was_training)
-    return {k: num / max(den, 1e-12) for k, (num, den) in sums.items()}
+    return {k: num / max(den, 1e-12) for k, (num, den) in sums.items()} | seen
 
 
 def _autocast(device: torch.device):
@@ -192,6 +238,7 @@ def train(
             on_log(rec)
 
     last_eval: dict[str, float] = {}
+    grad_norms: list[float] = []
     tokens_per_s = 0.0
     t0, tokens = time.perf_counter(), 0
     model.train()
@@ -214,6 +261,8 @@ def train(
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        block_norms = _block_grad_norms(model) if logging else {}  # before clipping rescales them
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(gnorm):
             status, message = "diverged", f"non-finite gradient norm at step {step + 1}"
@@ -222,7 +271,8 @@ def train(
         opt.step()
         step += 1
         tokens += inputs.numel()
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        grad_norms.append(float(gnorm))
+        if logging:
             elapsed = time.perf_counter() - t0
             tokens_per_s = tokens / max(elapsed, 1e-9)
             record(
@@ -232,23 +282,30 @@ def train(
                     "loss": loss.item(),
                     "lr": opt.param_groups[0]["lr"],
                     "grad_norm": float(gnorm),
+                    **block_norms,
                     "tokens_per_s": tokens_per_s,
                 }
             )
             t0, tokens = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval = evaluate(model, task, cfg, device)
+            evaluation = evaluate(model, task, cfg, device, health=True)
+            last_eval = {k: v for k, v in evaluation.items() if not k.startswith("block.")}
             if not math.isfinite(last_eval["loss"]):
                 status, message = "diverged", f"non-finite evaluation loss at step {step}"
             rec = {
                 "step": step,
                 "split": "eval",
                 **last_eval,
+                # pre-clip gradient norms of the steps since the last evaluation
+                "grad_norm": statistics.median(grad_norms),
+                "grad_norm_max": max(grad_norms),
+                **{k: v for k, v in evaluation.items() if k.startswith("block.")},
                 "params": params,
                 "tokens_per_s": tokens_per_s,
                 "peak_mem_mb": peak_mem_mb(device),
             }
             record(rec)
+            grad_norms = []
             written = None
             if ckpt_dir is not None and (
                 step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
@@ -270,6 +327,25 @@ def train(
             json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2)
         )
     return result
+
+
+def health_lines(rec: dict[str, Any]) -> list[str]:
+    """The memory health of an evaluation record, one line per block with a memory:
+    `memory 0: surprise 1.93 -> 0.88  theta 0.050  eta 0.100  alpha 0.0070  |W| 5.1`."""
+    blocks = sorted({int(k.split(".")[1]) for k in rec if k.startswith("block.") and k.endswith(".w_norm")})
+    lines = []
+    for b in blocks:
+        get = lambda name: rec.get(f"block.{b}.{name}")  # noqa: E731
+        parts = [f"memory {b}:"]
+        if get("surprise_start") is not None:
+            parts.append(f"surprise {get('surprise_start'):.3f} -> {get('surprise_end'):.3f}")
+        parts.append(f"theta {get('theta'):.4f}")
+        for name in ("eta", "alpha"):
+            if get(name) is not None:
+                parts.append(f"{name} {get(name):.4f}")
+        parts.append(f"|W| {get('w_norm'):.2f}")
+        lines.append("  ".join(parts))
+    return lines
 
 
 def read_metrics(path: Path, split: str | None = None) -> list[dict[str, Any]]:

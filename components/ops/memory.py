@@ -12,6 +12,15 @@ around it (residual; LayerNorm gain/bias are outer parameters, never fast weight
 W_{t'} is the state at the start of t's chunk (paper §3.2; chunk_size 1 is the fully online rule).
 Momentum off (None) means eta = 0 (no S state at all); decay off means alpha = 0.
 
+Step cap (`MemoryModel.step_cap = c`, decision 0006 §4): token t's gradient is scaled by
+
+    r_t = min(1, c l_t / sum_L theta_t,L |grad_L l_t|^2)     (taken as a constant: no outer gradient)
+
+a normalised-LMS bound: the step never exceeds c / 4 over the Gauss-Newton curvature of l_t
+along its error (for a linear memory with unit keys that curvature is 1, so r_t = 1 while
+theta_t <= c / 4). A deep memory's curvature grows with its weights; without the cap a chunk of
+similar keys at a fixed theta can overshoot, grow the weights and overshoot further.
+
 `granularity="chunk"` is the coarser rule (titans-pytorch's): a chunk is one inner step with the
 chunk means of theta, eta, alpha: S_k = eta S_{k-1} - theta sum_{t in k} grad l_t(W_{k-1}),
 W_k = (1 - alpha) W_{k-1} + S_k; it needs `read="chunk_start"` (an in-chunk read would see the
@@ -66,13 +75,22 @@ class MemoryState:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """How f_W is evaluated around the fast weights: activation between layers, and optionally
-    `x + LN(f(x))` (residual and/or LayerNorm with per-head gain/bias of shape (h, d))."""
+    """The memory's fixed (outer) structure around its fast weights: how f_W is evaluated
+    (activation between layers, optionally `x + LN(f(x))`: residual and/or LayerNorm with
+    per-head gain/bias of shape (h, d)) and where the forget gate pulls the weights: `prior`
+    (per layer (h, d_in, d_out), the learned initial weights W_0) or zero (None, eq. 13):
+
+        M_t = (1 - alpha_t) M_{t-1} + alpha_t P + S_t,  i.e. eq. 13 for the deviation M_t - P.
+
+    step_cap: c of the per-token step cap in the module docstring (None: no cap).
+    """
 
     activation: Activation = "gelu"
     residual: bool = False
     norm: tuple[Tensor, Tensor] | None = None
     eps: float = 1e-5
+    prior: Weights | None = None
+    step_cap: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +108,13 @@ def _act_backward(name: Activation, g: Tensor, z: Tensor) -> Tensor:
         return torch.ops.aten.gelu_backward(g, z)
     s = torch.sigmoid(z)
     return g * s * (1 + z * (1 - s))
+
+
+def _prior(model: MemoryModel, b: int) -> Weights | None:
+    """The decay's target per layer, (h, i, o) -> (b h, i, o); None = zero."""
+    if model.prior is None:
+        return None
+    return tuple(rearrange(w.expand(b, *w.shape), "b h i o -> (b h) i o") for w in model.prior)
 
 
 def _norm_params(model: MemoryModel, b: int) -> tuple[Tensor, Tensor] | None:
@@ -130,12 +155,20 @@ def _forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
 
 
 def _keys_and_errors(
-    ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm, q: Tensor | None = None, q_layers: int = 0
+    ws: Weights,
+    k: Tensor,
+    v: Tensor,
+    model: MemoryModel,
+    norm,
+    q: Tensor | None = None,
+    q_layers: int = 0,
+    theta=None,
 ):
     """Forward the keys at ws and back-propagate the loss by hand.
 
     Returns inputs[l] (the input of layer l, (B, c, d_l-1)) and deltas[l] = d loss / d z_l
-    (B, c, d_l): token j's gradient for W_l is the outer product inputs[l][j]^T deltas[l][j].
+    (B, c, d_l): token j's gradient for W_l is the outer product inputs[l][j]^T deltas[l][j];
+    with `model.step_cap` the deltas come already scaled by the cap r_j (`_capped`).
     If q is given, its rows ride along through the first q_layers layers (same weights, one
     bmm for both) and the third result is their output there: the pre-activation after layer
     q_layers, or f_W(q) when q_layers is the whole depth.
@@ -161,7 +194,20 @@ def _keys_and_errors(
     deltas = [delta]
     for i in range(depth - 1, 0, -1):
         deltas.insert(0, _act_backward(model.activation, deltas[0] @ ws[i].transpose(-1, -2), pre[i - 1]))
+    if model.step_cap is not None and theta is not None:
+        sq = [a.pow(2).sum(-1) * g.pow(2).sum(-1) for a, g in zip(inputs, deltas)]  # |grad_L l_j|^2
+        r = _capped(model.step_cap, (pred - v).pow(2).sum(-1), sq, theta)
+        deltas = [g * r[..., None] for g in deltas]
     return inputs, deltas, q_out
+
+
+def _capped(cap: float, loss: Tensor, sq: list[Tensor], theta) -> Tensor:
+    """r = min(1, cap l / sum_L theta_L |grad_L l|^2) per token, detached (a step-size control,
+    not part of the function the outer loop learns). theta(L) gives layer L's step, broadcastable
+    to loss's shape."""
+    with torch.no_grad():
+        curv = sum(theta(i) * g for i, g in enumerate(sq))
+        return (cap * loss / curv.clamp_min(1e-30)).clamp(max=1.0).to(loss.dtype)
 
 
 def _autocast_on(t: Tensor) -> bool:
@@ -214,6 +260,7 @@ class LayerCoefficients(NamedTuple):
     G and N are stored negated, so the chunk step only accumulates.
     """
 
+    theta: Tensor  # (B, c): the gate itself (for the step cap)
     beta: Tensor  # (B, c, 1)
     f: Tensor | None  # (B, c, 1); None without momentum
     neg_G: Tensor  # (B, c, c)
@@ -258,6 +305,7 @@ def _coefficients_fp(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None
         neg_G = l_beta @ neg_N
         m_last, neg_n_last = m[..., -1, None, None], neg_N[..., -1, :, None]
     fields = {
+        "theta": lr,
         "beta": beta[..., None],
         "f": None if f is None else f[..., None],
         "neg_G": neg_G,
@@ -289,18 +337,20 @@ def _chunk_step(
     model: MemoryModel,
     norm,
     read: Read,
+    prior: Weights | None,
 ):
     """One chunk piece of c tokens: per-token reads (if q is given) and the end state.
     Written with fused accumulations (addcmul, baddbmm): on CPU every elementwise pass over a
     (c, e) or (d, e) tensor costs a third of a matmul."""
     shared = anchor is M  # the keys and queries see the same weights: one bmm for both
+    theta = lambda i: coef[i].theta  # noqa: E731  (B, c) per layer, for the step cap
     qz = None
     if q is not None and read == "chunk_start":
-        inputs, deltas, y = _keys_and_errors(anchor, k, v, model, norm, q if shared else None, len(M))
+        inputs, deltas, y = _keys_and_errors(anchor, k, v, model, norm, q if shared else None, len(M), theta)
         if y is None:
             y = _forward(anchor, q, model, norm)
     else:
-        inputs, deltas, qz = _keys_and_errors(anchor, k, v, model, norm, q if shared else None, 1)
+        inputs, deltas, qz = _keys_and_errors(anchor, k, v, model, norm, q if shared else None, 1, theta)
         y = None
     if q is not None and read == "after_update":  # TTT dual form: row t is x_t M_t, M_t never built
         x = q
@@ -308,6 +358,8 @@ def _chunk_step(
             xm = qz if (i == 0 and qz is not None) else x @ M[i]
             z = torch.bmm(co.neg_G * (x @ inputs[i].transpose(-1, -2)), deltas[i])
             z = torch.addcmul(z, co.beta, xm)
+            if prior is not None:  # the share 1 - beta_t of the prior that decay brought back
+                z = torch.addcmul(z, 1 - co.beta, x @ prior[i])
             if S is not None:
                 z = torch.addcmul(z, co.f, x @ S[i])
             x = _act(model.activation, z) if i < len(M) - 1 else z
@@ -316,6 +368,8 @@ def _chunk_step(
     for i, co in enumerate(coef):
         a_t = inputs[i].transpose(-1, -2)
         base = M[i] * co.beta_last
+        if prior is not None:
+            base = torch.addcmul(base, 1 - co.beta_last, prior[i])
         if S is not None:
             base = torch.addcmul(base, co.f_last, S[i])
             new_S.append(_accumulate(S[i] * co.m_last, a_t, co.neg_n_last * deltas[i]))
@@ -339,11 +393,13 @@ def _chunkwise_step(
     keep: Tensor | None,
     model: MemoryModel,
     norm,
+    prior: Weights | None,
 ):
     """granularity "chunk": one inner step for a whole chunk with its mean gates theta, eta,
     keep = 1 - alpha (B, L'), and the reads f_W(q) of the chunk's new queries (same weights:
     they share the keys' bmm)."""
-    inputs, deltas, y = _keys_and_errors(W, k, v, model, norm, q, len(W) if q is not None else 0)
+    cap_theta = lambda i: _layer(theta, i)[..., None]  # noqa: E731  the chunk's mean theta, (B, 1)
+    inputs, deltas, y = _keys_and_errors(W, k, v, model, norm, q, len(W) if q is not None else 0, cap_theta)
     new_W, new_S = [], []
     for i in range(len(W)):
         # the sum over the chunk's tokens of theta * grad is one matmul: -theta A^T delta
@@ -351,7 +407,13 @@ def _chunkwise_step(
         if S is not None:
             step = torch.addcmul(step, _layer(eta, i)[..., None, None], S[i])
             new_S.append(step)
-        new_W.append(torch.addcmul(step, _layer(keep, i)[..., None, None], W[i]) if keep is not None else W[i] + step)
+        if keep is None:
+            new_W.append(W[i] + step)
+            continue
+        keep_i = _layer(keep, i)[..., None, None]
+        if prior is not None:
+            step = torch.addcmul(step, 1 - keep_i, prior[i])
+        new_W.append(torch.addcmul(step, keep_i, W[i]))
     return y, tuple(new_W), tuple(new_S) if S is not None else None
 
 
@@ -399,7 +461,7 @@ def memory_update(
             raise ValueError('granularity "chunk" needs read="chunk_start"')
         return _memory_update_chunkwise(q, k, v, lr, momentum, decay, state, chunk_size, model, compiled)
     b, h, n, _ = q.shape
-    norm = _norm_params(model, b)
+    norm, prior = _norm_params(model, b), _prior(model, b)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     lr_, log_eta, log_keep = _gate_logs(lr, momentum, decay, b, h)
     M = tuple(_flat(w) for w in state.weights)
@@ -411,7 +473,8 @@ def memory_update(
         """Tokens [start, start + c) of one chunk, gradients at `anchor`."""
         sl = slice(start, start + c)
         co = _coefficients(*[None if t is None else t[..., sl][:, None] for t in (lr_, log_eta, log_keep)], len(M))
-        return _step(_chunk_step, compiled)(anchor, M, S, qf[:, sl], kf[:, sl], vf[:, sl], co[0], model, norm, read)
+        args = (anchor, M, S, qf[:, sl], kf[:, sl], vf[:, sl], co[0], model, norm, read, prior)
+        return _step(_chunk_step, compiled)(*args)
 
     # the unfinished chunk of the previous call, with gradients still at its anchor
     if offset and n:
@@ -438,6 +501,7 @@ def memory_update(
                 model,
                 norm,
                 read,
+                prior,
                 checkpoint_chunks,
                 compiled,
             )
@@ -463,7 +527,7 @@ def _gate_logs(lr, momentum, decay, b, h):
     return lr_, log_eta, log_keep
 
 
-def _full_chunks(qf, kf, vf, lr_, log_eta, log_keep, M, S, pos, count, C, model, norm, read, group, compiled):
+def _full_chunks(qf, kf, vf, lr_, log_eta, log_keep, M, S, pos, count, C, model, norm, read, prior, group, compiled):
     """`count` whole chunks from `pos`: coefficients for all of them at once, then the loop."""
     end = pos + count * C
     split = lambda t: None if t is None else rearrange(t[..., pos:end], "B l (k c) -> B k l c", c=C)  # noqa: E731
@@ -476,7 +540,7 @@ def _full_chunks(qf, kf, vf, lr_, log_eta, log_keep, M, S, pos, count, C, model,
     def steps(M, S, q, k, v, coefs):
         ys = []
         for args in zip(q, k, v, coefs):
-            y, M, S = step(M, M, S, *args, model, norm, read)
+            y, M, S = step(M, M, S, *args, model, norm, read, prior)
             ys.append(y)
         return torch.cat(ys, 1), M, S
 
@@ -497,7 +561,7 @@ def _memory_update_chunkwise(
 ):
     """granularity "chunk": reads at the chunk start; the chunk's update waits until it is whole."""
     b, h, n, _ = q.shape
-    norm = _norm_params(model, b)
+    norm, prior = _norm_params(model, b), _prior(model, b)
     r = state.offset
     if state.pending is not None and r:
         pk, pv, plr, pm, pd = state.pending
@@ -525,7 +589,7 @@ def _memory_update_chunkwise(
         q_rows = qf[:, q_lo:q_hi] if q_hi > q_lo else None
         if end - start == C:  # a whole chunk: one inner step with the chunk-mean gates
             theta, eta, keep = next(gates)
-            y, W, S = step(W, S, q_rows, kf[:, start:end], vf[:, start:end], theta, eta, keep, model, norm)
+            y, W, S = step(W, S, q_rows, kf[:, start:end], vf[:, start:end], theta, eta, keep, model, norm, prior)
         else:
             y = _forward(W, q_rows, model, norm) if q_rows is not None else None
         if y is not None:
@@ -581,10 +645,17 @@ def naive_memory_update(
 
     outer = torch.is_grad_enabled()  # build the graph through the inner gradients only if needed
 
-    def grads(ws: Weights, kt: Tensor, vt: Tensor) -> Weights:
+    def grads(ws: Weights, kt: Tensor, vt: Tensor, theta) -> Weights:
+        """grad l_t at ws, times the step cap r_t when there is one (theta(i): layer i's step)."""
         ws = tuple(w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in ws)
-        loss = (f(ws, kt) - vt).pow(2).sum()
-        return torch.autograd.grad(loss, ws, create_graph=outer)
+        losses = (f(ws, kt) - vt).pow(2).sum(-1)  # (b, h)
+        u = torch.autograd.grad(losses.sum(), ws, create_graph=outer)
+        if model.step_cap is None:
+            return u
+        with torch.no_grad():
+            curv = sum(theta(i) * g.pow(2).sum((-2, -1)) for i, g in enumerate(u))
+            r = (model.step_cap * losses / curv.clamp_min(1e-30)).clamp(max=1.0)
+        return tuple(scalar(r) * g for g in u)
 
     W, S = state.weights, state.momentum
     if granularity == "chunk":
@@ -601,8 +672,10 @@ def naive_memory_update(
             outs.append(f(W, q[:, :, t - r]))
             if (t + 1) % chunk_size == 0:  # the chunk is whole: one step with its mean gates
                 s0 = t + 1 - chunk_size
+                theta = lambda i: torch.stack([gate(lr, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
                 with torch.enable_grad():
-                    total = [sum(gs) for gs in zip(*(grads(W, k[:, :, s], v[:, :, s]) for s in range(s0, t + 1)))]
+                    us = (grads(W, k[:, :, s], v[:, :, s], theta) for s in range(s0, t + 1))
+                    total = [sum(gs) for gs in zip(*us)]
                 new_W, new_S = [], []
                 for i in range(layers):
                     mean = lambda g: torch.stack([gate(g, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
@@ -610,6 +683,8 @@ def naive_memory_update(
                     if S is not None:
                         step = scalar(mean(momentum)) * S[i] + step
                         new_S.append(step)
+                    if decay is not None and model.prior is not None:
+                        step = step + scalar(mean(decay)) * model.prior[i]
                     keep = scalar(1 - mean(decay)) if decay is not None else 1.0
                     new_W.append(keep * W[i] + step)
                 W, S = tuple(new_W), tuple(new_S) if S is not None else None
@@ -628,13 +703,15 @@ def naive_memory_update(
         if offset == 0:
             anchor = W  # a new chunk starts: gradients at its start state W_{t'}
         with torch.enable_grad():
-            u = grads(anchor, k[:, :, t], v[:, :, t])
+            u = grads(anchor, k[:, :, t], v[:, :, t], lambda i, t=t: gate(lr, t, i))
         new_W, new_S = [], []
         for i in range(layers):
             step = -scalar(gate(lr, t, i)) * u[i]  # eq. 14 (momentary surprise)
             if S is not None:
                 step = scalar(gate(momentum, t, i)) * S[i] + step
                 new_S.append(step)
+            if decay is not None and model.prior is not None:  # forget toward the prior
+                step = step + scalar(gate(decay, t, i)) * model.prior[i]
             keep = scalar(1 - gate(decay, t, i)) if decay is not None else 1.0
             new_W.append(keep * W[i] + step)  # eq. 13
         W, S = tuple(new_W), tuple(new_S) if S is not None else None
@@ -650,6 +727,49 @@ def memory_read(q: Tensor, weights: Weights, model: MemoryModel) -> Tensor:
     b = q.shape[0]
     y = _forward(tuple(_flat(w) for w in weights), _flat(q), model, _norm_params(model, b))
     return rearrange(y, "(b h) n d -> b h n d", b=b)
+
+
+def chunk_surprise(
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    model: MemoryModel,
+    granularity: Granularity = "token",
+) -> Tensor:
+    """The inner loss (eq. 12) of every whole chunk's tokens at the weights the chunk starts from,
+    i.e. the momentary surprise the chunk's gradients are taken at: (b, h, chunks), the mean
+    over the chunk's tokens of ||f_{W_{t'}}(k_t) - v_t||^2. A diagnostic (no gradients): a memory
+    that learns the sequence shows it falling along the chunks. Tokens before the first chunk
+    boundary (a stream cut mid-chunk) are fed but not measured."""
+    b, h, n, _ = k.shape
+    norm = _norm_params(model, b)
+    cut = lambda g, sl: None if g is None else g[:, :, sl]  # noqa: E731
+    read = "chunk_start" if granularity == "chunk" else "after_update"
+    losses, pos = [], (chunk_size - state.offset) % chunk_size
+    with torch.no_grad():
+        if pos:
+            sl = slice(0, min(pos, n))
+            _, state = memory_update(
+                k[:, :, sl], k[:, :, sl], v[:, :, sl], cut(lr, sl), cut(momentum, sl), cut(decay, sl), state,
+                chunk_size=chunk_size, model=model, read=read, granularity=granularity,
+            )  # fmt: skip
+        while pos + chunk_size <= n:
+            sl = slice(pos, pos + chunk_size)
+            pred = _forward(tuple(_flat(w) for w in state.weights), _flat(k[:, :, sl]), model, norm)
+            losses.append((pred - _flat(v[:, :, sl])).pow(2).sum(-1).mean(-1))
+            _, state = memory_update(
+                k[:, :, sl], k[:, :, sl], v[:, :, sl], cut(lr, sl), cut(momentum, sl), cut(decay, sl), state,
+                chunk_size=chunk_size, model=model, read=read, granularity=granularity,
+            )  # fmt: skip
+            pos += chunk_size
+    if not losses:
+        return k.new_zeros(b, h, 0)
+    return rearrange(torch.stack(losses, -1), "(b h) k -> b h k", b=b)
 
 
 def init_memory_state(weights: Weights, batch: int, momentum: bool) -> MemoryState:
@@ -673,6 +793,7 @@ def memory_flops_per_token(widths: list[int], chunk_size: int, momentum: bool, r
 
 
 __all__ = [
+    "chunk_surprise",
     "MemoryModel",
     "MemoryState",
     "init_memory_state",

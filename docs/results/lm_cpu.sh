@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:-runs/lm}
 source "$(dirname "$0")/six_kinds.sh"
 TASK=(--task lm --task-set seq_len=256)
-TRAIN=(--steps 400 --eval-every 100 --batch-size 16 --lr 3e-3 --seed 0)
+TRAIN=(--steps 400 --eval-every 100 --batch-size 16 --lr 3e-3)
 run() { train_kind "$@"; }
 six_kinds
 for name in attention swa lmm mag mac mal; do

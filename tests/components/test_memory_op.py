@@ -29,6 +29,8 @@ class Case:
     norm: bool = True
     residual: bool = True
     per_layer_lr: bool = False
+    prior: bool = False
+    cap: float | None = None
 
 
 CASES = {
@@ -46,6 +48,19 @@ CASES = {
         depth=1, momentum=False, read="chunk_start", chunk=5, n=23, norm=False, residual=False
     ),
     "granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=16, n=37),
+    "mlp plain, decay toward the prior, chunk 16": Case(norm=False, residual=False, prior=True, per_layer_lr=True),
+    "linear, decay toward the prior, chunk 5": Case(depth=1, chunk=5, n=23, norm=False, residual=False, prior=True),
+    "mlp plain, prior, read chunk_start": Case(
+        norm=False, residual=False, prior=True, read="chunk_start", chunk=5, n=23
+    ),
+    "granularity chunk, prior": Case(read="chunk_start", granularity="chunk", chunk=5, n=23, prior=True),
+    "mlp plain, step cap, prior, chunk 16": Case(norm=False, residual=False, prior=True, per_layer_lr=True, cap=0.5),
+    "mlp x+LN, step cap, chunk 5": Case(chunk=5, n=23, cap=0.5),
+    "linear, step cap, chunk 1": Case(depth=1, chunk=1, n=23, norm=False, residual=False, cap=0.5),
+    "step cap, read chunk_start": Case(norm=False, residual=False, read="chunk_start", chunk=5, n=23, cap=0.5),
+    "granularity chunk, step cap": Case(
+        read="chunk_start", granularity="chunk", chunk=5, n=23, per_layer_lr=True, cap=0.5
+    ),
     "granularity chunk, no momentum, linear": Case(
         depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False
     ),
@@ -66,8 +81,9 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     mom = uni(b, h, n, scale=0.6) if case.momentum else None
     dec = uni(b, h, n, scale=0.1) if case.decay else None
     norm = (rnd(h, d, scale=0.1) + 1, rnd(h, d, scale=0.1)) if case.norm else None
-    model = MemoryModel(case.act, case.residual, norm)
-    leaves = [t for t in (q, k, v, lr, mom, dec, *weights, *(norm or ())) if t is not None]
+    prior = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:])) if case.prior else None
+    model = MemoryModel(case.act, case.residual, norm, prior=prior, step_cap=case.cap)
+    leaves = [t for t in (q, k, v, lr, mom, dec, *weights, *(norm or ()), *(prior or ())) if t is not None]
     return (q, k, v, lr, mom, dec), weights, model, leaves
 
 
@@ -102,6 +118,22 @@ def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
     loss = (y * g).sum() + sum((w * w).sum() for w in state.weights)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return y, state, grads
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.cap is not None])
+def test_the_step_cap_bites_and_an_infinite_cap_is_off(name):
+    """The cap cases are not vacuous: the cap changes the outputs; a cap too large to bind gives
+    exactly the uncapped update."""
+    import dataclasses
+
+    case = CASES[name]
+    inputs, weights, model, _ = make(case)
+    with torch.no_grad():
+        y = run(memory_update, case, inputs, weights, model)[0]
+        off = run(memory_update, case, inputs, weights, dataclasses.replace(model, step_cap=None))[0]
+        huge = run(memory_update, case, inputs, weights, dataclasses.replace(model, step_cap=1e12))[0]
+    assert (y - off).abs().max() > 1e-2 * off.abs().max()
+    assert torch.equal(huge, off)
 
 
 @pytest.mark.parametrize("name", list(CASES))

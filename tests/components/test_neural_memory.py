@@ -66,14 +66,49 @@ def test_per_layer_lr_shapes():
     assert shared.gates(torch.randn(2, 5, 16))[0].shape == (2, 2, 5)
 
 
-def test_default_layer_stays_finite_over_16k_tokens():
-    """l2-normalised keys and a bounded lr keep the inner loop finite (DESIGN §4)."""
-    mem = layer(dim=64, heads=4)
+@pytest.mark.parametrize(
+    "model, momentum",
+    [({"kind": "mlp"}, 0.1), ({"kind": "linear"}, 0.1), ({"kind": "mlp", "depth": 3}, 0.1), ({"kind": "mlp"}, 0.9)],
+)
+def test_inner_loop_stays_bounded_at_its_largest_step(model, momentum):
+    """theta at its bound (gate bias at 0.99 of theta_max), momentum and decay on: over 16K random
+    tokens and over 4K copies of one token (every gradient of a chunk points the same way: the case
+    the default theta_max = 1 / chunk guards) every weight stays within 2x the larger of
+    |W_0| and sqrt(heads * d_out) (the norm of a map taking unit keys to unit values), and the
+    raw reads f_W(q) (before any output norm) stay O(1)."""
+    from components.ops.memory import memory_read
+
+    mem = layer(dim=64, heads=4, model=model, lr={"init": 0.99}, momentum={"init": momentum})
+    start = [max(w.norm(), (w.shape[0] * w.shape[2]) ** 0.5) for w in mem.net.initial]
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(1, 16384, 64, generator=g), torch.randn(1, 1, 64, generator=g).expand(1, 4096, 64)):
+        with torch.no_grad():
+            _, state = mem(x, mem.init_state(1))
+            weights = state.memory.weights
+            for w, w0 in zip(weights, start):
+                assert w.norm() < 2 * w0, f"|W| {w.norm():.3g} vs bound {2 * w0:.3g}"
+            q = torch.nn.functional.normalize(torch.randn(1, 4, 64, 16, generator=g), dim=-1)
+            reads = memory_read(q, weights, mem.memory_model()).norm(dim=-1)
+        assert torch.isfinite(reads).all() and reads.max() < 10
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_the_step_cap_keeps_a_grown_deep_memory_bounded(capped):
+    """A deep memory whose W_0 the outer loop has grown (here x2: curvature ~4x) fed 2K similar
+    tokens with theta at its bound: with the curvature cap (lr.curvature_cap 2) the weights stay near W_0;
+    without it theta_max alone is 4x too large for this curvature and the inner loop diverges
+    (what MAL and MAC did in training at theta_max 1 / chunk: docs/decisions/0006 §4)."""
+    mem = layer(dim=64, heads=4, model={"kind": "mlp"}, lr={"init": 0.99, "curvature_cap": 2.0 if capped else None})
     with torch.no_grad():
-        y, _ = mem(torch.randn(1, 16384, 64))
-    assert torch.isfinite(y).all()
-    # and the last tokens are not dominated by a blown-up memory
-    assert y[:, -1024:].abs().max() < 100
+        for w in mem.net.initial:
+            w.mul_(2.0)
+    start = [w.norm() for w in mem.net.initial]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 64, generator=g) + 0.3 * torch.randn(1, 2048, 64, generator=g)
+    with torch.no_grad():
+        _, state = mem(x, mem.init_state(1))
+    bounded = all(w.norm() < 2 * max(w0, 4.0) for w, w0 in zip(state.memory.weights, start))
+    assert bounded == capped, [f"{w0:.3g} -> {w.norm():.3g}" for w, w0 in zip(state.memory.weights, start)]
 
 
 def test_bf16_autocast_keeps_the_state_in_float32():

@@ -3,7 +3,8 @@ searches, `tune.grid_search` over the points of ablations and grids; one trainab
 
 The run directory holds everything: `study.yaml` (resolved), `state.json` (the unique Optuna study
 name, the Ray temp dir), `optuna.db` (default storage), `tune/` (Tune's experiment state and
-checkpoints), `trials/<id>/` (spec, metrics, checkpoint, result of each trial), `trials.json`
+checkpoints), `trials/<id>/` (spec, metrics, checkpoint, result of each trial), `interrupted/`
+(trials a killed driver started that the resumed experiment replaced), `trials.json`
 and the report. `resume` restores Tune's experiment: finished trials are neither lost nor rerun.
 """
 
@@ -285,9 +286,21 @@ def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> P
                 }
             )
     (run_dir / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
+    _set_aside_orphans(run_dir, {t["trial_id"] for t in trials})
     state["finished"] = True
     _write_state(run_dir, state)
     return run_dir
+
+
+def _set_aside_orphans(run_dir: Path, known: set[str]) -> None:
+    """A driver killed between starting a trial and Tune's next experiment snapshot leaves that
+    trial's directory behind, unknown to the restored experiment, which runs a new trial in its
+    place. Such a directory (no result, not in the summary) moves to `interrupted/`: kept for
+    inspection, not counted as a trial of the study."""
+    for d in sorted((run_dir / "trials").glob("*")) if (run_dir / "trials").is_dir() else []:
+        if d.is_dir() and not d.is_symlink() and d.name not in known and not (d / "result.json").is_file():
+            (run_dir / "interrupted").mkdir(exist_ok=True)
+            d.rename(run_dir / "interrupted" / d.name)
 
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:

@@ -231,6 +231,9 @@ def write_plots(
             ax.legend(fontsize=6)
         fig.tight_layout()
         out.append(_save(fig, run_dir / "curves.png"))
+    health = [r for r in records if any("grad_norm" in c for c in r.curve)]
+    if health:
+        out.append(_health_plot(run_dir / "memory_health.png", study.spec.name, health, plt))
     if len(objectives) >= 2:
         (m1, _), (m2, _) = objectives[:2]
         done = [r for r in records if r.status == "completed" and r.value(m1) is not None and r.value(m2) is not None]
@@ -259,6 +262,30 @@ def write_plots(
             found = {"metric": metric, "basis": basis, "importances": importances}
             (run_dir / "importance.yaml").write_text(yaml.safe_dump(found, sort_keys=False))
     return out
+
+
+def _health_plot(path: Path, name: str, records: list[TrialRecord], plt: Any) -> Path:
+    """Per trial over the evaluations: the memory's surprise at the end of the sequence (mean over
+    blocks of `block.<i>.surprise_end`; a memory that memorizes drives it down) and the pre-clip
+    gradient norm (median of the steps since the previous evaluation)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in records:
+        ends = [
+            (c["step"], statistics.mean(v for k, v in c.items() if k.endswith(".surprise_end")))
+            for c in r.curve
+            if any(k.endswith(".surprise_end") for k in c)
+        ]
+        if ends:
+            left.plot(*zip(*ends), marker=".", alpha=0.8, label=r.trial_id)
+        norms = [(c["step"], c["grad_norm"]) for c in r.curve if isinstance(c.get("grad_norm"), (int, float))]
+        right.plot(*zip(*norms), marker=".", alpha=0.8, label=r.trial_id)
+    left.set(xlabel="step", ylabel="inner loss, last quarter of the sequence", title=f"{name}: memory surprise")
+    right.axhline(10, color="grey", ls=":", lw=1)
+    right.set(xlabel="step", ylabel="pre-clip grad norm (median)", yscale="log", title=f"{name}: outer gradient")
+    if len(records) <= 12:
+        right.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
