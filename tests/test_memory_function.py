@@ -60,7 +60,7 @@ def _mqar_accuracy(kind: str) -> float:
     from titans_nas.train import TrainSpec, train
 
     task = MQARSpec(seq_len=64, num_kv_pairs=4, vocab=32, power_a=1.0)
-    cfg = TrainSpec(steps=300, batch_size=16, lr=1e-2, warmup_steps=20, eval_every=300, eval_batches=4)
+    cfg = TrainSpec(steps=300, batch_size=16, lr=5e-3, warmup_steps=20, eval_every=300, eval_batches=4)
     over = ["depth=1", "dim=32", f"vocab_size={task.vocab_size}"]
     over += {"mac": ["block.segment_len=8"], "lmm": []}.get(kind, ["block.window=8"])
     if kind != "swa":
@@ -77,8 +77,11 @@ def swa_mqar_accuracy() -> float:
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
 def test_a_memory_kind_out_learns_swa_beyond_the_window(kind, swa_mqar_accuracy):
-    """Measured (2 cores): swa 0.07 (chance 1/16), mag 0.20, mal 0.74, mac 0.27, lmm 0.47. A
-    memory that carries nothing stays at swa's level."""
+    """Measured (seed 0): swa 0.082 (chance 1/16), lmm 0.266, mag 0.305, mac 0.316, mal 0.543;
+    over seeds 0-3 the lowest memory kind was mag at 0.180 and swa at most 0.082. (At lr 1e-2
+    the outcome swung with float32 rounding: lmm 0.47 or 0.11 on the same seed, from gradients
+    equal to 1e-5; lr 5e-3 keeps every seed well clear of the bound.) A memory that carries
+    nothing stays at swa's level."""
     acc = _mqar_accuracy(kind)
     assert acc > 2 * swa_mqar_accuracy and acc > swa_mqar_accuracy + 0.08, (
         f"{kind} {acc:.3f} vs swa {swa_mqar_accuracy:.3f}"

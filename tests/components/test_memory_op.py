@@ -61,6 +61,13 @@ CASES = {
     "granularity chunk, step cap": Case(
         read="chunk_start", granularity="chunk", chunk=5, n=23, per_layer_lr=True, cap=0.5
     ),
+    "mlp plain residual, everything on, chunk 8": Case(
+        norm=False, chunk=8, n=29, per_layer_lr=True, prior=True, cap=0.5
+    ),
+    "mlp depth 3 plain silu, everything on, chunk 4": Case(
+        depth=3, act="silu", norm=False, residual=False, chunk=4, n=18, prior=True, cap=0.05
+    ),
+    "linear, momentum+decay+prior, chunk 8": Case(depth=1, chunk=8, n=27, norm=False, residual=False, prior=True),
     "granularity chunk, no momentum, linear": Case(
         depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False
     ),
@@ -115,7 +122,7 @@ def assert_rel_close(a, b, rtol, what=""):
 def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
     y, state = run(fn, case, inputs, weights, model, **kw)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    loss = (y * g).sum() + sum((w * w).sum() for w in state.weights)
+    loss = (y * g).sum() + sum((w * w).sum() for w in state.weights + (state.momentum or ()))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return y, state, grads
 
@@ -156,7 +163,13 @@ def test_fast_equals_naive_float64(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["linear online, momentum+decay", "mlp x+LN, momentum+decay, chunk 16", "granularity chunk"]
+    "name",
+    [
+        "linear online, momentum+decay",
+        "mlp x+LN, momentum+decay, chunk 16",
+        "granularity chunk",
+        "mlp plain residual, everything on, chunk 8",
+    ],
 )
 def test_fast_equals_naive_float32(name):
     case = CASES[name]

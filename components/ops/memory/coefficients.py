@@ -1,0 +1,89 @@
+"""Per-token coefficients of a chunk of the fast path, from the gates in log space, for all
+chunks at once (a few batched ops before the sequential loop).
+
+Letters as in `common`: B = b h, K chunks, L' gate slots (1, or one per memory layer), c tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from components.ops.memory.common import autocast_on
+
+
+class Coefficients(NamedTuple):
+    """A chunk's coefficients for one memory layer, shaped for broadcasting: (B, c, ...) for one
+    chunk and layer, (B, K, L', c, ...) for all of them (`coefficients`; `at` picks one).
+
+    With beta_t = prod_{s<=t} (1 - alpha_s), m_t = prod_{s<=t} eta_s,
+    N[s, j] = theta_j prod_{j<i<=s} eta_i and G[t, j] = sum_{j<=s<=t} (beta_t / beta_s) N[s, j],
+    unrolling eqs. 13-14 inside the chunk gives (u_j = grad l_j at the anchor, f_t = sum_s
+    (beta_t / beta_s) m_s)
+        S_t = m_t S_0 - sum_j N[t, j] u_j,   M_t = beta_t M_0 + f_t S_0 - sum_j G[t, j] u_j.
+    G and N are stored negated, so the chunk step only accumulates.
+    """
+
+    theta: Tensor  # (B, c): the gate itself (for the step cap)
+    beta: Tensor  # (B, c, 1)
+    f: Tensor | None  # (B, c, 1); None without momentum
+    neg_G: Tensor  # (B, c, c)
+    beta_last: Tensor  # (B, 1, 1)
+    f_last: Tensor | None  # (B, 1, 1)
+    neg_g_last: Tensor  # (B, c, 1): the last row of -G, as a column
+    m_last: Tensor | None  # (B, 1, 1)
+    neg_n_last: Tensor | None  # (B, c, 1): the last row of -N, as a column
+
+
+def coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
+    """lr, log_eta, log_keep: (B, K, L', c) -> Coefficients of (B, K, L', ...) tensors, in the
+    gates' precision (float32 at least) also under autocast: these products span whole chunks."""
+    if not autocast_on(lr):
+        return _coefficients(lr, log_eta, log_keep)
+    with torch.autocast(lr.device.type, enabled=False):
+        return _coefficients(lr, log_eta, log_keep)
+
+
+def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
+    c = lr.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=lr.device).tril()
+
+    def decay_matrix(log_cum: Tensor) -> Tensor:  # [t, i] = exp(cum_t - cum_i) for i <= t, else 0
+        diff = log_cum[..., :, None] - log_cum[..., None, :]
+        return diff.masked_fill(~causal, float("-inf")).exp()
+
+    lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
+    l_beta = decay_matrix(lam)  # (B, K, L', c, c)
+    beta = lam.exp()
+    if log_eta is None:  # no momentum: N = diag(theta)
+        f = m_last = neg_n_last = None
+        neg_G = l_beta * -lr[..., None, :]
+    else:
+        mu = torch.cumsum(log_eta, -1)
+        neg_N = decay_matrix(mu) * -lr[..., None, :]
+        m = mu.exp()
+        f = (l_beta @ m[..., None])[..., 0]
+        neg_G = l_beta @ neg_N
+        m_last, neg_n_last = m[..., -1, None, None], neg_N[..., -1, :, None]
+    return Coefficients(
+        theta=lr,
+        beta=beta[..., None],
+        f=None if f is None else f[..., None],
+        neg_G=neg_G,
+        beta_last=beta[..., -1, None, None],
+        f_last=None if f is None else f[..., -1, None, None],
+        neg_g_last=neg_G[..., -1, :, None],
+        m_last=m_last,
+        neg_n_last=neg_n_last,
+    )
+
+
+def per_chunk(co: Coefficients, layers: int) -> list[tuple[Coefficients, ...]]:
+    """(B, K, L', ...) -> per chunk, per memory layer (slot min(l, L' - 1); L' may differ between
+    fields: without decay beta has one slot whatever theta has). unbind, not
+    indexing: the backward pass then stacks once instead of a full-size zero tensor per chunk."""
+    split = [None if t is None else [s.unbind(1) for s in t.unbind(1)] for t in co]  # [field][chunk][slot]
+    pick = lambda k, i: Coefficients(*[None if t is None else t[k][min(i, len(t[k]) - 1)] for t in split])  # noqa: E731
+    return [tuple(pick(k, i) for i in range(layers)) for k in range(co.theta.shape[1])]

@@ -1,0 +1,289 @@
+"""What every memory algorithm shares: the state, the memory's fixed structure around its fast
+weights, f_W and its hand-derived inner backward, the step cap, gate layouts and input checks.
+
+Letters: b batch, h heads, n tokens, B = b h (one bmm batch), c tokens of a chunk, K chunks,
+l memory layers (L' = 1 for gates shared by all layers), i / o a layer's input / output width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+Read = Literal["after_update", "chunk_start"]
+Granularity = Literal["token", "chunk"]
+Activation = Literal["gelu", "silu"]
+Weights = tuple[Tensor, ...]
+
+
+@dataclass
+class MemoryState:
+    """The memory after the tokens fed so far.
+
+    weights:  M_t per layer, (b, h, d_in, d_out), float32 (or float64 in tests).
+    momentum: S_t per layer, same shapes; None when momentum is off.
+    anchor:   W_{t'}, the weights the current chunk's gradients are taken at; None at a chunk
+              boundary (then it is `weights`).
+    offset:   tokens of the current chunk already seen (0 at a boundary).
+    pending:  granularity "chunk" only: (k, v, lr, momentum, decay) of the unfinished chunk's
+              tokens, applied when the chunk completes.
+    """
+
+    weights: Weights
+    momentum: Weights | None = None
+    anchor: Weights | None = None
+    offset: int = 0
+    pending: tuple[Tensor | None, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The memory's fixed (outer) structure around its fast weights: how f_W is evaluated
+    (activation between layers, optionally `x + LN(f(x))`: residual and/or LayerNorm with
+    per-head gain/bias of shape (h, d)) and where the forget gate pulls the weights: `prior`
+    (per layer (h, d_in, d_out), the learned initial weights W_0) or zero (None, eq. 13):
+
+        M_t = (1 - alpha_t) M_{t-1} + alpha_t P + S_t,  i.e. eq. 13 for the deviation M_t - P.
+
+    step_cap: c of the per-token step cap (package docstring; None: no cap).
+    """
+
+    activation: Activation = "gelu"
+    residual: bool = False
+    norm: tuple[Tensor, Tensor] | None = None
+    eps: float = 1e-5
+    prior: Weights | None = None
+    step_cap: float | None = None
+
+
+def init_memory_state(weights: Weights, batch: int, momentum: bool) -> MemoryState:
+    """Fresh state from learned per-head initial weights (h, d_in, d_out) each; S_0 = 0."""
+    ws = tuple(w.expand(batch, *w.shape) for w in weights)
+    return MemoryState(ws, tuple(torch.zeros_like(w) for w in ws) if momentum else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the activation and its derivatives
+
+
+def act(name: Activation, z: Tensor) -> Tensor:
+    return F.gelu(z) if name == "gelu" else F.silu(z)
+
+
+def act_backward(name: Activation, g: Tensor, z: Tensor) -> Tensor:
+    """g * act'(z). GELU uses the native kernel (it has a double backward); SiLU is written out
+    because aten.silu_backward has no derivative in torch 2.13."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(g, z)
+    s = torch.sigmoid(z)
+    return g * s * (1 + z * (1 - s))
+
+
+def act_second(name: Activation, z: Tensor) -> Tensor:
+    """act''(z): GELU (erf form) phi(z) (2 - z^2) with phi the normal density; SiLU
+    s (1 - s) (2 + z (1 - 2 s)) with s = sigmoid(z). The hand-written outer backward needs it
+    where the inner backward multiplied by act'(z)."""
+    if name == "gelu":
+        return torch.exp(-0.5 * z * z) * (2 - z * z) * (1 / math.sqrt(2 * math.pi))
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+# ---------------------------------------------------------------------------------------------
+# f_W and its inner backward
+
+
+def prior_weights(model: MemoryModel, b: int) -> Weights | None:
+    """The decay's target per layer, (h, i, o) -> (b h, i, o); None = zero."""
+    if model.prior is None:
+        return None
+    return tuple(rearrange(w.expand(b, *w.shape), "b h i o -> (b h) i o") for w in model.prior)
+
+
+def norm_params(model: MemoryModel, b: int) -> tuple[Tensor, Tensor] | None:
+    if model.norm is None:
+        return None
+    gain, bias = model.norm  # (h, d) -> (b h, 1, d)
+    h, d = gain.shape
+    return gain.expand(b, h, d).reshape(b * h, 1, d), bias.expand(b, h, d).reshape(b * h, 1, d)
+
+
+def finish(x: Tensor, z: Tensor, model: MemoryModel, norm: tuple[Tensor, Tensor] | None):
+    """Output of the memory for input x whose last layer produced z: x + LN(z), LN(z), x + z or z.
+    Also returns what the LayerNorm backward needs."""
+    cache = None
+    if norm is not None:
+        mu = z.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((z - mu).pow(2).mean(-1, keepdim=True) + model.eps)
+        xhat = (z - mu) * rstd
+        z = xhat * norm[0] + norm[1]
+        cache = (xhat, rstd)
+    return (x + z if model.residual else z), cache
+
+
+def ln_backward(g: Tensor, xhat: Tensor, rstd: Tensor, gain: Tensor) -> Tensor:
+    """d loss / d z for out = gain * xhat + bias, xhat = (z - mean) * rstd (biased variance)."""
+    gh = g * gain
+    return rstd * (gh - gh.mean(-1, keepdim=True) - xhat * (gh * xhat).mean(-1, keepdim=True))
+
+
+def forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
+    """f_W(x) for x (B, c, d)."""
+    z = x
+    for i, w in enumerate(ws):
+        z = z @ w
+        if i < len(ws) - 1:
+            z = act(model.activation, z)
+    return finish(x, z, model, norm)[0]
+
+
+class Keys(NamedTuple):
+    """The keys forwarded at W and the loss back-propagated by hand (eq. 12), per layer l:
+    inputs[l] (B, c, i) and deltas[l] = d loss / d z_l (B, c, o), so token j's gradient for W_l
+    is the outer product inputs[l][j]^T deltas[l][j] (never built). With a step cap the deltas
+    (and `carried`) come scaled by the cap r_j (`capped`)."""
+
+    inputs: list[Tensor]
+    pre: list[Tensor]  # z_l = inputs[l] W_l
+    deltas: list[Tensor]
+    carried: list[Tensor]  # deltas[l + 1] W_{l+1}^T, before act'(z_l): what the outer backward needs
+    r: Tensor | None  # (B, c, 1) the cap's scale; None without a cap
+    q_inputs: list[Tensor]  # the queries riding along: their input and pre-activation per layer
+    q_pre: list[Tensor]
+    q_out: Tensor | None
+
+
+def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm, q=None, q_layers=0, theta=None):
+    """Forward the keys at ws and back-propagate the loss by hand (see `Keys`).
+
+    If q is given, its rows ride along through the first q_layers layers (same weights, one
+    bmm for both) and q_out is their output there: the pre-activation after layer q_layers,
+    or f_W(q) when q_layers is the whole depth. theta(l): layer l's step (B, c), for the cap.
+    """
+    c, depth = k.shape[1], len(ws)
+    x = torch.cat([k, q], 1) if q is not None and q_layers else k
+    inputs, pre, q_inputs, q_pre, q_out = [], [], [], [], None
+    for i, w in enumerate(ws):
+        inputs.append(x[:, :c])
+        z = x @ w
+        if x.shape[1] > c:
+            q_inputs.append(x[:, c:])
+            q_pre.append(z[:, c:])
+        if x.shape[1] > c and i == q_layers - 1:  # the queries leave here
+            q_out = z[:, c:]
+            if q_layers == depth:
+                q_out = finish(q, q_out, model, norm)[0]
+            z = z[:, :c]
+        pre.append(z[:, :c])
+        if i < depth - 1:
+            x = act(model.activation, z)
+    pred, cache = finish(k, pre[-1], model, norm)
+    error = pred - v
+    delta = 2 * error  # eq. 12 without the 1/2
+    if cache is not None:
+        delta = ln_backward(delta, *cache, norm[0])
+    deltas, carried = [delta], []
+    for i in range(depth - 1, 0, -1):
+        carried.insert(0, deltas[0] @ ws[i].transpose(-1, -2))
+        deltas.insert(0, act_backward(model.activation, carried[0], pre[i - 1]))
+    r = None
+    if model.step_cap is not None and theta is not None:
+        sq = [a.pow(2).sum(-1) * g.pow(2).sum(-1) for a, g in zip(inputs, deltas)]  # |grad_l l_j|^2
+        r = capped(model.step_cap, error.pow(2).sum(-1), sq, theta)[..., None]
+        deltas = [g * r for g in deltas]
+        carried = [g * r for g in carried]
+    return Keys(inputs, pre, deltas, carried, r, q_inputs, q_pre, q_out)
+
+
+def capped(cap: float, loss: Tensor, sq: list[Tensor], theta) -> Tensor:
+    """r = min(1, cap l / sum_L theta_L |grad_L l|^2) per token, detached (a step-size control,
+    not part of the function the outer loop learns). theta(L) gives layer L's step, broadcastable
+    to loss's shape."""
+    with torch.no_grad():
+        curv = sum(theta(i) * g for i, g in enumerate(sq))
+        return (cap * loss / curv.clamp_min(1e-30)).clamp(max=1.0).to(loss.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts and checks
+
+
+def autocast_on(t: Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type)
+
+
+def accumulate(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """base + a @ b with base's precision: under autocast the product runs in low precision and
+    is added to the float32 state (baddbmm would cast the state itself down)."""
+    if autocast_on(a):
+        return base + torch.bmm(a, b).to(base.dtype)
+    return torch.baddbmm(base, a, b)
+
+
+def flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else rearrange(t, "b h ... -> (b h) ...")
+
+
+def flat_weights(ws: Weights | None) -> Weights | None:
+    return None if ws is None else tuple(flat(w) for w in ws)
+
+
+def unflat_weights(ws: Weights | None, b: int) -> Weights | None:
+    return None if ws is None else tuple(rearrange(w, "(b h) i o -> b h i o", b=b) for w in ws)
+
+
+def unflat_outputs(outs: list[Tensor], q: Tensor) -> Tensor:
+    b, d = q.shape[0], q.shape[-1]
+    out = torch.cat(outs, 1) if outs else q.new_zeros(b * q.shape[1], 0, d)
+    return rearrange(out, "(b h) n d -> b h n d", b=b)
+
+
+def per_layer(g: Tensor | None, b: int, h: int) -> Tensor | None:
+    """Gate (b, h, n) or (b, h, n, L) -> (b h, L', n) with L' = 1 or L."""
+    if g is None:
+        return None
+    return rearrange(g if g.ndim == 4 else g[..., None], "b h n l -> (b h) l n")
+
+
+def gate_logs(lr, momentum, decay, b, h):
+    """Gates -> (B, L', n): theta as is, log eta, log(1 - alpha) (log1p keeps small alpha exact)."""
+    lr_ = per_layer(lr, b, h)
+    log_eta = per_layer(torch.log(momentum), b, h) if momentum is not None else None
+    log_keep = per_layer(torch.log1p(-decay), b, h) if decay is not None else None
+    return lr_, log_eta, log_keep
+
+
+def with_pending(state: MemoryState, k, v, lr, momentum, decay):
+    """granularity "chunk": the unfinished chunk's tokens kept in the state, put before the new ones."""
+    if state.pending is None or not state.offset:
+        return k, v, lr, momentum, decay
+    pk, pv, plr, pm, pd = state.pending
+    join = lambda a, b: None if b is None else torch.cat([a, b], 2)  # noqa: E731
+    return join(pk, k), join(pv, v), join(plr, lr), join(pm, momentum), join(pd, decay)
+
+
+def check(q, k, v, lr, momentum, decay, state: MemoryState) -> int:
+    b, h, n, d = k.shape
+    layers = len(state.weights)
+    for name, g in (("lr", lr), ("momentum", momentum), ("decay", decay)):
+        if g is not None and (
+            g.shape[:3] != (b, h, n) or (g.ndim == 4 and g.shape[3] != layers) or g.ndim not in (3, 4)
+        ):
+            raise ValueError(f"{name} must be (b, h, n) or (b, h, n, {layers}), got {tuple(g.shape)}")
+    if (momentum is None) != (state.momentum is None):
+        raise ValueError("momentum gates and momentum state must be given together (or both None)")
+    return layers
+
+
+def memory_read(q: Tensor, weights: Weights, model: MemoryModel) -> Tensor:
+    """y = f_W(q) at fixed weights, no update (MAC's retrieval, eq. 21): q (b, h, n, d),
+    weights (b, h, d_in, d_out) each -> (b, h, n, d)."""
+    b = q.shape[0]
+    y = forward(flat_weights(weights), flat(q), model, norm_params(model, b))
+    return rearrange(y, "(b h) n d -> b h n d", b=b)

@@ -1,0 +1,131 @@
+"""The reference: the memory's equations token by token (eqs. 12-14), inner gradients by
+autograd at W_{t'} (create_graph=True, so outer gradients flow through them). Every fast path
+is tested against it in float64. Both granularities (`token`, `chunk`) in one loop each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from components.ops.memory.common import (
+    Activation,
+    Granularity,
+    MemoryModel,
+    MemoryState,
+    Read,
+    Weights,
+    act,
+    check,
+    with_pending,
+)
+
+
+def naive_memory_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    activation: Activation = "gelu",
+    read: Read = "after_update",
+    model: MemoryModel | None = None,
+    granularity: Granularity = "token",
+    checkpoint_chunks: int | None = None,
+    compiled: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Reference: the equations token by token; inner gradients by autograd at W_{t'}
+    (create_graph=True, so outer gradients flow through them). Same signature as memory_update."""
+    model = model or MemoryModel(activation=activation)
+    layers = check(q, k, v, lr, momentum, decay, state)
+    b, h, n, d = q.shape
+    gate = lambda g, t, i: None if g is None else (g[:, :, t, i] if g.ndim == 4 else g[:, :, t])  # noqa: E731
+    scalar = lambda x: x[..., None, None]  # noqa: E731
+
+    def f(ws: Weights, x: Tensor) -> Tensor:  # x (b, h, d)
+        y = x
+        for i, w in enumerate(ws):
+            y = torch.einsum("bhi,bhio->bho", y, w)
+            if i < len(ws) - 1:
+                y = act(model.activation, y)
+        if model.norm is not None:
+            y = F.layer_norm(y, (d,), eps=model.eps) * model.norm[0] + model.norm[1]
+        return x + y if model.residual else y
+
+    outer = torch.is_grad_enabled()  # build the graph through the inner gradients only if needed
+
+    def grads(ws: Weights, kt: Tensor, vt: Tensor, theta) -> Weights:
+        """grad l_t at ws, times the step cap r_t when there is one (theta(i): layer i's step)."""
+        ws = tuple(w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in ws)
+        losses = (f(ws, kt) - vt).pow(2).sum(-1)  # (b, h)
+        u = torch.autograd.grad(losses.sum(), ws, create_graph=outer)
+        if model.step_cap is None:
+            return u
+        with torch.no_grad():
+            curv = sum(theta(i) * g.pow(2).sum((-2, -1)) for i, g in enumerate(u))
+            r = (model.step_cap * losses / curv.clamp_min(1e-30)).clamp(max=1.0)
+        return tuple(scalar(r) * g for g in u)
+
+    W, S = state.weights, state.momentum
+    if granularity == "chunk":
+        if read != "chunk_start":
+            raise ValueError('granularity "chunk" needs read="chunk_start"')
+        r = state.offset
+        k, v, lr, momentum, decay = with_pending(state, k, v, lr, momentum, decay)
+        outs = []
+        for t in range(r, r + n):
+            outs.append(f(W, q[:, :, t - r]))
+            if (t + 1) % chunk_size == 0:  # the chunk is whole: one step with its mean gates
+                s0 = t + 1 - chunk_size
+                theta = lambda i: torch.stack([gate(lr, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
+                with torch.enable_grad():
+                    us = (grads(W, k[:, :, s], v[:, :, s], theta) for s in range(s0, t + 1))
+                    total = [sum(gs) for gs in zip(*us)]
+                new_W, new_S = [], []
+                for i in range(layers):
+                    mean = lambda g: torch.stack([gate(g, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
+                    step = -scalar(mean(lr)) * total[i]
+                    if S is not None:
+                        step = scalar(mean(momentum)) * S[i] + step
+                        new_S.append(step)
+                    if decay is not None and model.prior is not None:
+                        step = step + scalar(mean(decay)) * model.prior[i]
+                    keep = scalar(1 - mean(decay)) if decay is not None else 1.0
+                    new_W.append(keep * W[i] + step)
+                W, S = tuple(new_W), tuple(new_S) if S is not None else None
+        left = (r + n) % chunk_size
+        pending = None
+        if left:
+            tail = lambda t: None if t is None else t[:, :, r + n - left :]  # noqa: E731
+            pending = (tail(k), tail(v), tail(lr), tail(momentum), tail(decay))
+        out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, d)
+        return out, MemoryState(W, S, None, left, pending)
+
+    anchor = state.anchor if state.anchor is not None else W
+    offset = state.offset
+    outs = []
+    for t in range(n):
+        if offset == 0:
+            anchor = W  # a new chunk starts: gradients at its start state W_{t'}
+        with torch.enable_grad():
+            u = grads(anchor, k[:, :, t], v[:, :, t], lambda i, t=t: gate(lr, t, i))
+        new_W, new_S = [], []
+        for i in range(layers):
+            step = -scalar(gate(lr, t, i)) * u[i]  # eq. 14 (momentary surprise)
+            if S is not None:
+                step = scalar(gate(momentum, t, i)) * S[i] + step
+                new_S.append(step)
+            if decay is not None and model.prior is not None:  # forget toward the prior
+                step = step + scalar(gate(decay, t, i)) * model.prior[i]
+            keep = scalar(1 - gate(decay, t, i)) if decay is not None else 1.0
+            new_W.append(keep * W[i] + step)  # eq. 13
+        W, S = tuple(new_W), tuple(new_S) if S is not None else None
+        outs.append(f(anchor if read == "chunk_start" else W, q[:, :, t]))
+        offset = (offset + 1) % chunk_size
+    out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, d)
+    return out, MemoryState(W, S, anchor if offset else None, offset)

@@ -1,0 +1,168 @@
+"""The fast chunked memory update with per-token gates (granularity "token", the paper's rule).
+
+A loop over chunks with matmuls inside: keys forward at the chunk-start weights, a
+hand-derived inner backward (per-token gradients are outer products and are never built),
+per-token coefficients from log-space cumulative sums (`coefficients`), the TTT dual form for
+per-token reads, and one matmul per weight for the end-of-chunk state. Whole chunks run
+through `ChunkLoop` (its outer backward written by hand, `backward.py`) unless the memory has
+a LayerNorm, autocast is on or the step is compiled; then autograd differentiates `chunk_step`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from components.ops.memory.backward import ChunkLoop, hand_backward_applies
+from components.ops.memory.chunk import memory_update_chunkwise
+from components.ops.memory.coefficients import Coefficients, coefficients, per_chunk
+from components.ops.memory.common import (
+    Activation,
+    Granularity,
+    MemoryModel,
+    MemoryState,
+    Read,
+    check,
+    flat,
+    flat_weights,
+    gate_logs,
+    norm_params,
+    prior_weights,
+    unflat_outputs,
+    unflat_weights,
+)
+from components.ops.memory.step import Setting, chunk_step
+
+
+class Inputs(NamedTuple):
+    """One call's per-token tensors in bmm layout: q, k, v (B, n, d), gates (B, L', n)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    lr: Tensor
+    log_eta: Tensor | None
+    log_keep: Tensor | None
+
+
+_compiled: dict[str, object] = {}
+
+
+def _step(setting: Setting):
+    """The chunk step itself, or its torch.compile'd version (compiled once; the step, not the
+    loop, is compiled, so compile time does not grow with the sequence)."""
+    if not setting.compiled:
+        return chunk_step
+    if "chunk_step" not in _compiled:
+        _compiled["chunk_step"] = torch.compile(chunk_step, dynamic=False)
+    return _compiled["chunk_step"]
+
+
+def memory_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    activation: Activation = "gelu",
+    read: Read = "after_update",
+    model: MemoryModel | None = None,
+    granularity: Granularity = "token",
+    checkpoint_chunks: int | None = None,
+    compiled: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Run the memory over n tokens from `state`: outputs (b, h, n, d) and the state after them.
+
+    `model` describes f_W around the weights (activation, residual, LayerNorm); `activation`
+    is kept for the plain MLP case. checkpoint_chunks: recompute groups of that many chunks in
+    the backward pass (torch.utils.checkpoint) instead of storing their activations.
+    compiled: run the chunk step through torch.compile (GPU, or CPU with a C++ compiler).
+    """
+    model = model or MemoryModel(activation=activation)
+    check(q, k, v, lr, momentum, decay, state)
+    if granularity == "chunk":
+        if read != "chunk_start":
+            raise ValueError('granularity "chunk" needs read="chunk_start"')
+        return memory_update_chunkwise(q, k, v, lr, momentum, decay, state, chunk_size, model, compiled)
+    b, h, n, _ = q.shape
+    setting = Setting(
+        model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled
+    )
+    inputs = Inputs(flat(q), flat(k), flat(v), *gate_logs(lr, momentum, decay, b, h))
+    M, S = flat_weights(state.weights), flat_weights(state.momentum)
+    anchor = flat_weights(state.anchor) if state.anchor is not None else M
+    offset, outs, pos = state.offset, [], 0
+
+    def piece(M, S, anchor, start: int, c: int):
+        """Tokens [start, start + c) of one chunk, gradients at `anchor`."""
+        sl = slice(start, start + c)
+        co = coefficients(*[None if t is None else t[..., sl][:, None] for t in inputs[3:]])
+        chunk = [t[:, sl] for t in inputs[:3]]
+        return _step(setting)(anchor, M, S, *chunk, per_chunk(co, len(M))[0], setting)[:3]
+
+    # the unfinished chunk of the previous call, with gradients still at its anchor
+    if offset and n:
+        c = min(n, chunk_size - offset)
+        y, M, S = piece(M, S, anchor, 0, c)  # anchor is not M here: no shared bmm
+        outs.append(y)
+        pos, offset = c, (offset + c) % chunk_size
+        anchor = M if offset == 0 else anchor
+    if pos < n:
+        full = (n - pos) // chunk_size
+        if full:
+            y, M, S = _full_chunks(inputs, M, S, pos, full, setting)
+            outs.append(y)
+            pos += full * chunk_size
+        anchor = M
+        if pos < n:
+            y, M, S = piece(M, S, anchor, pos, n - pos)
+            outs.append(y)
+            offset = n - pos
+    new_state = MemoryState(
+        unflat_weights(M, b), unflat_weights(S, b), unflat_weights(anchor, b) if offset else None, offset
+    )
+    return unflat_outputs(outs, q), new_state
+
+
+def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
+    """`count` whole chunks from `pos`: coefficients for all of them at once, then the loop,
+    in checkpointed groups of `setting.group` chunks if asked."""
+    C = setting.chunk_size
+    end = pos + count * C
+    whole = pos == 0 and end == inputs.q.shape[1]  # no slicing then: a slice's backward is a full-size copy
+    cut = lambda t, dim: t if whole else t.narrow(dim, pos, end - pos)  # noqa: E731
+    split = lambda t: None if t is None else rearrange(cut(t, -1), "B l (k c) -> B k l c", c=C)  # noqa: E731
+    co = coefficients(*[split(t) for t in inputs[3:]])
+    q, k, v = (rearrange(cut(t, 1), "B (k c) d -> B k c d", c=C) for t in inputs[:3])
+    hand = hand_backward_applies(q, setting)
+
+    def steps(M, S, q, k, v, *co):
+        co = Coefficients(*co)
+        if hand:
+            return ChunkLoop.run(setting, q, k, v, co, M, S)
+        step, ys = _step(setting), []
+        # unbind: one stack in the backward pass instead of a full-size zero tensor per chunk
+        for args in zip(q.unbind(1), k.unbind(1), v.unbind(1), per_chunk(co, len(M))):
+            y, M, S, _ = step(M, M, S, *args, setting)
+            ys.append(y)
+        return torch.cat(ys, 1), M, S
+
+    group = setting.group or count
+    outs = []
+    for lo in range(0, count, group):
+        sl = slice(lo, min(count, lo + group))
+        part = [t if group >= count or t is None else t[:, sl] for t in (q, k, v, *co)]
+        if group < count and torch.is_grad_enabled():
+            y, M, S = checkpoint(steps, M, S, *part, use_reentrant=False)
+        else:
+            y, M, S = steps(M, S, *part)
+        outs.append(y)
+    return torch.cat(outs, 1), M, S
