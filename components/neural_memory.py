@@ -164,6 +164,11 @@ class NeuralMemorySpec(Spec):
     checkpoint_chunks: int | None = Field(None, ge=1)
     """Recompute groups of this many chunks in the backward pass instead of storing them
     (less memory, ~1.3x compute); null = store everything."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Who runs whole chunks: the Triton kernel (GPU; CPU only under TRITON_INTERPRET=1), torch,
+    or auto = Triton on CUDA where the kernels cover the memory (linear, or 2-layer MLP without
+    norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
+    >= 16), torch otherwise."""
 
     def theta_max(self) -> float:
         """The inner step's bound: `lr.theta_max`, or 1 / chunk_size when that is null."""
@@ -178,6 +183,24 @@ class NeuralMemorySpec(Spec):
                 "read",
                 "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)",
             )
+        if self.backend == "triton":
+            m = self.model
+            if (
+                (m.kind == "mlp" and (m.depth != 2 or m.norm))
+                or self.granularity != "token"
+                or self.read != "after_update"
+            ):
+                raise SpecRuleError(
+                    "backend",
+                    "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, with "
+                    "granularity 'token' and read 'after_update'",
+                )
+            dims = (self.chunk_size, *self.model.widths(dim // h)[:2])
+            if any(x < 16 or x & (x - 1) for x in dims):
+                raise SpecRuleError(
+                    "backend",
+                    f"the Triton kernels need chunk_size, head dim and hidden width powers of two >= 16 (got {dims})",
+                )
 
     def build(self, dim: int, heads: int) -> NeuralMemory:
         h = self.heads or heads
@@ -200,6 +223,7 @@ class NeuralMemorySpec(Spec):
                 self.read,
                 self.granularity,
                 self.checkpoint_chunks,
+                backend=self.backend,
                 forget_to_prior=self.decay is not None and self.decay.toward == "initial",
                 # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
                 step_cap=4.0 * self.lr.curvature_cap / self.chunk_size if self.lr.curvature_cap else None,
@@ -299,6 +323,7 @@ class UpdateRule:
     read: Read
     granularity: Granularity
     checkpoint_chunks: int | None
+    backend: str = "auto"
     forget_to_prior: bool = False
     step_cap: float | None = None
 
@@ -385,6 +410,7 @@ class NeuralMemory(nn.Module):
             granularity=rule.granularity,
             checkpoint_chunks=rule.checkpoint_chunks,
             compiled=self.compiled,
+            backend=rule.backend,
         )
         if self.health is not None:
             self.health.append(self._health(k, v, lr, momentum, decay, before, memory))

@@ -168,7 +168,7 @@ def chunk_backward(setting, M, S, co, saved, dy, dM, dS, dP):
             t = saved.t[i]
             dD[i].baddbmm_((c.neg_G * t).transpose(-1, -2), dz)
             dgt = dz @ D[i].transpose(-1, -2)  # d loss / d (G o t), (B, c, c)
-            g["neg_G"] = (dgt * t).tril()
+            g["neg_G"] = dgt * t  # also above the diagonal, where G is 0: exact for any G
             dt = dgt * c.neg_G
             dx.baddbmm_(dt, a[i])
             da[i].baddbmm_(dt.transpose(-1, -2), x)

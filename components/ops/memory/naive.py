@@ -38,9 +38,11 @@ def naive_memory_update(
     granularity: Granularity = "token",
     checkpoint_chunks: int | None = None,
     compiled: bool = False,
+    backend: str = "auto",
 ) -> tuple[Tensor, MemoryState]:
     """Reference: the equations token by token; inner gradients by autograd at W_{t'}
-    (create_graph=True, so outer gradients flow through them). Same signature as memory_update."""
+    (create_graph=True, so outer gradients flow through them). Same signature as memory_update
+    (checkpoint_chunks, compiled and backend do not apply to the reference)."""
     model = model or MemoryModel(activation=activation)
     layers = check(q, k, v, lr, momentum, decay, state)
     b, h, n, d = q.shape

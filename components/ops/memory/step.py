@@ -6,7 +6,7 @@ Letters as in `common`: B = b h, c tokens of the chunk, i / o a layer's input / 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ from components.ops.memory.common import (
     keys_and_errors,
 )
 
+Backend = Literal["auto", "torch", "triton"]
+
 
 class Setting(NamedTuple):
     """What stays fixed over one call: the memory's structure, its norm and prior in bmm
@@ -36,6 +38,7 @@ class Setting(NamedTuple):
     chunk_size: int
     group: int | None  # checkpoint groups of this many chunks (None: store everything)
     compiled: bool
+    backend: Backend = "auto"
 
 
 class Saved(NamedTuple):

@@ -35,7 +35,7 @@ from components.ops.memory.common import (
     unflat_outputs,
     unflat_weights,
 )
-from components.ops.memory.step import Setting, chunk_step
+from components.ops.memory.step import Backend, Setting, chunk_step
 
 
 class Inputs(NamedTuple):
@@ -78,6 +78,7 @@ def memory_update(
     granularity: Granularity = "token",
     checkpoint_chunks: int | None = None,
     compiled: bool = False,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over n tokens from `state`: outputs (b, h, n, d) and the state after them.
 
@@ -85,6 +86,8 @@ def memory_update(
     is kept for the plain MLP case. checkpoint_chunks: recompute groups of that many chunks in
     the backward pass (torch.utils.checkpoint) instead of storing their activations.
     compiled: run the chunk step through torch.compile (GPU, or CPU with a C++ compiler).
+    backend: whole chunks through the Triton kernel ("triton"; `triton_linear.supported` says
+    what it covers), through torch ("torch"), or Triton where it covers the call on CUDA ("auto").
     """
     model = model or MemoryModel(activation=activation)
     check(q, k, v, lr, momentum, decay, state)
@@ -94,7 +97,7 @@ def memory_update(
         return memory_update_chunkwise(q, k, v, lr, momentum, decay, state, chunk_size, model, compiled)
     b, h, n, _ = q.shape
     setting = Setting(
-        model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled
+        model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled, backend
     )
     inputs = Inputs(flat(q), flat(k), flat(v), *gate_logs(lr, momentum, decay, b, h))
     M, S = flat_weights(state.weights), flat_weights(state.momentum)
@@ -143,9 +146,12 @@ def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
     co = coefficients(*[split(t) for t in inputs[3:]])
     q, k, v = (rearrange(cut(t, 1), "B (k c) d -> B k c d", c=C) for t in inputs[:3])
     hand = hand_backward_applies(q, setting)
+    triton_loop = _triton_loop(setting, q, M)
 
     def steps(M, S, q, k, v, *co):
         co = Coefficients(*co)
+        if triton_loop is not None:
+            return triton_loop.run(setting, q, k, v, co, M, S)
         if hand:
             return ChunkLoop.run(setting, q, k, v, co, M, S)
         step, ys = _step(setting), []
@@ -166,3 +172,21 @@ def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
             y, M, S = steps(M, S, *part)
         outs.append(y)
     return torch.cat(outs, 1), M, S
+
+
+def _triton_loop(setting: Setting, q: Tensor, M):
+    """The Triton loop if the backend asks for it (or "auto" on CUDA where it covers the call)."""
+    if setting.backend == "torch" or (setting.backend == "auto" and not q.is_cuda):
+        return None
+    try:
+        from components.ops.memory import triton_linear, triton_mlp
+    except ImportError as e:
+        if setting.backend == "triton":
+            raise ValueError(f'backend "triton" needs the triton package ({e})') from e
+        return None
+    reason = triton_linear.supported(setting, M, q)
+    if reason is None:
+        return triton_linear.TritonLinearLoop if len(M) == 1 else triton_mlp.TritonMLPLoop
+    if setting.backend == "triton":
+        raise ValueError(reason)
+    return None
