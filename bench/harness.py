@@ -27,6 +27,9 @@ def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[d
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from titans_nas.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as train() does
     torch.set_num_threads(group[0]["threads"])
     steps, first, times, flops = {}, {}, {}, {}
     for i, cfg in enumerate(group):
@@ -67,6 +70,9 @@ def peak_rss(cfg: dict, make_step: StepFactory) -> dict:
     """Peak RSS (MiB) of a warm-up step plus one step, alone in this process; base = after building."""
     import torch
 
+    from titans_nas.allocator import keep_freed_memory
+
+    keep_freed_memory()
     torch.set_num_threads(cfg["threads"])
     step, _ = make_step(cfg)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

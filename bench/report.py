@@ -3,6 +3,7 @@ docs/benchmarks.md (ratios are taken inside one side-by-side group).
 
     python bench/report.py memory docs/bench/memory.jsonl
     python bench/report.py models docs/bench/models.jsonl
+    python bench/report.py study docs/bench/study.jsonl
 """
 
 from __future__ import annotations
@@ -114,6 +115,30 @@ def models_report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def study_report(rows: list[dict]) -> str:
+    """One row per (threads, dim, seq) group: tokens/s of each kind, and each memory kind / swa."""
+    kinds, memory = ["attention", "swa", "lmm", "mag", "mac", "mal"], ["lmm", "mag", "mac", "mal"]
+    groups: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if "error" not in r:
+            groups[(r["threads"], r["dim"], r["seq"])][r["impl"]] = r["tokens_per_s"]
+    out = ["| threads | dim | seq | " + " | ".join(kinds) + " | " + " | ".join(f"{k} / swa" for k in memory) + " |"]
+    out.append("|" + "---|" * (3 + len(kinds) + len(memory)))
+    for key in sorted(groups):
+        g = groups[key]
+        ratios = [f"{g[k] / g['swa']:.2f}x" if k in g and "swa" in g else "-" for k in memory]
+        out.append(
+            "| "
+            + " | ".join(map(str, key))
+            + " | "
+            + " | ".join(fmt(g.get(k)) for k in kinds)
+            + " | "
+            + " | ".join(ratios)
+            + " |"
+        )  # noqa: E501
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     what, path = sys.argv[1], sys.argv[2]
-    print(memory_report(load(path)) if what == "memory" else models_report(load(path)))
+    print({"memory": memory_report, "models": models_report, "study": study_report}[what](load(path)))

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from titans_nas.allocator import keep_freed_memory
 from titans_nas.config import SpecError, dump_spec, load_spec, load_union
 from titans_nas.spec import ModelSpec
 
@@ -283,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_freed_memory()  # allocator.py: long sequences otherwise page-fault on every state tensor
     try:
         return args.fn(args)
     except SpecError as e:

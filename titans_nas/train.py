@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from components.base import Spec
 from components.neural_memory import NeuralMemory, compile_memory, recording, summarize_health
+from titans_nas.allocator import keep_freed_memory
 from titans_nas.builder import build_model
 from titans_nas.config import SpecError, dump_spec
 from titans_nas.model import TitansLM
@@ -210,6 +211,7 @@ def train(
     and may return True to stop the run (status `stopped`).
     """
     check_compatible(model_spec, task)
+    keep_freed_memory()  # long sequences allocate thousands of state-sized tensors (allocator.py)
     device = torch.device(device)
     model = build_model(model_spec).to(device)
     opt = make_optimizer(model, cfg)
