@@ -239,8 +239,10 @@ def test_streaming_in_pieces_equals_one_pass(name, pieces):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_checkpointed_chunks_give_identical_gradients():
-    case = Case(chunk=4, n=41)
+@pytest.mark.parametrize(
+    "case", [Case(chunk=4, n=41), Case(chunk=4, n=41, norm=False, residual=False, prior=True, cap=0.5)]
+)  # the first through autograd (LayerNorm), the second through the hand-written backward
+def test_checkpointed_chunks_give_identical_gradients(case):
     inputs, weights, model, leaves = make(case)
     y, _, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
     y2, _, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, checkpoint_chunks=3)
