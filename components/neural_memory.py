@@ -168,7 +168,8 @@ class NeuralMemorySpec(Spec):
     """Who runs whole chunks: the Triton kernel (GPU; CPU only under TRITON_INTERPRET=1), torch,
     or auto = Triton on CUDA where the kernels cover the memory (linear, or 2-layer MLP without
     norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
-    >= 16), torch otherwise."""
+    >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
+    torch otherwise."""
 
     def theta_max(self) -> float:
         """The inner step's bound: `lr.theta_max`, or 1 / chunk_size when that is null."""

@@ -113,3 +113,10 @@ def test_the_spec_refuses_triton_where_the_kernel_does_not_reach():
     with pytest.raises(SpecError, match="powers of two"):
         load_spec("lmm-tiny", ["dim=32", "block.memory.model.kind=linear", "block.memory.chunk_size=8",
                                "block.memory.backend=triton"])  # fmt: skip
+
+
+def test_auto_takes_the_kernels_only_for_state_tiles_they_hold():
+    from components.ops.memory.triton_linear import chosen_by_auto
+
+    assert chosen_by_auto((torch.zeros(1, 32, 128), torch.zeros(1, 128, 32)))  # 4096 floats a tile
+    assert not chosen_by_auto((torch.zeros(1, 64, 256), torch.zeros(1, 256, 64)))

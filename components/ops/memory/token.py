@@ -175,7 +175,8 @@ def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
 
 
 def _triton_loop(setting: Setting, q: Tensor, M):
-    """The Triton loop if the backend asks for it (or "auto" on CUDA where it covers the call)."""
+    """The Triton loop if the backend asks for it, or "auto" on CUDA where it covers the call and
+    the state tiles are small enough for the untiled kernels (`triton_linear.chosen_by_auto`)."""
     if setting.backend == "torch" or (setting.backend == "auto" and not q.is_cuda):
         return None
     try:
@@ -185,8 +186,8 @@ def _triton_loop(setting: Setting, q: Tensor, M):
             raise ValueError(f'backend "triton" needs the triton package ({e})') from e
         return None
     reason = triton_linear.supported(setting, M, q)
-    if reason is None:
-        return triton_linear.TritonLinearLoop if len(M) == 1 else triton_mlp.TritonMLPLoop
-    if setting.backend == "triton":
+    if setting.backend == "triton" and reason is not None:
         raise ValueError(reason)
-    return None
+    if reason is not None or (setting.backend == "auto" and not triton_linear.chosen_by_auto(M)):
+        return None
+    return triton_linear.TritonLinearLoop if len(M) == 1 else triton_mlp.TritonMLPLoop

@@ -187,6 +187,16 @@ def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | No
     return None
 
 
+# `auto` takes the kernels only where a layer's whole state tile is at most this many floats:
+# they keep every state tile on chip (no tiling over the hidden width yet), so larger memories
+# would spill or fail to compile, and no GPU has measured them (docs/decisions/0007).
+AUTO_MAX_TILE = 64 * 64
+
+
+def chosen_by_auto(M: tuple[torch.Tensor, ...]) -> bool:
+    return all(w.shape[-2] * w.shape[-1] <= AUTO_MAX_TILE for w in M)
+
+
 class TritonLinearLoop(torch.autograd.Function):
     """Same contract as `backward.ChunkLoop` for a depth-1 memory: whole chunks (B, K, c, d)."""
 
