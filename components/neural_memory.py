@@ -31,6 +31,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
+from components.ops.memory.common import triton_reach
 
 
 class LinearMemorySpec(Spec):
@@ -185,23 +186,11 @@ class NeuralMemorySpec(Spec):
                 "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)",
             )
         if self.backend == "triton":
-            m = self.model
-            if (
-                (m.kind == "mlp" and (m.depth != 2 or m.norm))
-                or self.granularity != "token"
-                or self.read != "after_update"
-            ):
-                raise SpecRuleError(
-                    "backend",
-                    "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, with "
-                    "granularity 'token' and read 'after_update'",
-                )
-            dims = (self.chunk_size, *self.model.widths(dim // h)[:2])
-            if any(x < 16 or x & (x - 1) for x in dims):
-                raise SpecRuleError(
-                    "backend",
-                    f"the Triton kernels need chunk_size, head dim and hidden width powers of two >= 16 (got {dims})",
-                )
+            m, widths = self.model, self.model.widths(dim // h)
+            norm = m.kind == "mlp" and m.norm
+            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, (self.chunk_size, *widths[:-1]))
+            if reason is not None:
+                raise SpecRuleError("backend", reason)
 
     def build(self, dim: int, heads: int) -> NeuralMemory:
         h = self.heads or heads

@@ -1,4 +1,4 @@
-"""The Triton kernel of the memory (components/ops/memory/triton_linear.py) against the naive
+"""The Triton kernels of the memory (components/ops/memory/triton_*.py) against the naive
 reference, on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported): float32, tiny sizes, outputs, final state and every gradient."""
 
@@ -116,7 +116,7 @@ def test_the_spec_refuses_triton_where_the_kernel_does_not_reach():
 
 
 def test_auto_takes_the_kernels_only_for_state_tiles_they_hold():
-    from components.ops.memory.triton_linear import chosen_by_auto
+    from components.ops.memory.triton_loop import chosen_by_auto
 
     assert chosen_by_auto((torch.zeros(1, 32, 128), torch.zeros(1, 128, 32)))  # 4096 floats a tile
     assert not chosen_by_auto((torch.zeros(1, 64, 256), torch.zeros(1, 256, 64)))

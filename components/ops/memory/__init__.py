@@ -41,7 +41,8 @@ One file per algorithm, its reference beside it:
     naive.py         the reference token loop, both granularities
     surprise.py      the inner loss along a sequence (a diagnostic)
     triton_*.py      Triton kernels of the whole chunk loop, forward and backward (GPU; tested
-                     on CPU under TRITON_INTERPRET=1): linear and 2-layer MLP memory
+                     on CPU under TRITON_INTERPRET=1): linear and 2-layer MLP memory, built
+                     from `triton_parts`, launched by `triton_loop.TritonLoop`
 """
 
 from components.ops.memory.common import (

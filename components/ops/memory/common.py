@@ -268,6 +268,20 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
     return join(pk, k), join(pv, v), join(plr, lr), join(pm, momentum), join(pd, decay)
 
 
+def triton_reach(depth: int, norm: bool, granularity: str, read: str, dims: tuple[int, ...]) -> str | None:
+    """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
+    and the hidden widths. The one statement of what the kernels cover: the spec refuses
+    `backend: triton` with it, and the op picks its backend with it."""
+    if depth > 2 or norm or granularity != "token" or read != "after_update":
+        return (
+            "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
+            "with granularity 'token' and read 'after_update'"
+        )
+    if any(x < 16 or x & (x - 1) for x in dims):
+        return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"
+    return None
+
+
 def check(q, k, v, lr, momentum, decay, state: MemoryState) -> int:
     b, h, n, d = k.shape
     layers = len(state.weights)

@@ -86,7 +86,7 @@ def memory_update(
     is kept for the plain MLP case. checkpoint_chunks: recompute groups of that many chunks in
     the backward pass (torch.utils.checkpoint) instead of storing their activations.
     compiled: run the chunk step through torch.compile (GPU, or CPU with a C++ compiler).
-    backend: whole chunks through the Triton kernel ("triton"; `triton_linear.supported` says
+    backend: whole chunks through the Triton kernel ("triton"; `common.triton_reach` says
     what it covers), through torch ("torch"), or Triton where it covers the call on CUDA ("auto").
     """
     model = model or MemoryModel(activation=activation)
@@ -176,18 +176,18 @@ def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
 
 def _triton_loop(setting: Setting, q: Tensor, M):
     """The Triton loop if the backend asks for it, or "auto" on CUDA where it covers the call and
-    the state tiles are small enough for the untiled kernels (`triton_linear.chosen_by_auto`)."""
+    the state tiles are small enough for the untiled kernels (`triton_loop.chosen_by_auto`)."""
     if setting.backend == "torch" or (setting.backend == "auto" and not q.is_cuda):
         return None
     try:
-        from components.ops.memory import triton_linear, triton_mlp
+        from components.ops.memory import triton_loop
     except ImportError as e:
         if setting.backend == "triton":
             raise ValueError(f'backend "triton" needs the triton package ({e})') from e
         return None
-    reason = triton_linear.supported(setting, M, q)
+    reason = triton_loop.supported(setting, M, q)
     if setting.backend == "triton" and reason is not None:
         raise ValueError(reason)
-    if reason is not None or (setting.backend == "auto" and not triton_linear.chosen_by_auto(M)):
+    if reason is not None or (setting.backend == "auto" and not triton_loop.chosen_by_auto(M)):
         return None
-    return triton_linear.TritonLinearLoop if len(M) == 1 else triton_mlp.TritonMLPLoop
+    return triton_loop.TritonLoop

@@ -14,14 +14,14 @@ small kernels per chunk), the inputs may be bf16. The math is `step.chunk_step` 
 The coefficients come in from `coefficients.coefficients` (autograd takes their gradients to
 the gates). Runs on CUDA; on CPU tensors under TRITON_INTERPRET=1 (how CI tests it against the
 naive reference, tests/components/test_memory_triton.py).
+
+The autograd wrapper that launches it is `triton_loop.TritonLoop`.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward
 
@@ -166,112 +166,3 @@ def _linear_bwd(
         tl.store(dS0 + b * D * D + sq, dS)
     if HAS_P:
         tl.store(dP + b * D * D + sq, dPm)
-
-
-_FIELDS = ("theta", "beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")
-
-
-def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run a call on whole chunks q (B, K, c, d) from states M
-    (None: they can)."""
-    depth = len(M)
-    if depth > 2:
-        return "the Triton kernels cover the linear memory and the 2-layer MLP memory"
-    if setting.model.norm is not None:
-        return "the Triton kernel has no LayerNorm'd memory"
-    if setting.read != "after_update":
-        return 'the Triton kernel reads "after_update" only'
-    dims = (q.shape[-2], q.shape[-1], *(w.shape[-1] for w in M[:-1]))
-    if any(x < 16 or x & (x - 1) for x in dims):
-        return f"the Triton kernel needs chunk, head and hidden dims that are powers of two >= 16 (got {dims})"
-    return None
-
-
-# `auto` takes the kernels only where a layer's whole state tile is at most this many floats:
-# they keep every state tile on chip (no tiling over the hidden width yet), so larger memories
-# would spill or fail to compile, and no GPU has measured them (docs/decisions/0007).
-AUTO_MAX_TILE = 64 * 64
-
-
-def chosen_by_auto(M: tuple[torch.Tensor, ...]) -> bool:
-    return all(w.shape[-2] * w.shape[-1] <= AUTO_MAX_TILE for w in M)
-
-
-class TritonLinearLoop(torch.autograd.Function):
-    """Same contract as `backward.ChunkLoop` for a depth-1 memory: whole chunks (B, K, c, d)."""
-
-    @staticmethod
-    def run(setting, q, k, v, co, M, S):
-        P = setting.prior[0] if setting.prior is not None else None
-        out = TritonLinearLoop.apply(setting, q, k, v, *co, M[0], None if S is None else S[0], P)
-        B, K, c, d = q.shape
-        return out[0].reshape(B, K * c, d), (out[1],), (out[2],) if S is not None else None
-
-    @staticmethod
-    def forward(ctx, setting, q, k, v, *rest):
-        co, (M0, S0, P) = dict(zip(_FIELDS, rest[:9])), rest[9:]
-        B, K, C, d = q.shape
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        flat = {
-            name: None if t is None else t.detach().reshape(B, K, -1).contiguous().float() for name, t in co.items()
-        }
-        dummy = q.new_zeros(1, dtype=torch.float32)
-        arg = lambda t: dummy if t is None else t  # noqa: E731
-        M0c = M0.detach().float().contiguous()
-        S0c = None if S0 is None else S0.detach().float().contiguous()
-        Pc = None if P is None else P.detach().float().contiguous()
-        y = torch.empty(B, K, C, d, dtype=torch.float32, device=q.device)
-        M_out, S_out = torch.empty_like(M0c), torch.empty_like(M0c)
-        M_starts = torch.empty(B, K, d, d, dtype=torch.float32, device=q.device)
-        S_starts = torch.empty_like(M_starts) if S0 is not None else dummy
-        cap = setting.model.step_cap
-        _linear_fwd[(B,)](
-            q, k, v, *(arg(flat[name]) for name in _FIELDS), M0c, arg(S0c), arg(Pc), y, M_out, S_out,
-            M_starts, S_starts, K, K * C, float(cap or 0.0),
-            C=C, D=d, HAS_S=S0 is not None, HAS_P=P is not None, CAP=cap is not None,
-            RESIDUAL=setting.model.residual,
-        )  # fmt: skip
-        ctx.setting, ctx.shapes = setting, {name: None if t is None else t.shape for name, t in co.items()}
-        ctx.has = (S0 is not None, P is not None)
-        ctx.save_for_backward(q, k, v, *(arg(flat[name]) for name in _FIELDS), arg(Pc), M_starts, S_starts)
-        ctx.dtypes = (q.dtype, M0.dtype)
-        return (y.to(q.dtype), M_out.to(M0.dtype), S_out.to(M0.dtype) if S0 is not None else None)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dM, dS):
-        q, k, v, *coefs, Pc, M_starts, S_starts = ctx.saved_tensors
-        has_S, has_P = ctx.has
-        B, K, C, d = q.shape
-        dummy = q.new_zeros(1, dtype=torch.float32)
-        f32 = lambda t: torch.zeros(B, d, d, device=q.device) if t is None else t.float().contiguous()  # noqa: E731
-        dq, dk, dv = (torch.empty(B, K, C, d, dtype=torch.float32, device=q.device) for _ in range(3))
-        g = {
-            name: None
-            if ctx.shapes[name] is None or name == "theta"
-            else torch.empty(
-                B,
-                K,
-                *((C, C) if name == "neg_G" else (C,) if name in ("beta", "f", "neg_g_last", "neg_n_last") else ()),
-                device=q.device,
-            )  # noqa: E501
-            for name in _FIELDS
-        }
-        dM0, dS0, dP = (
-            torch.empty(B, d, d, device=q.device),
-            torch.empty(B, d, d, device=q.device),
-            torch.empty(B, d, d, device=q.device),
-        )
-        arg = lambda t: dummy if t is None else t  # noqa: E731
-        cap = ctx.setting.model.step_cap
-        _linear_bwd[(B,)](
-            q, k, v, *coefs, Pc, M_starts, S_starts, dy.float().contiguous(), f32(dM), f32(dS) if has_S else dummy,
-            dq, dk, dv, *(arg(g[name]) for name in _FIELDS[1:]), dM0, dS0, dP, K, K * C, float(cap or 0.0),
-            C=C, D=d, HAS_S=has_S, HAS_P=has_P, CAP=cap is not None, RESIDUAL=ctx.setting.model.residual,
-        )  # fmt: skip
-        dco = [None if g[name] is None else g[name].reshape(ctx.shapes[name]) for name in _FIELDS]
-        dt, wt = ctx.dtypes
-        return (
-            None, dq.to(dt), dk.to(dt), dv.to(dt), *dco, dM0.to(wt), dS0.to(wt) if has_S else None,
-            dP.to(wt) if has_P else None,
-        )  # fmt: skip

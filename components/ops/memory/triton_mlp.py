@@ -14,14 +14,14 @@ for the whole sequence, the chunk loop inside the kernel) and the same math as
 The backward recomputes each chunk's intermediates on chip from the chunk-start states the
 forward stored; the second-order terms of the inner backward use act''. Tested on CPU under
 TRITON_INTERPRET=1 against the naive reference (tests/components/test_memory_triton.py).
+
+The autograd wrapper that launches it is `triton_loop.TritonLoop`.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward
 
@@ -262,96 +262,3 @@ def _mlp_bwd(
     if HAS_P:
         tl.store(dP1_ + w + de, dP1)
         tl.store(dP2_ + w + ed, dP2)
-
-
-_FIELDS = ("theta", "beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")
-_PER_TOKEN = ("theta", "beta", "f", "neg_g_last", "neg_n_last")
-
-
-class TritonMLPLoop(torch.autograd.Function):
-    """Same contract as `backward.ChunkLoop` for a 2-layer memory: whole chunks (B, K, c, d),
-    coefficients (B, K, L', ...) with L' in {1, 2} (the kernel takes one set per layer)."""
-
-    @staticmethod
-    def run(setting, q, k, v, co, M, S):
-        P = setting.prior or (None, None)
-        S = S or (None, None)
-        out = TritonMLPLoop.apply(setting, q, k, v, *co, *M, *S, *P)
-        B, K, c, d = q.shape
-        return out[0].reshape(B, K * c, d), tuple(out[1:3]), tuple(out[3:5]) if S[0] is not None else None
-
-    @staticmethod
-    def forward(ctx, setting, q, k, v, *rest):
-        co, (M1, M2, S1, S2, P1, P2) = dict(zip(_FIELDS, rest[:9])), rest[9:]
-        B, K, C, d = q.shape
-        e = M1.shape[-1]
-        q, k, v = (t.contiguous() for t in (q, k, v))
-
-        def per_layer(t):  # slot min(l, L' - 1) for both layers, flattened to (B, K, 2, size)
-            if t is None:
-                return None
-            return t.detach().float().expand(B, K, 2, *t.shape[3:]).reshape(B, K, 2, -1).contiguous()
-
-        flat = {name: per_layer(t) for name, t in co.items()}
-        dummy = q.new_zeros(1, dtype=torch.float32)
-        arg = lambda t: dummy if t is None else t  # noqa: E731
-        f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-        M1c, M2c, S1c, S2c, P1c, P2c = (f32(t) for t in (M1, M2, S1, S2, P1, P2))
-        has_S, has_P = S1 is not None, P1 is not None
-        y = torch.empty(B, K, C, d, dtype=torch.float32, device=q.device)
-        outs = [torch.empty_like(M1c), torch.empty_like(M2c), torch.empty_like(M1c), torch.empty_like(M2c)]
-        starts = [torch.empty(B, K, d, e, device=q.device), torch.empty(B, K, e, d, device=q.device)]
-        starts += [torch.empty_like(starts[0]), torch.empty_like(starts[1])] if has_S else [dummy, dummy]
-        model = setting.model
-        _mlp_fwd[(B,)](
-            q, k, v, *(arg(flat[name]) for name in _FIELDS), M1c, M2c, arg(S1c), arg(S2c), arg(P1c), arg(P2c),
-            y, *outs, *starts, K, K * C, float(model.step_cap or 0.0),
-            C=C, D=d, E=e, HAS_S=has_S, HAS_P=has_P, CAP=model.step_cap is not None, RESIDUAL=model.residual,
-            SILU=model.activation == "silu",
-        )  # fmt: skip
-        ctx.setting, ctx.has, ctx.dtypes = setting, (has_S, has_P), (q.dtype, M1.dtype)
-        ctx.shapes = {name: None if t is None else t.shape for name, t in co.items()}
-        ctx.save_for_backward(q, k, v, *(arg(flat[name]) for name in _FIELDS), arg(P1c), arg(P2c), *starts)
-        wt = M1.dtype
-        return (y.to(q.dtype), outs[0].to(wt), outs[1].to(wt), *(o.to(wt) if has_S else None for o in outs[2:]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dM1, dM2, dS1, dS2):
-        q, k, v, *coefs, P1c, P2c, M1s, M2s, S1s, S2s = ctx.saved_tensors
-        (has_S, has_P), (dt, wt), model = ctx.has, ctx.dtypes, ctx.setting.model
-        B, K, C, d = q.shape
-        e = M1s.shape[-1]
-        dev = q.device
-        dummy = q.new_zeros(1, dtype=torch.float32)
-        f32 = lambda t: t.float().contiguous()  # noqa: E731
-        dq, dk, dv = (torch.empty(B, K, C, d, device=dev) for _ in range(3))
-        size = lambda name: (C, C) if name == "neg_G" else (C,) if name in _PER_TOKEN else ()  # noqa: E731
-        g = {
-            name: None if ctx.shapes[name] is None or name == "theta" else torch.empty(B, K, 2, *size(name), device=dev)
-            for name in _FIELDS
-        }
-        grads0 = [torch.empty(B, d, e, device=dev), torch.empty(B, e, d, device=dev)] * 3
-        grads0 = [torch.empty_like(t) for t in grads0]
-        arg = lambda t: dummy if t is None else t  # noqa: E731
-        _mlp_bwd[(B,)](
-            q, k, v, *coefs, P1c, P2c, M1s, M2s, S1s, S2s, f32(dy), f32(dM1), f32(dM2),
-            f32(dS1) if has_S else dummy, f32(dS2) if has_S else dummy, dq, dk, dv,
-            *(arg(g[name]) for name in _FIELDS[1:]), *grads0, K, K * C, float(model.step_cap or 0.0),
-            C=C, D=d, E=e, HAS_S=has_S, HAS_P=has_P, CAP=model.step_cap is not None, RESIDUAL=model.residual,
-            SILU=model.activation == "silu",
-        )  # fmt: skip
-
-        def to_slots(name):  # (B, K, 2, ...) -> the field's (B, K, L', ...): shared slots add up
-            if g[name] is None:
-                return None
-            shape = ctx.shapes[name]
-            t = g[name].reshape(B, K, 2, *shape[3:])
-            return t.sum(2, keepdim=True) if shape[2] == 1 else t
-
-        dM1_0, dM2_0, dS1_0, dS2_0, dP1, dP2 = grads0
-        return (
-            None, dq.to(dt), dk.to(dt), dv.to(dt), *(to_slots(name) for name in _FIELDS),
-            dM1_0.to(wt), dM2_0.to(wt), *((dS1_0.to(wt), dS2_0.to(wt)) if has_S else (None, None)),
-            *((dP1.to(wt), dP2.to(wt)) if has_P else (None, None)),
-        )  # fmt: skip
