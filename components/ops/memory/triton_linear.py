@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward
+from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward, store_layer_grads
 
 
 @triton.jit
@@ -150,15 +150,10 @@ def _linear_bwd(
         tl.store(dq + rows, dqj)
         tl.store(dk + rows, dkj)
         tl.store(dv + rows, -de)
-        tl.store(dbeta_last + cs, dbl)
-        tl.store(dg_last + cj, dgl)
-        tl.store(dbeta + cj, dbt)
-        tl.store(dG + cs * C * C + cc, dGj)
-        if HAS_S:
-            tl.store(df_last + cs, dfl)
-            tl.store(dm_last + cs, dml)
-            tl.store(dn_last + cj, dnl)
-            tl.store(df + cj, dfv)
+        store_layer_grads(
+            dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, cs, C,
+            dbl, dgl, dbt, dGj, dfl, dml, dnl, dfv, HAS_S,
+        )  # fmt: skip
         dM = gM
         dS = gS + gSr
     tl.store(dM0 + b * D * D + sq, dM)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward
+from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward, store_layer_grads
 
 
 @triton.jit
@@ -233,23 +233,14 @@ def _mlp_bwd(
         tl.store(dq + rows, dqj)
         tl.store(dk + rows, dk1)
         tl.store(dv + rows, -d_err)
-        tl.store(dbeta_last + s1, dbl1)
-        tl.store(dbeta_last + s1 + 1, dbl2)
-        tl.store(dg_last + c1, dgl1)
-        tl.store(dg_last + c1 + C, dgl2)
-        tl.store(dbeta + c1, dbt1)
-        tl.store(dbeta + c1 + C, dbt2)
-        tl.store(dG + s1 * C * C + cc, dG1)
-        tl.store(dG + (s1 + 1) * C * C + cc, dG2)
-        if HAS_S:
-            tl.store(df_last + s1, dfl1)
-            tl.store(df_last + s1 + 1, dfl2)
-            tl.store(dm_last + s1, dml1)
-            tl.store(dm_last + s1 + 1, dml2)
-            tl.store(dn_last + c1, dnl1)
-            tl.store(dn_last + c1 + C, dnl2)
-            tl.store(df + c1, dfv1)
-            tl.store(df + c1 + C, dfv2)
+        store_layer_grads(
+            dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, s1, C,
+            dbl1, dgl1, dbt1, dG1, dfl1, dml1, dnl1, dfv1, HAS_S,
+        )  # fmt: skip
+        store_layer_grads(
+            dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, s1 + 1, C,
+            dbl2, dgl2, dbt2, dG2, dfl2, dml2, dnl2, dfv2, HAS_S,
+        )  # fmt: skip
         dM1, dM2, dS1, dS2 = gM1, gM2, gS1, gS2
     re = tl.arange(0, E)
     de = rd[:, None] * E + re[None, :]

@@ -105,3 +105,22 @@ def state_backward(a, Dl, M, Pm, S, bl, gl, fl, ml, nl, dM, dS, HAS_S: tl.conste
         dnl = tl.sum(Dl * hs, 1)
         da += dot(nl[:, None] * Dl, tl.trans(dS))
     return gM, gS, dP, dD, da, dbl, dgl, dfl, dml, dnl
+
+
+@triton.jit
+def store_layer_grads(
+    dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, s, C: tl.constexpr,
+    dbl, dgl, dbt, dGj, dfl, dml, dnl, dfv, HAS_S: tl.constexpr,
+):  # fmt: skip
+    """One layer's coefficient gradients of one chunk into the (B, K, L, ...) gradient buffers;
+    s = (b K + j) L + l, the chunk-and-layer slot."""
+    rc = tl.arange(0, C)
+    tl.store(dbeta_last + s, dbl)
+    tl.store(dg_last + s * C + rc, dgl)
+    tl.store(dbeta + s * C + rc, dbt)
+    tl.store(dG + s * C * C + rc[:, None] * C + rc[None, :], dGj)
+    if HAS_S:
+        tl.store(df_last + s, dfl)
+        tl.store(dm_last + s, dml)
+        tl.store(dn_last + s * C + rc, dnl)
+        tl.store(df + s * C + rc, dfv)
