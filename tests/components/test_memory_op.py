@@ -120,8 +120,10 @@ def assert_rel_close(a, b, rtol, what=""):
 
 
 def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
+    """Outputs, final state and the gradients of a loss on both; the output cotangent is drawn
+    in float64 whatever the dtype, so runs in two dtypes see the same loss."""
     y, state = run(fn, case, inputs, weights, model, **kw)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
     loss = (y * g).sum() + sum((w * w).sum() for w in state.weights + (state.momentum or ()))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return y, state, grads

@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from components.ops.memory import memory_update, naive_memory_update  # noqa: E402
-from tests.components.test_memory_op import Case, assert_rel_close, make, run  # noqa: E402
+from tests.components.test_memory_op import Case, assert_rel_close, make, outputs_state_grads  # noqa: E402
 
 CASES = {
     "momentum, decay toward the prior, cap": Case(
@@ -43,14 +43,6 @@ def _as(dtype, inputs, weights, model):
     model = dataclasses.replace(model, prior=prior)
     leaves = [t for t in (*inputs, *weights, *(prior or ())) if t is not None]
     return inputs, weights, model, leaves
-
-
-def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
-    """As in test_memory_op, with the output cotangent drawn in float64 for every dtype."""
-    y, state = run(fn, case, inputs, weights, model, **kw)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
-    loss = (y * g).sum() + sum((w * w).sum() for w in state.weights + (state.momentum or ()))
-    return y, state, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))
