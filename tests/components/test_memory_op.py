@@ -295,3 +295,21 @@ def test_compiled_step_equals_eager():
     assert_rel_close(y2, y, 1e-5, "outputs")
     for a, b in zip(g2, g):
         assert_rel_close(a, b, 1e-4, "gradient")
+
+
+def test_whole_chunks_take_the_hand_written_backward_where_it_applies(monkeypatch):
+    """fast == naive holds on either path, so count: with gradients, a memory without LayerNorm
+    runs its whole chunks through ChunkLoop (one call), a LayerNorm'd one through autograd; with
+    no gradients nothing takes the Function."""
+    from components.ops.memory import backward
+
+    calls = []
+    original = backward.ChunkLoop.run
+    monkeypatch.setattr(backward.ChunkLoop, "run", lambda *a: calls.append(1) or original(*a))
+    for case, expected in ((CASES["mlp plain, decay toward the prior, chunk 16"], 1), (Case(), 0)):
+        calls.clear()
+        inputs, weights, model, leaves = make(case)
+        outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+        with torch.no_grad():
+            run(memory_update, case, inputs, weights, model)
+        assert len(calls) == expected, case

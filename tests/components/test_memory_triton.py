@@ -112,3 +112,18 @@ def test_auto_takes_the_kernels_only_for_state_tiles_they_hold():
 
     assert chosen_by_auto((torch.zeros(1, 32, 128), torch.zeros(1, 128, 32)))  # 4096 floats a tile
     assert not chosen_by_auto((torch.zeros(1, 64, 256), torch.zeros(1, 256, 64)))
+
+
+def test_backend_triton_runs_the_kernels_and_torch_does_not(monkeypatch):
+    """The equality tests above would also pass if `triton` quietly ran torch: count launches."""
+    from components.ops.memory import triton_loop
+
+    launches = []
+    run = triton_loop.TritonLoop.run
+    monkeypatch.setattr(triton_loop.TritonLoop, "run", lambda *a: launches.append(1) or run(*a))
+    case = CASES["mlp, momentum, decay toward the prior, cap, per-layer lr"]
+    inputs, weights, model, leaves = _as(torch.float32, *make(case, d=16)[:3])
+    for backend, expected in (("torch", 0), ("triton", 1)):
+        launches.clear()
+        outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend=backend)
+        assert len(launches) == expected, backend
