@@ -136,6 +136,25 @@ def study_report(rows: list[dict]) -> str:
             + " | ".join(ratios)
             + " |"
         )  # noqa: E501
+    return "\n".join(out) + "\n\n" + study_flops_report(rows)
+
+
+def study_flops_report(rows: list[dict]) -> str:
+    """Per group: executed FLOPs per token of each kind over swa's (the ratio tokens/s would have
+    at equal GFLOP/s, an upper bound set by arithmetic), and each kind's achieved GFLOP/s."""
+    kinds, memory = ["attention", "swa", "lmm", "mag", "mac", "mal"], ["lmm", "mag", "mac", "mal"]
+    groups: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
+    for r in rows:
+        if "error" not in r and r.get("gflop_per_s"):
+            flop_per_token = r["gflop_per_s"] * 1e9 / r["tokens_per_s"]
+            groups[(r["threads"], r["dim"], r["seq"])][r["impl"]] = (flop_per_token, r["gflop_per_s"])
+    head = " | ".join(f"{k} GFLOP/s" for k in kinds) + " | " + " | ".join(f"bound {k} / swa" for k in memory)
+    out = ["| threads | dim | seq | " + head + " |", "|" + "---|" * (3 + len(kinds) + len(memory))]
+    for key in sorted(groups):
+        g = groups[key]
+        rate = [f"{g[k][1]:.1f}" if k in g else "-" for k in kinds]
+        bound = [f"{g['swa'][0] / g[k][0]:.2f}x" if k in g and "swa" in g else "-" for k in memory]
+        out.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(rate + bound) + " |")
     return "\n".join(out)
 
 
