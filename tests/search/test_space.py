@@ -35,10 +35,12 @@ def test_sampled_specs_are_valid_and_conditional_knobs_follow_their_kind():
                 assert params["block.kind"] == "mac"
             if name.startswith("block.memory.model.mlp."):
                 assert params["block.memory.model.kind"] == "mlp"
-        if spec.block.kind in ("mag", "mal"):
+        if spec.block.kind in ("mag", "mal", "swa"):
             assert spec.block.window == params[f"block.{spec.block.kind}.window"]
+        if spec.block.kind == "swa":  # the shared memory knobs skip the kind without a memory
+            assert not any(name.startswith("block.memory.") for name in params), params
         s.tell(trial, 0.0)
-    assert kinds == {"lmm", "mag", "mal", "mac"}
+    assert kinds == {"swa", "lmm", "mag", "mal", "mac"}
 
 
 def sample_params(trial, space):
@@ -79,6 +81,11 @@ BAD = {
     "knob of another kind": (
         {"block": {"variants": {"mac": {"window": {"int": [8, 16]}}}}},
         "block.window",
+        "unknown field",
+    ),
+    "shared knob no listed kind has": (
+        {"block": {"variants": {"swa": {}, "attention": {}}, "memory": {"conv": {"choice": [None]}}}},
+        "block.memory",
         "unknown field",
     ),
     "variants on a plain field": ({"depth": {"variants": {"a": {}}}}, "depth.variants", "a field with kinds"),

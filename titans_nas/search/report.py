@@ -134,6 +134,8 @@ def report(run_dir: str | Path) -> Path:
             "",
         ]
     best = best_trials(records, objectives)
+    if isinstance(study.spec, SearchStudySpec):
+        lines += findings(records, objectives, best)
     lines += ["## Best", ""]
     if not best:
         lines.append("No trial completed its full budget.")
@@ -155,6 +157,42 @@ def report(run_dir: str | Path) -> Path:
         for r in records:
             w.writerow([r.trial_id, r.status, r.steps, *[r.metrics.get(m, "") for m in shown], r.label()])
     return run_dir / "report.md"
+
+
+def findings(records: list[TrialRecord], objectives: list[tuple[str, str]], front: list[TrialRecord]) -> list[str]:
+    """The report's first lines for a search: the best block kind on the first objective, its
+    margin over the best `swa` trial (the attention-only baseline), and the front."""
+    metric, mode = objectives[0]
+    sign = 1 if mode == "max" else -1
+    by_kind: dict[str, TrialRecord] = {}
+    for r in records:
+        kind, v = r.point.get("params", {}).get("block.kind"), r.value(metric)
+        if r.status == "completed" and kind is not None and v is not None:
+            if kind not in by_kind or sign * v > sign * by_kind[kind].value(metric):
+                by_kind[kind] = r
+    lines = ["## Found", ""]
+    if not by_kind:
+        return lines + ["No completed trial names a block kind (`block.kind` is not searched).", ""]
+    ranked = sorted(by_kind.items(), key=lambda kv: -sign * kv[1].value(metric))
+    (top, r), rest = ranked[0], dict(ranked[1:])
+    line = f"- Best kind: **{top}**, {metric} {_fmt(r.value(metric))} (`{r.trial_id}`)"
+    if top != "swa" and "swa" in rest:
+        margin = r.value(metric) - rest["swa"].value(metric)
+        line += f"; **{margin:+.4g}** over the best `swa` ({_fmt(rest['swa'].value(metric))}, `{rest['swa'].trial_id}`)"
+    elif top != "swa":
+        line += "; no `swa` trial completed, so no margin over the baseline"
+    lines.append(line + ".")
+    lines.append("- Best per kind: " + ", ".join(f"{k} {_fmt(t.value(metric))}" for k, t in ranked) + ".")
+    if len(objectives) > 1:
+        points = "; ".join(
+            f"{r.point.get('params', {}).get('block.kind', '?')} "
+            + ", ".join(f"{m} {_fmt(r.value(m))}" for m, _ in objectives)
+            for r in front
+        )
+        lines.append(f"- Pareto front ({', '.join(m for m, _ in objectives)}): {len(front)} points: {points}.")
+    done = sum(r.status == "completed" for r in records)
+    lines.append(f"- {done} of {len(records)} trials completed their full budget.")
+    return lines + [""]
 
 
 def best_trials(records: list[TrialRecord], objectives: list[tuple[str, str]]) -> list[TrialRecord]:

@@ -5,7 +5,7 @@
       variants:                              # pick the block kind, then only its own knobs
         mag: {window: {choice: [16, 32]}}
         mac: {segment_len: {choice: [16, 32]}}
-      memory:                                # knobs every listed kind has
+      memory:                                # knobs shared by the listed kinds that have them
         lr: {theta_max: {float: [0.01, 0.1], log: true}}
         momentum: {choice: [null, {init: 0.1}]}   # null switches a mechanism off
 
@@ -45,7 +45,7 @@ LEAF_DOCS = {
         "variants: {kind: {knobs}}",
         "Under a field with kinds (a union, e.g. `block`, `memory.model`):"
         " first pick the kind, then sample only that kind's knobs; keys next to `variants` are knobs"
-        " every listed kind shares.",
+        " shared by the listed kinds that have the field (each must exist on at least one).",
     ),
 }
 """Every key of the space grammar and what it means (the generated reference lists them)."""
@@ -74,25 +74,45 @@ def _suggest(trial: Any, name: str, leaf: dict) -> Any:
     return json.loads(value) if encoded else value
 
 
-def sample(trial: Any, space: Space, prefix: str = "") -> dict[str, Any]:
-    """Define-by-run: the spec overrides (nested plain data) that `trial` picks from `space`."""
+def sample(trial: Any, space: Space, prefix: str = "", cls: type[BaseModel] | None = ModelSpec) -> dict[str, Any]:
+    """Define-by-run: the spec overrides (nested plain data) that `trial` picks from `space`.
+    `cls` is the spec class the node configures (None where unknown); it decides which shared
+    knobs next to `variants` apply to the chosen kind: those the kind has."""
     out: dict[str, Any] = {}
     for key, value in space.items():
         path = f"{prefix}{key}"
         if is_leaf(value):
             out[key] = _suggest(trial, path, value)
         elif isinstance(value, dict) and "variants" in value:
-            variants = value["variants"]
+            variants, members = value["variants"], _kinds_of(cls, key)
             kind = trial.suggest_categorical(f"{path}.kind", list(variants))
-            node = {"kind": kind, **sample(trial, variants[kind] or {}, f"{path}.{kind}.")}
-            shared = {k: v for k, v in value.items() if k != "variants"}
-            node.update(sample(trial, shared, f"{path}."))
+            chosen = members.get(kind)
+            node = {"kind": kind, **sample(trial, variants[kind] or {}, f"{path}.{kind}.", chosen)}
+            has = (lambda k: True) if chosen is None else (lambda k: k in chosen.model_fields)
+            shared = {k: v for k, v in value.items() if k != "variants" and has(k)}
+            node.update(sample(trial, shared, f"{path}.", chosen))
             out[key] = node
         elif isinstance(value, dict):
-            out[key] = sample(trial, value, f"{path}.")
+            out[key] = sample(trial, value, f"{path}.", _model_of(cls, key))
         else:
             out[key] = value
     return out
+
+
+def _kinds_of(cls: type[BaseModel] | None, key: str) -> dict[str, type[BaseModel]]:
+    """The members by tag of the union field `key` of `cls` (empty where unknown)."""
+    if cls is None or key not in cls.model_fields:
+        return {}
+    models = models_in(cls.model_fields[key].annotation)
+    return {m.model_fields["kind"].default: m for m in models if "kind" in m.model_fields}
+
+
+def _model_of(cls: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The one spec class of field `key` of `cls`, None for a union or an unknown field."""
+    if cls is None or key not in cls.model_fields:
+        return None
+    models = models_in(cls.model_fields[key].annotation)
+    return models[0] if len(models) == 1 else None
 
 
 def apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +272,11 @@ def _check_node(node: dict, cls: type[BaseModel], base: Any, prefix: str, source
                 if sub is not None and not isinstance(sub, dict):
                     raise SpecError(source, f"{path}.variants.{kind}", "a variant's knobs are a mapping (or {})")
                 _check_node(sub or {}, members[kind], None, f"{path}.", source)
-                shared = {k: v for k, v in value.items() if k != "variants"}
+                shared = {k: v for k, v in value.items() if k != "variants" and k in members[kind].model_fields}
                 _check_node(shared, members[kind], None, f"{path}.", source)
+            for k in value:  # a shared knob applies to the listed kinds that have it: at least one
+                if k != "variants" and not any(k in members[kind].model_fields for kind in variants):
+                    raise _unknown(source, f"{path}.{k}", k, members[next(iter(variants))])
             continue
         if members:  # no variants: the knobs apply to the base spec's kind
             kind = sub_base.get("kind") if isinstance(sub_base, dict) else None

@@ -1,0 +1,32 @@
+"""The report's first lines for a search ("## Found") from trial records, without Ray."""
+
+from titans_nas.search.report import TrialRecord, best_trials, findings
+
+OBJECTIVES = [("accuracy", "max"), ("params", "min")]
+
+
+def record(tid, kind, acc, params, status="completed"):
+    return TrialRecord(tid, status, {"params": {"block.kind": kind}}, {"accuracy": acc, "params": params}, 300)
+
+
+def test_found_names_the_best_kind_its_margin_over_swa_and_the_front():
+    records = [
+        record("a", "swa", 0.10, 40_000),
+        record("b", "swa", 0.12, 42_000),
+        record("c", "mal", 0.54, 77_000),
+        record("d", "lmm", 0.38, 53_000),
+        record("e", "mac", 0.60, 90_000, status="stopped early"),  # not a finished model
+        record("f", "mag", 0.15, 80_000),
+    ]
+    lines = findings(records, OBJECTIVES, best_trials(records, OBJECTIVES))
+    text = "\n".join(lines)
+    assert "Best kind: **mal**, accuracy 0.54 (`c`); **+0.42** over the best `swa` (0.12, `b`)" in text
+    assert "Best per kind: mal 0.54, lmm 0.38, mag 0.15, swa 0.12." in text
+    assert "Pareto front (accuracy, params): 4 points" in text  # mal, lmm, both swa (mag is dominated)
+    assert "5 of 6 trials completed" in text
+
+
+def test_found_says_when_there_is_no_baseline_to_compare_with():
+    records = [record("c", "mal", 0.54, 77_000), record("d", "lmm", 0.38, 53_000)]
+    text = "\n".join(findings(records, OBJECTIVES[:1], best_trials(records, OBJECTIVES[:1])))
+    assert "no `swa` trial completed" in text and "Pareto" not in text
