@@ -180,6 +180,12 @@ def _study(args: argparse.Namespace) -> int:
     from titans_nas.search.report import load_trials, report, status_counts, trials_table
     from titans_nas.search.study import load_study
 
+    if args.action == "dashboard":
+        from titans_nas.search.dashboard import serve
+
+        console.print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+        serve(args.target, args.host, args.port)
+        return 0
     if args.action == "run":
         study = load_study(args.target, args.set)
         run_dir = engine.run(args.target, args.out or Path("runs") / study.spec.name, tuple(args.set))
@@ -274,8 +280,10 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_export)
 
     s = sub.add_parser("study", help="run, resume, watch or report a study (Ray Tune + Optuna)")
-    s.add_argument("action", choices=["run", "resume", "status", "report"])
-    s.add_argument("target", help="run: a study YAML; resume/status/report: a run directory")
+    s.add_argument("action", choices=["run", "resume", "status", "report", "dashboard"])
+    s.add_argument("target", help="run: a study YAML; resume/status/report/dashboard: a run directory")
+    s.add_argument("--host", default="127.0.0.1", help="dashboard: address to serve on (default localhost only)")
+    s.add_argument("--port", type=int, default=8080, help="dashboard: port (default 8080)")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a study field (run)")
     s.add_argument("--out", help="run directory (run; default runs/<study name>)")
     s.set_defaults(fn=_study)

@@ -5,8 +5,10 @@ them by reference."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
+import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
@@ -18,6 +20,16 @@ class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about trials that did not finish: a trial ASHA
     stopped early is PRUNED (not a COMPLETE full-budget result), a diverged or crashed trial is
     FAIL. Only full-budget results reach the sampler and the Pareto front."""
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        # the objectives' names in the storage: optuna-dashboard (`study dashboard`) shows them
+        # instead of "Objective 0, 1"
+        metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+        if self._ot_study is not None and self._ot_study.metric_names is None:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(metrics)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or (result is not None and result.get("status") == "diverged"):
