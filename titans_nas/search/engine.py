@@ -150,8 +150,30 @@ def _run_config(run_dir: Path, study: Study):
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[Progress([o.metric for o in study.spec.objectives])],
+        callbacks=[Progress([o.metric for o in study.spec.objectives]), *_trackers(study, run_dir)],
     )
+
+
+def _trackers(study: Study, run_dir: Path) -> list:
+    """Ray Tune's own logger callbacks for the study's `tracking`."""
+    tracking, out = study.spec.tracking, []
+    if tracking.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        m = tracking.mlflow
+        out.append(
+            MLflowLoggerCallback(
+                tracking_uri=m.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}",
+                experiment_name=m.experiment or study.spec.name,
+                tags={"study": study.spec.name, "run_dir": str(run_dir)},
+                save_artifact=m.save_artifact,
+            )
+        )
+    if tracking.tensorboard is not None:
+        from ray.tune.logger import TBXLoggerCallback
+
+        out.append(TBXLoggerCallback())
+    return out
 
 
 def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):

@@ -62,6 +62,33 @@ class RaySpec(Spec):
     """CPUs of a local Ray (null: all of this machine's)."""
 
 
+class MLflowSpec(Spec):
+    """Log every trial as an MLflow run (Ray Tune's MLflowLoggerCallback): its parameters, each
+    evaluation's metrics, and with `save_artifact` its trial directory."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI; null = a local SQLite store in the run directory (`RUN/mlflow.db`;
+    `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db` shows it)."""
+    experiment: str | None = None
+    """MLflow experiment name; null = the study's name."""
+    save_artifact: bool = False
+    """Also upload each trial's directory (checkpoints included) as run artifacts."""
+
+
+class TensorBoardSpec(Spec):
+    """Write each trial's reported metrics as TensorBoard events (Ray Tune's TBXLoggerCallback)
+    into the trial's Tune directory: `tensorboard --logdir RUN/tune`."""
+
+
+class TrackingSpec(Spec):
+    """Experiment trackers fed by Ray Tune's own callbacks; each null = off."""
+
+    mlflow: MLflowSpec | None = None
+    """MLflow runs, one per trial."""
+    tensorboard: TensorBoardSpec | None = None
+    """TensorBoard event files, one directory per trial."""
+
+
 class StudyBase(Spec):
     """Fields every study kind has."""
 
@@ -82,6 +109,8 @@ class StudyBase(Spec):
     (`postgresql://...`) when several drivers or a cluster share it."""
     ray: RaySpec = RaySpec()
     """Local Ray or a cluster."""
+    tracking: TrackingSpec = TrackingSpec()
+    """Experiment tracking (MLflow, TensorBoard); off by default."""
 
     def scheduled_evals(self) -> int:
         return max(1, self.train.steps // self.train.eval_every)
