@@ -110,3 +110,15 @@ def test_ablation_reports_mean_std_and_deltas(tmp_path):
     assert len(load_trials(run)) == 6
     text = report(run).read_text()
     assert "| w/o momentum |" in text and "±" in text and "Δ copy: loss" in text
+
+
+def test_concurrent_trials_wait_for_the_random_startup_so_exactly_that_many_are_random(tmp_path):
+    """ray-project/ray#52535: with 2 trials at a time, a trial asked while the last startup trial
+    runs is drawn at random too (measured: 5 random of startup 4 without the wait)."""
+    space = {"block": {"memory": {"lr": {"theta_max": {"float": [0.05, 0.25]}}}}}
+    path = write_study(tmp_path, space=space, trials=6, scheduler=None, startup_trials=3)
+    run = engine.run(path, tmp_path / "run")
+    trials = optuna_trials(run)
+    finished = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    random_draws = [t.number for t in trials if sum(d < t.datetime_start for d in finished) < 3]
+    assert len(trials) == 6 and len(random_draws) == 3, random_draws

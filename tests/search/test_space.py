@@ -209,3 +209,12 @@ def test_replay_separates_train_knobs_from_the_model_spec():
     spec, train = replay(BASE, space, {"heads": 4, "train.lr": 0.002})
     assert spec.heads == 4 and train == {"lr": 0.002}
     assert spec_from_params(BASE, space, {"heads": 2, "train.lr": 0.002}).heads == 2
+
+
+def test_the_random_sampler_refuses_a_startup_phase(tmp_path):
+    from tests.search.conftest import write_study
+
+    path = write_study(tmp_path, space={"depth": {"int": [1, 2]}}, sampler="random", startup_trials=4)
+    with pytest.raises(SpecError) as e:
+        load_study(path)
+    assert e.value.path == "startup_trials" and "no startup phase" in str(e.value)

@@ -47,12 +47,21 @@ def define_by_run(trial: Any, space: dict[str, Any], run_dir: str) -> dict[str, 
 def _sampler(spec: SearchStudySpec):
     import optuna
 
+    n = spec.startup_trials
+    startup = {} if n is None else {"n_startup_trials": n}
     return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed, **startup),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed, **({} if n is None else {"population_size": n})),
+        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed, **startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
     }[spec.sampler]()
+
+
+def startup_count(spec: SearchStudySpec) -> int | None:
+    """Trials the sampler draws at random before it models results (None: it never models)."""
+    if spec.sampler == "random":
+        return None
+    return spec.startup_trials or {"tpe": 10, "gp": 10, "nsga2": 50}[spec.sampler]
 
 
 def storage_url(study: Study, run_dir: Path) -> str:
@@ -198,6 +207,7 @@ def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
             storage=optuna.storages.RDBStorage(storage_url(study, run_dir)),
             study_name=state["study_name"],
             points_to_evaluate=enqueued_params(spec.enqueue, study.space, study.source) or None,
+            startup=startup_count(spec) if spec.wait_for_startup else None,
         )
         scheduler = None
         if spec.scheduler is not None:

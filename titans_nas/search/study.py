@@ -130,6 +130,13 @@ class SearchStudySpec(StudyBase):
     """Optuna sampler (TPE and NSGA-II handle several objectives)."""
     seed: int = Field(0, ge=0)
     """Seed of the sampler; every trial also trains with train.seed."""
+    startup_trials: int | None = Field(None, ge=2)
+    """Trials the sampler draws at random before it models the results (TPE / GP
+    `n_startup_trials`, NSGA-II `population_size`); null = the sampler's default (10, 10, 50).
+    Enqueued trials count among them."""
+    wait_for_startup: bool = True
+    """Concurrent trials wait for the startup trials to finish, so exactly `startup_trials` are
+    random (otherwise every trial asked while they run is random too: ray-project/ray#52535)."""
     scheduler: ASHASpec | None = ASHASpec()
     """Early stopping; null = every trial gets the full budget."""
     enqueue: list[dict[str, Any]] = []
@@ -140,6 +147,8 @@ class SearchStudySpec(StudyBase):
     def _sampler_fits(self) -> SearchStudySpec:
         if len(self.objectives) > 1 and self.sampler == "gp":
             raise SpecRuleError("sampler", "the GP sampler takes one objective; use tpe or nsga2 for several")
+        if self.sampler == "random" and self.startup_trials is not None:
+            raise SpecRuleError("startup_trials", "the random sampler has no startup phase (every trial is random)")
         return self
 
 

@@ -21,6 +21,23 @@ class StudySearch(OptunaSearch):
     stopped early is PRUNED (not a COMPLETE full-budget result), a diverged or crashed trial is
     FAIL. Only full-budget results reach the sampler and the Pareto front."""
 
+    def __init__(self, *args: Any, startup: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.startup = startup
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Hold a trial back (Tune asks again later) while the sampler's random startup trials
+        are all out but not all finished: concurrent asks would otherwise be drawn at random
+        too, past the startup count (ray-project/ray#52535; docs/decisions/0008)."""
+        if self.startup is not None and self._ot_study is not None and trial_id not in self._ot_trials:
+            states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
+            asked = sum(st != optuna.trial.TrialState.WAITING for st in states)
+            done = sum(st in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for st in states)
+            running = states.count(optuna.trial.TrialState.RUNNING)
+            if asked >= self.startup and done < self.startup and running > 0:
+                return None
+        return super().suggest(trial_id)
+
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
         # the objectives' names in the storage: optuna-dashboard (`study dashboard`) shows them
