@@ -30,3 +30,27 @@ def test_found_says_when_there_is_no_baseline_to_compare_with():
     records = [record("c", "mal", 0.54, 77_000), record("d", "lmm", 0.38, 53_000)]
     text = "\n".join(findings(records, OBJECTIVES[:1], best_trials(records, OBJECTIVES[:1])))
     assert "no `swa` trial completed" in text and "Pareto" not in text
+
+
+def test_ablation_over_several_tasks_reports_the_mean_over_tasks(tmp_path):
+    from tests.search.conftest import write_study
+    from titans_nas.search.report import ablation_table
+    from titans_nas.search.study import load_study
+
+    tasks = {"a": {"kind": "copy", "length": 4, "symbols": 8}, "b": {"kind": "copy", "length": 6, "symbols": 8}}
+    path = write_study(
+        tmp_path, kind="ablation", tasks=tasks, variants={"base": [], "other": ["block.memory.conv=null"]},
+        baseline="base", seeds=[0, 1], objectives=[{"metric": "accuracy", "mode": "max"}],
+    )  # fmt: skip
+    study = load_study(path)
+    acc = {("base", "a"): [0.2, 0.4], ("base", "b"): [0.6, 0.6], ("other", "a"): [1.0, 1.0], ("other", "b"): [0.5, 0.5]}
+    records = [
+        TrialRecord(f"{v}{t}{s}", "completed", {"variant": v, "task": t, "seed": s}, {"accuracy": x}, 10)
+        for (v, t), xs in acc.items()
+        for s, x in enumerate(xs)
+    ]
+    records.append(TrialRecord("x", "failed", {"variant": "other", "task": "a", "seed": 2}, {"accuracy": 0.0}, 1))
+    table = ablation_table(study, records)
+    assert "mean accuracy over tasks" in table.splitlines()[0]
+    assert "| base | 0.3 ± 0.14 | 0.6 ± 0 | 0.45 |" in table  # (0.3 + 0.6) / 2
+    assert "| other | 1 ± 0 | 0.5 ± 0 | 0.75 |" in table  # the failed trial does not count

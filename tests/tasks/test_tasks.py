@@ -12,8 +12,10 @@ from titans_nas.tasks import (
     CopySpec,
     InductionSpec,
     LMSpec,
+    MemorizationSpec,
     MQARSpec,
     NIAHSpec,
+    RecallSpec,
     SelectiveCopySpec,
     TaskSpec,
 )
@@ -27,6 +29,10 @@ SMALL = {
     "induction": InductionSpec(seq_len=32, vocab=8),
     "lm": LMSpec(seq_len=64),
     "copy": CopySpec(length=8, symbols=8),
+    "recall": RecallSpec(seq_len=64),
+    "recall-noisy": RecallSpec(seq_len=64, vocab=32, noise=0.2, noise_vocab=16),
+    "recall-fuzzy": RecallSpec(seq_len=64, key_len=3, value_len=3),
+    "memorization": MemorizationSpec(seq_len=32, vocab=64),
 }
 
 
@@ -127,3 +133,51 @@ def test_lm_splits_are_disjoint_documents():
     assert len(val) == 4 and not set(train) & set(val) and len(train) + len(val) == 42
     batch = SMALL["lm"].sample(2, gen(9))
     assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+
+
+def _probe(task, row_inputs, row_targets, scored):
+    """(body, probe key, probe value) of one recall row: the body ends at the copy prefix."""
+    seq = row_inputs.tolist() + [int(row_targets[-1])]
+    at = max(i for i, t in enumerate(seq) if t == task.vocab - 1)
+    value_len = int(scored.sum())
+    return seq[:at], seq[at + 1 : len(seq) - value_len], seq[len(seq) - value_len :]
+
+
+@pytest.mark.parametrize("name", ["recall", "recall-noisy", "recall-fuzzy"])
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_recall_probe_value_is_the_one_paired_with_its_key_in_the_context(name, split):
+    task = SMALL[name]
+    batch = task.sample(16, gen(5), split)
+    half = (task.vocab - 2 - task.noise_vocab) // 2
+    for x, y, m in zip(batch.inputs, batch.targets, batch.scored):
+        body, key, value = _probe(task, x, y, m)
+        assert all(k < half for k in key) and all(half <= v < 2 * half for v in value)
+        pair = key + value
+        assert any(body[i : i + len(pair)] == pair for i in range(len(body))), "the probe's pair is not in the context"
+        if split == "eval":
+            assert len(key) == task.key_len  # MAD evaluates at the longest keys
+            assert (y != IGNORE).sum() == len(value)  # only the probe is scored and targeted
+        if task.key_len == task.value_len == 1:  # every occurrence of a key carries one value
+            pairs = {(a, b) for a, b in zip(body, body[1:]) if a < half and half <= b < 2 * half}
+            assert len({a for a, _ in pairs}) == len(pairs)
+
+
+def test_noisy_recall_has_noise_ids_and_plain_recall_none():
+    noisy, plain = SMALL["recall-noisy"].sample(16, gen(6)), SMALL["recall"].sample(16, gen(6))
+    lo = 2 * ((32 - 2 - 16) // 2)
+    assert ((noisy.inputs >= lo) & (noisy.inputs < lo + 16)).any()
+    assert set(plain.inputs.unique().tolist()) <= set(range(14)) | {14, 15}  # keys, values, pad, prefix
+
+
+def test_memorization_shares_one_bijective_mapping_across_sequences_and_seeds():
+    task = SMALL["memorization"]
+    seen: dict[int, int] = {}
+    for seed in range(3):
+        b = task.sample(8, gen(seed), "eval" if seed else "train")
+        keys, values = b.inputs[:, 0::2].flatten().tolist(), b.targets[:, 1::2].flatten().tolist()
+        assert set(b.inputs[:, 1::2].flatten().tolist()) == {task.vocab - 1}
+        for k, v in zip(keys, values):
+            assert seen.setdefault(k, v) == v
+    assert len(set(seen.values())) == len(seen)  # injective
+    other = MemorizationSpec(seq_len=32, vocab=64, map_seed=1).mapping()
+    assert not torch.equal(other, task.mapping())

@@ -224,16 +224,24 @@ def ablation_table(study: Study, records: list[TrialRecord]) -> str:
             return "-"
         return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else f"{xs[0]:.4g}"
 
+    # with several tasks, the first objective's mean over tasks (MAD's protocol score, for one)
+    overall = metrics[0] if len(spec.tasks) > 1 else None
+
+    def over_tasks(variant: str) -> str:
+        means = [statistics.mean(xs) for t in spec.tasks for xs in [values(variant, t, overall)] if xs]
+        return f"{statistics.mean(means):.4g}" if len(means) == len(spec.tasks) else "-"
+
     head = (
         "| variant | "
         + " | ".join(f"{t}: {m}" for t, m in cols)
+        + (f" | mean {overall} over tasks" if overall else "")
         + " | "
         + " | ".join(f"Δ {t}: {m}" for t, m in cols)
         + " |"
     )
-    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    rows = [head, "|" + "---|" * (1 + 2 * len(cols) + bool(overall))]
     for variant in spec.variants:
-        cells = [mean_std(values(variant, t, m)) for t, m in cols]
+        cells = [mean_std(values(variant, t, m)) for t, m in cols] + ([over_tasks(variant)] if overall else [])
         deltas = []
         for t, m in cols:
             mine, base = values(variant, t, m), values(spec.baseline, t, m)

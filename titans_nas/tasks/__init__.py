@@ -10,12 +10,14 @@ from titans_nas.tasks.base import IGNORE, Batch, TaskBase
 from titans_nas.tasks.copy import CopySpec
 from titans_nas.tasks.induction import InductionSpec
 from titans_nas.tasks.lm import LMSpec
+from titans_nas.tasks.mad import MemorizationSpec, RecallSpec
 from titans_nas.tasks.mqar import MQARSpec
 from titans_nas.tasks.niah import NIAHSpec
 from titans_nas.tasks.selective_copy import SelectiveCopySpec
 
 TaskSpec = Annotated[
-    MQARSpec | NIAHSpec | SelectiveCopySpec | InductionSpec | LMSpec | CopySpec, Field(discriminator="kind")
+    MQARSpec | NIAHSpec | SelectiveCopySpec | InductionSpec | LMSpec | CopySpec | RecallSpec | MemorizationSpec,
+    Field(discriminator="kind"),
 ]
 """Every task kind, discriminated by `kind`."""
 
@@ -26,7 +28,9 @@ __all__ = [
     "InductionSpec",
     "LMSpec",
     "MQARSpec",
+    "MemorizationSpec",
     "NIAHSpec",
+    "RecallSpec",
     "SelectiveCopySpec",
     "TaskBase",
     "TaskSpec",
