@@ -225,7 +225,8 @@ def ablation_table(study: Study, records: list[TrialRecord]) -> str:
         return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else f"{xs[0]:.4g}"
 
     # with several tasks, the first objective's mean over tasks (MAD's protocol score, for one)
-    overall = metrics[0] if len(spec.tasks) > 1 else None
+    same = all(type(t).metric == metrics[0] for t in spec.tasks.values())
+    overall = metrics[0] if len(spec.tasks) > 1 and same else None
 
     def over_tasks(variant: str) -> str:
         means = [statistics.mean(xs) for t in spec.tasks for xs in [values(variant, t, overall)] if xs]
