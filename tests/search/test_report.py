@@ -37,7 +37,7 @@ def test_ablation_over_several_tasks_reports_the_mean_over_tasks(tmp_path):
     from titans_nas.search.report import ablation_table
     from titans_nas.search.study import load_study
 
-    tasks = {"a": {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab": 16}, "b": {"kind": "recall", "seq_len": 32}}
+    tasks = {"a": {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab": 16}, "b": {"kind": "recall"}}
     path = write_study(
         tmp_path, kind="ablation", tasks=tasks, variants={"base": [], "other": ["block.memory.conv=null"]},
         baseline="base", seeds=[0, 1], objectives=[{"metric": "accuracy", "mode": "max"}],

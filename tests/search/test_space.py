@@ -171,10 +171,10 @@ def test_enqueued_points_are_encoded_like_samples_and_checked():
 def test_per_task_training_changes_apply_to_their_task_only_and_are_validated():
     study = load_study("studies/paper_ablation.yaml")
     budgets = {p["task"]: study.trial_setup(p)[2] for p in study.points()}
-    assert budgets["niah"].batch_size == 8 and budgets["mqar"].batch_size == study.spec.train.batch_size
+    assert budgets["lm"].batch_size == 16 and budgets["mqar"].batch_size == study.spec.train.batch_size == 32
     with pytest.raises(SpecError) as e:
-        load_study("studies/paper_ablation.yaml", ["task_train.niah.batch_size=0"])
-    assert e.value.path == "task_train.niah.batch_size" and "greater than or equal to 1" in e.value.reason
+        load_study("studies/paper_ablation.yaml", ["task_train.lm.batch_size=0"])
+    assert e.value.path == "task_train.lm.batch_size" and "greater than or equal to 1" in e.value.reason
     with pytest.raises(SpecError) as e:
         load_study("studies/paper_ablation.yaml", ["task_train.nope.steps=3"])
     assert e.value.path == "task_train.nope" and "not one of the tasks" in e.value.reason
