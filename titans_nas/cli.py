@@ -193,13 +193,12 @@ def _study(args: argparse.Namespace) -> int:
         run_dir = engine.resume(args.target)
     else:
         run_dir = Path(args.target)
-        if not (run_dir / "state.json").is_file():
-            raise SpecError(str(run_dir), "", "not a study run directory (no state.json)")
+        engine.read_state(run_dir)
     study = load_study(run_dir / "study.yaml")
     records = load_trials(run_dir)
     metrics = list(dict.fromkeys([o.metric for o in study.spec.objectives] + ["loss"]))
     if args.action == "status":
-        state = json.loads((run_dir / "state.json").read_text())
+        state = engine.read_state(run_dir)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(status_counts(records).items())) or "no trial started"
         console.print(f"study {study.spec.name}: {'finished' if state['finished'] else 'not finished'}; {counts}")
     print(trials_table(records, metrics))

@@ -54,3 +54,5 @@ def test_tracking_is_off_unless_asked(tmp_path):
     path = write_study(tmp_path, space={"block": {"memory": {"conv": {"choice": [None]}}}}, trials=1, scheduler=None)
     run = engine.run(path, tmp_path / "run")
     assert not (run / "mlflow.db").exists()
+    assert not list((run / "tune").rglob("events.out.tfevents.*"))  # Tune adds no TensorBoard logger of its own
+    assert list((run / "tune").rglob("result.json")) and list((run / "tune").rglob("progress.csv"))

@@ -12,10 +12,9 @@ from titans_nas.search.study import SearchStudySpec, load_study
 def storage_of(run_dir: Path) -> str:
     """The run's Optuna storage URL; only search studies have one (ablations and grids do not
     sample, and `study status` / `report` show them)."""
-    from titans_nas.search.engine import storage_url
+    from titans_nas.search.engine import read_state, storage_url
 
-    if not (run_dir / "state.json").is_file():
-        raise SpecError(str(run_dir), "", "not a study run directory (no state.json)")
+    read_state(run_dir)
     study = load_study(run_dir / "study.yaml")
     if not isinstance(study.spec, SearchStudySpec):
         raise SpecError(

@@ -44,24 +44,45 @@ def define_by_run(trial: Any, space: dict[str, Any], run_dir: str) -> dict[str, 
     return {"run_dir": run_dir}
 
 
+# sampler name -> (Optuna class, the argument that sets its random startup phase, or None)
+SAMPLERS = {
+    "tpe": ("TPESampler", "n_startup_trials"),
+    "gp": ("GPSampler", "n_startup_trials"),
+    "nsga2": ("NSGAIISampler", "population_size"),
+    "random": ("RandomSampler", None),
+}
+
+
 def _sampler(spec: SearchStudySpec):
     import optuna
 
-    n = spec.startup_trials
-    startup = {} if n is None else {"n_startup_trials": n}
-    return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed, **startup),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed, **({} if n is None else {"population_size": n})),
-        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed, **startup),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-    }[spec.sampler]()
+    name, startup = SAMPLERS[spec.sampler]
+    kwargs = {startup: spec.startup_trials} if startup and spec.startup_trials is not None else {}
+    return getattr(optuna.samplers, name)(seed=spec.seed, **kwargs)
 
 
 def startup_count(spec: SearchStudySpec) -> int | None:
-    """Trials the sampler draws at random before it models results (None: it never models)."""
-    if spec.sampler == "random":
+    """Trials the sampler draws at random before it models results (None: it never models);
+    the sampler's own default where the study does not set it."""
+    import inspect
+
+    import optuna
+
+    name, startup = SAMPLERS[spec.sampler]
+    if startup is None:
         return None
-    return spec.startup_trials or {"tpe": 10, "gp": 10, "nsga2": 50}[spec.sampler]
+    default = inspect.signature(getattr(optuna.samplers, name)).parameters[startup].default
+    return spec.startup_trials or default
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The run's state.json; a directory without one is not a study run (exit 2, no traceback)."""
+    path = run_dir / "state.json"
+    if not path.is_file():
+        from titans_nas.config import SpecError
+
+        raise SpecError(str(run_dir), "", "not a study run directory (no state.json)")
+    return json.loads(path.read_text())
 
 
 def storage_url(study: Study, run_dir: Path) -> str:
@@ -80,6 +101,9 @@ def _ray_env(local: bool) -> None:
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100000",
         "RAY_DEDUP_LOGS": "0",
+        # Tune would add its TensorBoard logger to every run; `_loggers` adds the CSV and JSON
+        # ones always and TensorBoard only when the study's `tracking` asks
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     }
     if local:  # loopback only: no token file, node IP pinned to 127.0.0.1
         defaults.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -159,13 +183,15 @@ def _run_config(run_dir: Path, study: Study):
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[Progress([o.metric for o in study.spec.objectives]), *_trackers(study, run_dir)],
+        callbacks=[Progress([o.metric for o in study.spec.objectives]), *_loggers(study, run_dir)],
     )
 
 
-def _trackers(study: Study, run_dir: Path) -> list:
-    """Ray Tune's own logger callbacks for the study's `tracking`."""
-    tracking, out = study.spec.tracking, []
+def _loggers(study: Study, run_dir: Path) -> list:
+    """Ray Tune's own logger callbacks: its CSV and JSON result files, and the study's `tracking`."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    tracking, out = study.spec.tracking, [CSVLoggerCallback(), JsonLoggerCallback()]
     if tracking.mlflow is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -276,7 +302,7 @@ def resume(run_dir: str | Path) -> Path:
     """Continue an interrupted run: finished trials stay, unfinished ones restart from their
     last checkpoint, the searcher continues where it was."""
     run_dir = Path(run_dir).absolute()
-    state = json.loads((run_dir / "state.json").read_text())
+    state = read_state(run_dir)
     kill_orphans(state["ray_temp_dir"])  # what a killed driver left behind
     shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
     study = load_study(run_dir / "study.yaml")

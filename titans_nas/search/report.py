@@ -164,9 +164,10 @@ def findings(records: list[TrialRecord], objectives: list[tuple[str, str]], fron
     margin over the best `swa` trial (the attention-only baseline), and the front."""
     metric, mode = objectives[0]
     sign = 1 if mode == "max" else -1
+    kind_of = lambda r: r.point.get("params", {}).get("block.kind")  # noqa: E731
     by_kind: dict[str, TrialRecord] = {}
     for r in records:
-        kind, v = r.point.get("params", {}).get("block.kind"), r.value(metric)
+        kind, v = kind_of(r), r.value(metric)
         if r.status == "completed" and kind is not None and v is not None:
             if kind not in by_kind or sign * v > sign * by_kind[kind].value(metric):
                 by_kind[kind] = r
@@ -185,9 +186,7 @@ def findings(records: list[TrialRecord], objectives: list[tuple[str, str]], fron
     lines.append("- Best per kind: " + ", ".join(f"{k} {_fmt(t.value(metric))}" for k, t in ranked) + ".")
     if len(objectives) > 1:
         points = "; ".join(
-            f"{r.point.get('params', {}).get('block.kind', '?')} "
-            + ", ".join(f"{m} {_fmt(r.value(m))}" for m, _ in objectives)
-            for r in front
+            f"{kind_of(r) or '?'} " + ", ".join(f"{m} {_fmt(r.value(m))}" for m, _ in objectives) for r in front
         )
         lines.append(f"- Pareto front ({', '.join(m for m, _ in objectives)}): {len(front)} points: {points}.")
     done = sum(r.status == "completed" for r in records)

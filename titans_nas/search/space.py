@@ -254,7 +254,7 @@ def _check_node(node: dict, cls: type[BaseModel], base: Any, prefix: str, source
         if not isinstance(value, dict):
             continue  # a constant: checked by probing
         field = cls.model_fields[key]
-        members = {m.model_fields["kind"].default: m for m in models_in(field.annotation) if "kind" in m.model_fields}
+        members = _kinds_of(cls, key)
         sub_base = base.get(key) if isinstance(base, dict) else None
         if "variants" in value:
             if not members:

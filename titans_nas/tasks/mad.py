@@ -70,9 +70,10 @@ class RecallSpec(TaskBase):
         seq = torch.tensor([r[0] for r in rows])  # (b, n + 1)
         probe = torch.tensor([r[1] for r in rows])  # (b, n + 1) bool: the probe's value tokens
         inputs, scored = seq[:, :-1], probe[:, 1:]
-        targets = seq[:, 1:].clone() if split == "train" else torch.where(scored, seq[:, 1:], IGNORE)
-        if split == "train":
-            targets[inputs == self.vocab - 2] = IGNORE  # after padding nothing is learnable
+        if split == "train":  # every next token, except after padding (nothing is learnable there)
+            targets = torch.where(inputs == self.vocab - 2, IGNORE, seq[:, 1:])
+        else:  # the probe's value only
+            targets = torch.where(scored, seq[:, 1:], IGNORE)
         return Batch(inputs, targets, scored)
 
     def _row(self, g: torch.Generator, split: str) -> tuple[list[int], list[bool]]:
