@@ -53,12 +53,16 @@ SAMPLERS = {
 }
 
 
-def _sampler(spec: SearchStudySpec):
+def make_sampler(spec: SearchStudySpec):
+    """The study's Optuna sampler (seeded), of a class Tune can pickle with the searcher."""
     import optuna
+
+    from titans_nas.search.tune_parts import SAMPLER_CLASSES
 
     name, startup = SAMPLERS[spec.sampler]
     kwargs = {startup: spec.startup_trials} if startup and spec.startup_trials is not None else {}
-    return getattr(optuna.samplers, name)(seed=spec.seed, **kwargs)
+    cls = SAMPLER_CLASSES.get(name) or getattr(optuna.samplers, name)
+    return cls(seed=spec.seed, **kwargs)
 
 
 def startup_count(spec: SearchStudySpec) -> int | None:
@@ -229,7 +233,7 @@ def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
             space=functools.partial(define_by_run, space=model_space, run_dir=str(run_dir)),
             metric=metrics if len(metrics) > 1 else metrics[0],
             mode=modes if len(modes) > 1 else modes[0],
-            sampler=_sampler(spec),
+            sampler=make_sampler(spec),
             storage=optuna.storages.RDBStorage(storage_url(study, run_dir)),
             study_name=state["study_name"],
             points_to_evaluate=enqueued_params(spec.enqueue, study.space, study.source) or None,

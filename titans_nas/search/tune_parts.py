@@ -4,6 +4,7 @@ them by reference."""
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from typing import Any
@@ -14,6 +15,26 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 console = Console(highlight=False)
+
+
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable again: from Optuna 5.1 the GA samplers keep a threading.Lock
+    for their generation cache, which pickle cannot copy, and Tune pickles the searcher with its
+    sampler (the Tuner's state, every searcher checkpoint). The lock is left out when pickled and
+    made anew when unpickled; nothing else changes."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+# Optuna sampler name -> the class the engine builds where it is not Optuna's own
+SAMPLER_CLASSES: dict[str, type] = {"NSGAIISampler": NSGAIISampler}
 
 
 class StudySearch(OptunaSearch):
