@@ -105,11 +105,19 @@ def test_ablation_reports_mean_std_and_deltas(tmp_path):
         },
         baseline="base",
         seeds=[0, 1],
+        evaluate_at={"copy": {"length": [4, 8]}},  # the trained length and twice it
     )
     run = engine.run(path, tmp_path / "run")
-    assert len(load_trials(run)) == 6
+    records = load_trials(run)
+    assert len(records) == 6
+    for r in records:  # at the trained length, the trained weights give the last evaluation again
+        assert r.metrics["loss@4"] == pytest.approx(r.metrics["loss"], rel=1e-6)
+        assert r.metrics["accuracy@4"] == pytest.approx(r.metrics["accuracy"], rel=1e-6)
+        assert r.metrics["loss@8"] != r.metrics["loss@4"]
     text = report(run).read_text()
     assert "| w/o momentum |" in text and "±" in text and "Δ copy: loss" in text
+    assert "## copy: loss at each length (after training)" in text and "| length 4 | length 8 | mean |" in text
+    assert (run / "evaluate_at.png").is_file()
 
 
 def test_concurrent_trials_wait_for_the_random_startup_so_exactly_that_many_are_random(tmp_path):

@@ -180,6 +180,25 @@ def test_per_task_training_changes_apply_to_their_task_only_and_are_validated():
     assert e.value.path == "task_train.nope" and "not one of the tasks" in e.value.reason
 
 
+@pytest.mark.parametrize(
+    "change, path, reason",
+    [
+        ("evaluate_at.nope={seq_len: [512]}", "evaluate_at.nope", "not one of the tasks"),
+        ("evaluate_at.lm={seq_len: [512], corpus: [shakespeare]}", "evaluate_at.lm", "exactly one field"),
+        ("evaluate_at.lm={context_len: [512]}", "evaluate_at.lm.context_len", "not a field of the lm task"),
+        ("evaluate_at.lm={seq_len: []}", "evaluate_at.lm.seq_len", "at least one value"),
+        ("evaluate_at.mqar={seq_len: [128, 4]}", "evaluate_at.mqar.seq_len.1", "greater than or equal to 8"),
+    ],
+)
+def test_evaluate_at_names_one_field_of_its_task_and_values_the_task_accepts(change, path, reason):
+    study = load_study("studies/paper_niah.yaml")
+    assert [study.spec.task_at("s-niah-3", i).context_len for i in range(4)] == [256, 512, 1024, 2048]
+    assert study.spec.task_at("s-niah-3", 2).variant == "uuid"  # the rest of the task is kept
+    with pytest.raises(SpecError) as e:
+        load_study("studies/paper_ablation.yaml", [change])
+    assert e.value.path == path and reason in e.value.reason
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_every_sampler_a_study_can_name_samples_the_space_and_pickles(sampler):
     from ray import cloudpickle

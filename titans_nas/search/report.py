@@ -56,6 +56,8 @@ def load_trials(run_dir: Path) -> list[TrialRecord]:
         info = json.loads((d / "trial.json").read_text()) if (d / "trial.json").is_file() else {}
         evals = read_metrics(d / "metrics.jsonl", "eval")
         metrics = dict(evals[-1]) if evals else {}
+        if (d / "evaluate_at.json").is_file():  # the study's `evaluate_at` scores, after training
+            metrics |= json.loads((d / "evaluate_at.json").read_text())
         result = json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else None
         if d.name in summary:
             status = summary[d.name]["status"]
@@ -133,6 +135,8 @@ def report(run_dir: str | Path) -> Path:
             ablation_table(study, records),
             "",
         ]
+    if getattr(study.spec, "evaluate_at", None):
+        lines += evaluate_at_tables(study, records)
     best = best_trials(records, objectives)
     if isinstance(study.spec, SearchStudySpec):
         lines += findings(records, objectives, best)
@@ -254,6 +258,78 @@ def ablation_table(study: Study, records: list[TrialRecord]) -> str:
     return "\n".join(rows)
 
 
+def row_name(r: TrialRecord) -> str:
+    """A multi-task trial's row: its ablation variant or grid values (without task and seed)."""
+    if "variant" in r.point:
+        return r.point["variant"]
+    return ", ".join(f"{k}={v}" for k, v in r.point.get("values", {}).items())
+
+
+def evaluate_at_grid(
+    study: Study, records: list[TrialRecord], task: str
+) -> tuple[str, str, list[Any], dict[str, list[list[float]]]]:
+    """One task's `evaluate_at` scores: (field, metric, values, row -> per value the scores over
+    seeds). The metric is the first objective's where the trials recorded it, else the task's."""
+    ((varied, values),) = study.spec.evaluate_at[task].items()
+    done = [r for r in records if r.status == "completed" and r.point.get("task") == task]
+    metric = study.spec.objectives[0].metric
+    if not any(f"{metric}@{values[0]}" in r.metrics for r in done):
+        metric = type(study.spec.tasks[task]).metric
+    rows: dict[str, list[list[float]]] = {}
+    for r in done:
+        cells = rows.setdefault(row_name(r), [[] for _ in values])
+        for cell, value in zip(cells, values):
+            v = r.value(f"{metric}@{value}")
+            if v is not None:
+                cell.append(v)
+    return varied, metric, values, rows
+
+
+def evaluate_at_tables(study: Study, records: list[TrialRecord]) -> list[str]:
+    """The report's section for `evaluate_at`: per task, rows x values, mean (+- std over seeds)."""
+    lines = []
+    for task in study.spec.evaluate_at:
+        name, metric, values, rows = evaluate_at_grid(study, records, task)
+        lines += [f"## {task}: {metric} at each {name} (after training)", ""]
+        lines.append("| | " + " | ".join(f"{name} {v}" for v in values) + " | mean |")
+        lines.append("|" + "---|" * (len(values) + 2))
+        for row, cells in rows.items():
+            shown = [
+                "-" if not c else f"{statistics.mean(c):.3g}" + (f" ± {statistics.stdev(c):.2g}" if len(c) > 1 else "")
+                for c in cells
+            ]
+            means = [statistics.mean(c) for c in cells if c]
+            mean = f"{statistics.mean(means):.3g}" if len(means) == len(cells) else "-"
+            lines.append(f"| {row} | " + " | ".join(shown) + f" | {mean} |")
+        lines.append("")
+    return lines
+
+
+def _evaluate_at_heatmap(run_dir: Path, study: Study, records: list[TrialRecord], plt: Any) -> Path | None:
+    """One panel per task (rows x values, the layout of the paper's Table 2), colour = mean."""
+    grids = [(task, *evaluate_at_grid(study, records, task)) for task in study.spec.evaluate_at]
+    grids = [g for g in grids if g[4]]
+    if not grids:
+        return None
+    n_rows = max(len(g[4]) for g in grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=(1.5 + 3.2 * len(grids), 1.2 + 0.42 * n_rows), squeeze=False)
+    for ax, (task, varied, metric, values, rows) in zip(axes[0], grids):
+        names = list(rows)
+        means = [[statistics.mean(c) if c else math.nan for c in rows[n]] for n in names]
+        bounded = metric in ("accuracy", "exact_match")
+        im = ax.imshow(means, cmap="RdYlGn", aspect="auto", vmin=0 if bounded else None, vmax=1 if bounded else None)
+        ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel(varied)
+        for i, row in enumerate(means):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{task}: {metric}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return _save(fig, run_dir / "evaluate_at.png")
+
+
 def write_plots(
     run_dir: Path, study: Study, records: list[TrialRecord], objectives: list[tuple[str, str]]
 ) -> list[Path]:
@@ -277,6 +353,8 @@ def write_plots(
             ax.legend(fontsize=6)
         fig.tight_layout()
         out.append(_save(fig, run_dir / "curves.png"))
+    if getattr(study.spec, "evaluate_at", None) and (heat := _evaluate_at_heatmap(run_dir, study, records, plt)):
+        out.append(heat)
     health = [r for r in records if any("grad_norm" in c for c in r.curve)]
     if health:
         out.append(_health_plot(run_dir / "memory_health.png", study.spec.name, health, plt))

@@ -161,6 +161,38 @@ class MultiTaskStudy(StudyBase):
     """Per-task changes to `train` (e.g. a smaller batch for a long-context task):
     `{niah: {batch_size: 8, steps: 300}}`."""
 
+    evaluate_at: dict[str, dict[str, list[Any]]] = {}
+    """Per task, one of its fields and values for it: after training, the trained model is also
+    scored on the task with that field set to each value, recorded as `{metric}@{value}`
+    (`{niah: {context_len: [256, 1024, 4096]}}`: length generalisation, the grid of the paper's
+    Table 2; the report gives a table and a heatmap per task)."""
+
+    @model_validator(mode="after")
+    def _evaluate_at_fits(self) -> MultiTaskStudy:
+        for name, sweep in self.evaluate_at.items():
+            where = f"evaluate_at.{name}"
+            if name not in self.tasks:
+                raise SpecRuleError(where, f"'{name}' is not one of the tasks: {', '.join(self.tasks)}")
+            if len(sweep) != 1:
+                raise SpecRuleError(where, f"name exactly one field of the task to vary, not {len(sweep)}")
+            (field, values), task = next(iter(sweep.items())), self.tasks[name]
+            if field not in type(task).model_fields or field == "kind":
+                raise SpecRuleError(f"{where}.{field}", f"not a field of the {task.kind} task")
+            if not values:
+                raise SpecRuleError(f"{where}.{field}", "give at least one value")
+            for i, _ in enumerate(values):
+                try:
+                    self.task_at(name, i)
+                except ValidationError as e:
+                    raise SpecRuleError(f"{where}.{field}.{i}", e.errors()[0]["msg"]) from None
+        return self
+
+    def task_at(self, name: str, i: int) -> Any:
+        """Task `name` with its `evaluate_at` field set to the i-th value (validated)."""
+        ((field, values),) = self.evaluate_at[name].items()
+        task = self.tasks[name]
+        return type(task).model_validate({**task.model_dump(), field: values[i]})
+
     @model_validator(mode="after")
     def _task_train_fits(self) -> MultiTaskStudy:
         for name in self.task_train:

@@ -38,6 +38,25 @@ def trial_device(study: Study) -> str:
     return "cpu"
 
 
+def evaluate_at(study: Study, task: str, out: Path, cfg: Any, device: str) -> dict[str, float]:
+    """The trained trial scored on its task at each value of the study's `evaluate_at` field:
+    `{metric}@{value}` (loss and every metric the task reports), on the same fixed evaluation
+    set recipe as during training."""
+    import torch
+
+    from titans_nas.evaluate import load_run
+    from titans_nas.train import evaluate
+
+    _, model = load_run(out)
+    model = model.to(device)
+    ((_, values),) = study.spec.evaluate_at[task].items()
+    scores: dict[str, float] = {}
+    for i, value in enumerate(values):
+        got = evaluate(model, study.spec.task_at(task, i), cfg, torch.device(device))
+        scores |= {f"{k}@{value}": v for k, v in got.items() if not k.startswith("block.")}
+    return scores
+
+
 def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
@@ -74,6 +93,9 @@ def run_trial(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=ckpt)
 
         result = train(spec, task, cfg, out, resume=resume, on_eval=on_eval, device=trial_device(study))
+        if result.status == "completed" and point.get("task") in getattr(study.spec, "evaluate_at", {}):
+            scores = evaluate_at(study, point["task"], out, cfg, trial_device(study))
+            (out / "evaluate_at.json").write_text(json.dumps(scores, indent=2))
         if result.status == "diverged":
             tune.report(
                 {
