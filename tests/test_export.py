@@ -12,7 +12,7 @@ from titans_nas import load_model, load_spec
 from titans_nas.cli import main
 from titans_nas.evaluate import evaluate_task, load_run
 from titans_nas.export import FILES, export, load_export
-from titans_nas.tasks import CopySpec
+from titans_nas.tasks import CompressionSpec, CopySpec
 from titans_nas.train import TrainSpec, train
 
 SPEC = load_spec("mag-tiny", ["dim=16", "heads=2", "depth=1", "vocab_size=16", "block.window=4"])
@@ -115,3 +115,19 @@ def test_an_exported_architecture_retrains_at_a_larger_budget(exported, tmp_path
     assert main([*args, "--out", str(out)]) == 0
     assert load_spec(out / "spec.yaml") == SPEC
     assert json.loads((out / "result.json").read_text())["step"] == 8
+
+
+def test_a_task_read_out_head_trains_and_is_exported_with_the_model(tmp_path):
+    """MAD compression decodes with its own head: trained, saved with the weights, rebuilt from the
+    run's task.yaml on every load, so an export re-scores exactly."""
+    task = CompressionSpec(seq_len=8, vocab=16)
+    run = tmp_path / "run"
+    train(SPEC, task, CFG, run)
+    spec, model, metrics = load_export(export(run, tmp_path / "export"))
+    assert any(k.startswith("readout.") for k in model.state_dict())
+    e = metrics["eval"]
+    again = evaluate_task(model, spec, task, batches=e["batches"], batch_size=e["batch_size"], seed=e["seed"])
+    assert again["loss"] == metrics["final_eval"]["loss"]
+    _, plain = load_run(run)
+    tokens = task.sample(2, torch.Generator().manual_seed(0)).inputs
+    assert torch.equal(plain(tokens)[0], model(tokens)[0]) and model(tokens)[0].shape == (2, 8, 16)

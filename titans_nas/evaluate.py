@@ -14,7 +14,7 @@ from titans_nas.config import SpecError, load_spec
 from titans_nas.model import TitansLM
 from titans_nas.spec import ModelSpec
 from titans_nas.tasks import NIAHSpec, TaskBase
-from titans_nas.train import TrainSpec, check_compatible, evaluate
+from titans_nas.train import TrainSpec, check_compatible, evaluate, saved_task
 
 
 def load_run(run_dir: str | Path) -> tuple[ModelSpec, TitansLM]:
@@ -30,7 +30,7 @@ def load_run(run_dir: str | Path) -> tuple[ModelSpec, TitansLM]:
     if not (run / "spec.yaml").is_file() or not weights.is_file():
         raise SpecError(str(run), "", "not a training run: spec.yaml or checkpoint/model.safetensors is missing")
     spec = load_spec(run / "spec.yaml")
-    model = build_model(spec)
+    model = build_model(spec, saved_task(run))
     model.load_state_dict(load_file(weights), strict=True)
     return spec, model.eval()
 

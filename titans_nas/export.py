@@ -35,7 +35,7 @@ from titans_nas.builder import build_model
 from titans_nas.config import SpecError, dump_spec, load_spec
 from titans_nas.model import TitansLM
 from titans_nas.spec import SCHEMA_VERSION, ModelSpec
-from titans_nas.train import eval_set, read_metrics
+from titans_nas.train import eval_set, read_metrics, saved_task
 
 FILES = ("spec.yaml", "model.safetensors", "task.yaml", "metrics.json", "README.md", "provenance.json")
 
@@ -173,7 +173,7 @@ def export(run_dir: str | Path, out: str | Path, rank: int = 1, trial: str | Non
         "source": str(source.dir.absolute()),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_finite))
-    params = sum(p.numel() for p in build_model(spec).parameters())
+    params = sum(p.numel() for p in build_model(spec, saved_task(out)).parameters())
     (out / "README.md").write_text(model_card(spec, params, metrics))
     provenance = {
         "titans_nas": titans_nas.__version__,
@@ -312,7 +312,7 @@ def load_export(path: str | Path) -> tuple[ModelSpec, TitansLM, dict[str, Any]]:
         if sha256(d / name) != hashes.get(name):
             raise SpecError(str(d / name), "", "sha256 differs from provenance.json: the file changed after export")
     spec = load_spec(d / "spec.yaml")
-    model = build_model(spec)
+    model = build_model(spec, saved_task(d))
     try:
         model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
     except RuntimeError as e:

@@ -27,6 +27,8 @@ class TitansLM(nn.Module):
         nn.init.normal_(self.embedding.weight, std=dim**-0.5)
         self.blocks, self.norm = blocks, norm
         self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+        self.readout: nn.Module | None = None
+        """A task's own head in place of the LM head (`TaskBase.readout`; the builder sets it)."""
 
     def init_state(self, batch: int) -> ModelState:
         return ModelState([block.init_state(batch) for block in self.blocks])
@@ -40,7 +42,10 @@ class TitansLM(nn.Module):
             x, s = block(x, None if state is None else state.blocks[i])
             states.append(s)
         x = self.norm(x)
-        logits = x @ self.embedding.weight.t() if self.head is None else self.head(x)
+        if self.readout is not None:
+            logits = self.readout(x)
+        else:
+            logits = x @ self.embedding.weight.t() if self.head is None else self.head(x)
         return logits, None if state is None else ModelState(states)
 
     @torch.no_grad()

@@ -27,10 +27,10 @@ from components.base import Spec
 from components.neural_memory import NeuralMemory, compile_memory, recording, summarize_health
 from titans_nas.allocator import keep_freed_memory
 from titans_nas.builder import build_model
-from titans_nas.config import SpecError, dump_spec
+from titans_nas.config import SpecError, dump_spec, load_union
 from titans_nas.model import TitansLM
 from titans_nas.spec import ModelSpec
-from titans_nas.tasks import IGNORE, TaskBase
+from titans_nas.tasks import IGNORE, TaskBase, TaskSpec
 
 Status = Literal["completed", "diverged", "stopped"]
 
@@ -181,6 +181,12 @@ def _autocast(device: torch.device):
     )
 
 
+def saved_task(run_dir: Path) -> TaskBase | None:
+    """The task a run (or its export) trained on, from its task.yaml; None where it has none.
+    Models are rebuilt with it: a task's read-out head (MAD compression) is part of the weights."""
+    return load_union(run_dir / "task.yaml", TaskSpec) if (run_dir / "task.yaml").is_file() else None
+
+
 def check_compatible(model_spec: ModelSpec, task: TaskBase) -> None:
     if model_spec.vocab_size < task.vocab_size:
         raise SpecError(
@@ -213,7 +219,7 @@ def train(
     check_compatible(model_spec, task)
     keep_freed_memory()  # long sequences allocate thousands of state-sized tensors (allocator.py)
     device = torch.device(device)
-    model = build_model(model_spec).to(device)
+    model = build_model(model_spec, task).to(device)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0

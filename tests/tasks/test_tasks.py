@@ -9,6 +9,7 @@ import torch
 from titans_nas.config import union_members
 from titans_nas.tasks import (
     IGNORE,
+    CompressionSpec,
     CopySpec,
     InductionSpec,
     LMSpec,
@@ -33,6 +34,7 @@ SMALL = {
     "recall-noisy": RecallSpec(seq_len=64, vocab=32, noise=0.2, noise_vocab=16),
     "recall-fuzzy": RecallSpec(seq_len=64, key_len=3, value_len=3),
     "memorization": MemorizationSpec(seq_len=32, vocab=64),
+    "compression": CompressionSpec(seq_len=16, vocab=16),
 }
 
 
@@ -181,3 +183,23 @@ def test_memorization_shares_one_bijective_mapping_across_sequences_and_seeds():
     assert len(set(seen.values())) == len(seen)  # injective
     other = MemorizationSpec(seq_len=32, vocab=64, map_seed=1).mapping()
     assert not torch.equal(other, task.mapping())
+
+
+def test_compression_asks_for_the_whole_sequence_back_after_its_compression_token():
+    task = SMALL["compression"]
+    batch = task.sample(8, gen(0))
+    assert (batch.inputs[:, -1] == task.vocab - 1).all() and (batch.inputs[:, :-1] < task.vocab - 1).all()
+    assert torch.equal(batch.targets, batch.inputs)  # every position rebuilt, none skipped
+
+
+def test_the_compression_decoder_reads_the_last_position_only():
+    head = SMALL["compression"].readout(8)
+    features = torch.randn(3, 16, 8, generator=gen(0))
+    earlier, last = features.clone(), features.clone()
+    earlier[:, :-1] += torch.randn(3, 15, 8, generator=gen(1))
+    last[:, -1] += 1.0
+    assert head(features).shape == (3, 16, 16)
+    assert torch.equal(head(earlier), head(features))  # one vector is all it gets
+    assert not torch.allclose(head(last), head(features))
+    logits = head(features)
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # positions are told apart

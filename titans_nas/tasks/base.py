@@ -10,7 +10,7 @@ from abc import abstractmethod
 from typing import ClassVar, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from components.base import Spec
 
@@ -48,6 +48,12 @@ class TaskBase(Spec):
     def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> Batch:
         """A batch drawn with `generator` (the only source of randomness: seeds reproduce).
         `split` is "train" or "eval"; tasks on real text draw from disjoint documents."""
+
+    def readout(self, dim: int) -> nn.Module | None:
+        """A head the task trains with the model in place of the model's LM head: it maps the
+        model's final features (b, n, dim) to the logits `score` reads, and its weights are saved
+        with the model's. None (every task but MAD compression): the next-token LM head."""
+        return None
 
     def score(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
         """Sums to aggregate over evaluation batches: metric -> (numerator, denominator).

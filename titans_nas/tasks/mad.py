@@ -9,19 +9,24 @@ Hybrid Architectures", arXiv 2403.17844), written from the paper's descriptions:
 - `memorization`: one key-value mapping shared by every sequence (seeded by `map_seed`): the
   model stores it in its weights, not its context; each key is followed by an insert token,
   where the value is due.
+- `compression`: random tokens, then a compression token; a small decoder the task trains with
+  the model (`CompressionDecoder`) must rebuild the whole sequence from the model's output at
+  the compression token alone: what one position's state holds of the sequence.
 
 As in MAD, recall trains on every next token (the keys are noise to it, the repeated values are
 signal) and is scored on the probe's value only; its evaluation targets are the probe alone.
-MAD's selective copying is `selective_copy`. Letters: b batch, n sequence.
+MAD's selective copying is `selective_copy`. Letters: b batch, n sequence, d model width, v vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor, nn
 
 from components.base import SpecRuleError
 from titans_nas.tasks.base import IGNORE, Batch, TaskBase
@@ -142,3 +147,53 @@ class MemorizationSpec(TaskBase):
         inputs = torch.stack([keys, insert], dim=-1).flatten(1)  # k_1 I k_2 I ...
         targets = torch.stack([torch.full_like(keys, IGNORE), table[keys]], dim=-1).flatten(1)
         return Batch(inputs, targets)
+
+
+class CompressionSpec(TaskBase):
+    """MAD compression: `seq_len - 1` random tokens and a compression token; the task's decoder
+    reads the model's features at the compression token only and must emit every token of the
+    sequence at its position (the compression token included, as in MAD). Scored on all."""
+
+    kind: Literal["compression"] = "compression"
+    seq_len: int = Field(32, ge=2)
+    """Tokens the model reads (MAD: 32), the compression token last."""
+    vocab: int = Field(16, ge=3)
+    """All ids (MAD: 16); the last is the compression token."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> Batch:
+        tokens = torch.randint(self.vocab - 1, (batch, self.seq_len - 1), generator=generator)
+        inputs = torch.cat([tokens, torch.full((batch, 1), self.vocab - 1)], dim=1)
+        return Batch(inputs, inputs.clone())  # target i: the token at position i, rebuilt
+
+    def readout(self, dim: int) -> nn.Module:
+        return CompressionDecoder(dim, self.vocab)
+
+
+class CompressionDecoder(nn.Module):
+    """MAD's compression decoder: the feature at the last position plus a fixed sinusoidal code of
+    each position, through a two-layer MLP (RMSNorm, Linear, GELU, twice) and an unembedding:
+    logits for every position from one vector (b, n, d) -> (b, n, v)."""
+
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        layer = lambda: [nn.RMSNorm(dim), nn.Linear(dim, dim), nn.GELU()]  # noqa: E731
+        self.mlp = nn.Sequential(*layer(), *layer())
+        self.unembed = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab))
+
+    def forward(self, features: Tensor) -> Tensor:
+        _, n, d = features.shape
+        code = sinusoid(n, d).to(features)
+        return self.unembed(self.mlp(features[:, -1:] + code))  # (b, 1, d) + (n, d) -> (b, n, d)
+
+
+def sinusoid(n: int, d: int) -> Tensor:
+    """(n, d): sin / cos of each position at d / 2 geometric frequencies (Vaswani et al. 2017)."""
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d - d % 2, 2) / d)
+    angle = torch.arange(n)[:, None] * freq[None]
+    code = torch.zeros(n, d)
+    code[:, 0 : d - d % 2 : 2], code[:, 1 : d - d % 2 : 2] = angle.sin(), angle.cos()
+    return code
