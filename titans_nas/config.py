@@ -63,9 +63,52 @@ def resolve_ref(
     raise SpecError(where, "", f"no preset or file named '{ref}'{hint}")
 
 
+EXPANDED_NODES = 100_000
+"""The most YAML nodes a file or `--set` value may stand for once its aliases are expanded: a
+spec is a few hundred; nested anchors ("billion laughs") multiply without bound and would hang
+the merge that copies them."""
+
+
+def check_aliases(text: str, source: str) -> None:
+    """Refuse YAML whose aliases expand past EXPANDED_NODES nodes, or refer to themselves,
+    before anything is built from it (the node graph is composed, never expanded)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # malformed: the loader reports it with its line and column
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SpecError(source, "", "a YAML alias refers to a node that contains it (recursive anchor)")
+        open_nodes.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > EXPANDED_NODES:
+                raise SpecError(
+                    source, "", f"its YAML aliases expand to more than {EXPANDED_NODES:,} nodes (nested anchors)"
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        check_aliases(text, str(path))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -166,6 +209,7 @@ def merge_layers(
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"--set {item}", "", "expected KEY=VALUE, e.g. --set block.window=64")
+        check_aliases(item.partition("=")[2], f"--set {item}")
         try:
             layers.append((f"--set {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
         except OmegaConfBaseException as e:
