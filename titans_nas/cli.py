@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from titans_nas.allocator import keep_freed_memory
-from titans_nas.config import SpecError, dump_spec, load_spec, load_union
+from titans_nas.config import SpecError, dump_spec, load_spec, load_union, validate
 from titans_nas.spec import ModelSpec
 
 console = Console(highlight=False)
@@ -26,6 +26,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from titans_nas.builder import build_model
     from titans_nas.summary import flops_per_token, param_rows
 
+    _at_least("--seq", args.seq, 1)
     spec = load_spec(args.spec, args.set)
     print(dump_spec(spec), end="")
     import torch
@@ -54,16 +55,19 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     task = load_union(args.task, TaskSpec, args.task_set)
-    cfg_fields = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "eval_every": args.eval_every,
-        "compile": args.compile or None,
+    flags = {
+        "--steps": ("steps", args.steps),
+        "--batch-size": ("batch_size", args.batch_size),
+        "--lr": ("lr", args.lr),
+        "--seed": ("seed", args.seed),
+        "--eval-every": ("eval_every", args.eval_every),
+        "--checkpoint-every": ("checkpoint_every", args.checkpoint_every),
+        "--compile": ("compile", args.compile or None),
     }
-    cfg = TrainSpec(**{k: v for k, v in cfg_fields.items() if v is not None})
-    out = Path(args.out) if args.out else None
+    given = {name: value for name, value in flags.values() if value is not None}
+    cfg = validate(given, TrainSpec, {"": "command line", **{name: flag for flag, (name, _) in flags.items()}})
+    device = _device(args.device)
+    out = _run_dir(args.out, resume=args.resume, overwrite=args.overwrite) if args.out else None
     console.print(
         f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps" + (f" -> {out}" if out else "")
     )
@@ -85,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
             console.print(f"{'':13}{line}", soft_wrap=True)
 
     with progress if progress is not None else _nothing():
-        result = train(spec, task, cfg, out, resume=args.resume, on_log=on_log, on_eval=on_eval, device=args.device)
+        result = train(spec, task, cfg, out, resume=args.resume, on_log=on_log, on_eval=on_eval, device=device)
     if result.status == "diverged":
         print(f"diverged: {result.message}", file=sys.stderr)
         return 3
@@ -94,6 +98,69 @@ def _train(args: argparse.Namespace) -> int:
         f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB"
     )
     return 0
+
+
+def _numbers(flag: str, text: str, kind: type) -> list:
+    """A comma-separated list of numbers from a flag (exit 2 naming the flag otherwise)."""
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        word = "whole numbers" if kind is int else "numbers"
+        raise SpecError(flag, "", f"expected comma-separated {word}, got '{text}'") from None
+    return values
+
+
+def _at_least(flag: str, value: int, least: int) -> None:
+    if value < least:
+        raise SpecError(flag, "", f"must be at least {least}, got {value}")
+
+
+def _device(name: str) -> str:
+    """--device: a torch device this machine has (exit 2 otherwise, not a traceback mid-build)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpecError("--device", "", f"'{name}' is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device", "", f"'{name}': this machine's torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SpecError("--device", "", f"'{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SpecError("--device", "", f"'{name}': this machine's torch has no MPS device")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SpecError("--device", "", f"'{name}': training runs on cpu, cuda or mps")
+    return name
+
+
+def _run_dir(path: str, *, resume: bool, overwrite: bool) -> Path:
+    """--out: a directory this command may write. An earlier run there is continued only with
+    --resume and replaced only with --overwrite; a file or an unwritable place is refused."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SpecError("--out", "", f"{out} is a file, not a run directory")
+    holds_run = (out / "metrics.jsonl").is_file() or (out / "checkpoint").is_dir()
+    if resume and overwrite:
+        raise SpecError("--out", "", "give --resume (continue the run) or --overwrite (replace it), not both")
+    if resume and not holds_run:
+        raise SpecError("--out", "", f"{out} holds no run to resume (no metrics.jsonl or checkpoint/)")
+    if holds_run and not resume and not overwrite:
+        raise SpecError("--out", "", f"{out} already holds a run: --resume continues it, --overwrite replaces it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SpecError("--out", "", f"cannot write to {out}: {e.strerror}") from None
+    if holds_run and overwrite:
+        import shutil
+
+        for name in ("metrics.jsonl", "result.json", "spec.yaml", "task.yaml", "train.yaml"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return out
 
 
 def _progress(total: int):
@@ -159,11 +226,16 @@ def _niah(args: argparse.Namespace) -> int:
     from titans_nas.tasks import NIAHSpec
     from titans_nas.train import check_compatible
 
+    lengths = _numbers("--lengths", args.lengths, int)
+    depths = _numbers("--depths", args.depths, float)
+    _at_least("--samples", args.samples, 1)
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise SpecError("--depths", "", f"depths are fractions of the haystack in [0, 1], got {args.depths}")
+    task = validate({"variant": args.variant, "digits": args.digits}, NIAHSpec, {"": "--digits"})
+    for n in lengths:  # every cell's context must hold the needle and the question
+        validate({**task.model_dump(), "context_len": n}, NIAHSpec, {"": f"--lengths {n}"})
     spec, model = load_run(args.run)
-    task = NIAHSpec(variant=args.variant, digits=args.digits)
     check_compatible(spec, task)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
     grid = niah_grid(model, task, lengths, depths, samples=args.samples, seed=args.seed)
     out = Path(args.out or Path(args.run) / "niah")
     out.mkdir(parents=True, exist_ok=True)
@@ -239,14 +311,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a spec field")
     s.add_argument("--task", default="copy", help="task kind (its defaults) or a task YAML path")
     s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--eval-every", type=int)
+    s.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    s.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    s.add_argument("--seed", type=int, help="seed of the training data stream (default 0)")
+    s.add_argument("--eval-every", type=int, help="evaluate every N steps and at the end (default 100)")
+    s.add_argument(
+        "--checkpoint-every", type=int, help="checkpoint every N steps (default: every evaluation; always at the end)"
+    )
     s.add_argument("--out", help="run directory (metrics.jsonl, checkpoint, result.json)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    s.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     s.add_argument("--compile", action="store_true", help="torch.compile the memory's chunk step")
     s.set_defaults(fn=_train)
 

@@ -116,6 +116,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SpecError(str(path), "", f"malformed YAML: {at}{problem}") from None
     except OSError as e:
         raise SpecError(str(path), "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), "", f"not UTF-8 text (byte {e.start}: {e.reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -219,8 +221,8 @@ def merge_layers(
     for label, data in layers:
         try:
             merged = OmegaConf.to_container(OmegaConf.merge(drop_switched(merged, data, cls), data))
-        except OmegaConfBaseException as e:
-            raise SpecError(label, "", str(e).splitlines()[0]) from None
+        except (OmegaConfBaseException, TypeError, ValueError) as e:  # TypeError: a list over a mapping
+            raise SpecError(label, "", _merge_problem(e, merged, data)) from None
         provenance.update({p: label for p in _flat(data)})
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
@@ -228,6 +230,20 @@ def merge_layers(
         raise SpecError(layers[-1][0], "", f"interpolation: {str(e).splitlines()[0]}") from None
     provenance[""] = layers[-1 - len(overrides)][0]
     return resolved, provenance
+
+
+def _merge_problem(error: Exception, base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> str:
+    """Why a layer cannot merge: the first dotted path where a mapping meets a non-mapping."""
+    for key, value in over.items():
+        old = base.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            found = _merge_problem(error, old, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif isinstance(old, dict) != isinstance(value, dict) and old is not None and value is not None:
+            kinds = lambda v: "a mapping" if isinstance(v, dict) else type(v).__name__  # noqa: E731
+            return f"{prefix}{key}: {kinds(value)} cannot replace {kinds(old)}"
+    return "" if prefix else str(error).splitlines()[0]
 
 
 def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = ModelSpec) -> S:
