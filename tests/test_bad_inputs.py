@@ -103,4 +103,5 @@ def test_an_earlier_run_is_neither_replaced_nor_continued_unless_asked(tmp_path,
     assert "not both" in refused(capsys, ["train", "lmm-tiny", "--out", str(out), "--resume", "--overwrite"])
     again = ["train", "lmm-tiny", *TINY, "--steps", "3", "--eval-every", "3", "--out", str(out), "--overwrite"]
     assert main(again) == 0
-    assert '"step": 3' in (out / "metrics.jsonl").read_text() and '"step": 2,' not in (out / "metrics.jsonl").read_text()
+    lines = (out / "metrics.jsonl").read_text()
+    assert '"step": 3' in lines and '"step": 2,' not in lines
