@@ -3,6 +3,7 @@ an exported architecture retrains from its spec."""
 
 import hashlib
 import json
+import os
 import pickle
 
 import pytest
@@ -107,6 +108,58 @@ def test_export_into_a_full_dir_or_from_a_non_run_is_refused(trained, exported, 
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a finished training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "task.yaml", "README.md"])
+def test_every_shipped_file_is_hashed(exported, capsys, name):
+    with open(exported / name, "a") as f:
+        f.write("\n")
+    _refused(exported, capsys, name, "sha256 differs")
+
+
+@pytest.mark.parametrize("file", ["spec.yaml", "task.yaml"])
+@pytest.mark.parametrize("how", ["extends", "absolute extends", "env interpolation", "field interpolation"])
+def test_an_exported_spec_is_data_that_reads_nothing_else(exported, tmp_path, capsys, monkeypatch, file, how):
+    """A hostile export (hashes recomputed) cannot make the loader read other files or the
+    environment, and nothing it would have read shows in the error."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("dim: 48  # SECRET-FROM-FILE\n")
+    monkeypatch.setenv("TITANS_SECRET", "SECRET-FROM-ENV")
+    text = (exported / file).read_text()
+    change = {
+        "extends": f"extends: {os.path.relpath(secret, exported)}\n" + text,
+        "absolute extends": f"extends: {secret}\n" + text,
+        "env interpolation": text + "kind_note: ${oc.env:TITANS_SECRET}\n",
+        "field interpolation": text + "note: ${seed}\n",
+    }[how]
+    assert change != text
+    (exported / file).write_text(change)
+    _rehash(exported, file)
+    assert main(["eval", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SECRET" not in err and "a saved spec is data" in err, err
+
+
+def test_a_symlinked_export_file_is_refused(exported, tmp_path, capsys):
+    outside = tmp_path / "task.yaml"
+    outside.write_text((exported / "task.yaml").read_text())
+    (exported / "task.yaml").unlink()
+    (exported / "task.yaml").symlink_to(outside)
+    _refused(exported, capsys, "task.yaml", "symbolic link")
+
+
+def test_a_failed_export_leaves_nothing_and_the_retry_works(trained, tmp_path, monkeypatch):
+    import titans_nas.export as export_module
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "model_card", broken)
+    with pytest.raises(OSError):
+        export(trained, tmp_path / "best")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written directory, no temp dir
+    monkeypatch.undo()
+    assert sorted(p.name for p in export(trained, tmp_path / "best").iterdir()) == sorted(FILES)
 
 
 def test_an_exported_architecture_retrains_at_a_larger_budget(exported, tmp_path):

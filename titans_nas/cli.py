@@ -258,12 +258,20 @@ def _study(args: argparse.Namespace) -> int:
         console.print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
         serve(args.target, args.host, args.port)
         return 0
+    target = args.target
     if args.action == "run":
-        study = load_study(args.target, args.set)
-        run_dir = engine.run(args.target, args.out or Path("runs") / study.spec.name, tuple(args.set))
-    elif args.action == "resume":
-        run_dir = engine.resume(args.target)
-    else:
+        target = args.out or Path("runs") / load_study(args.target, args.set).spec.name
+    try:
+        if args.action == "run":
+            run_dir = engine.run(args.target, target, tuple(args.set))
+        elif args.action == "resume":
+            run_dir = engine.resume(args.target)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished trials are kept; continue with `titans-nas study resume {target}`", file=sys.stderr
+        )
+        return 130
+    if args.action not in ("run", "resume"):
         run_dir = Path(args.target)
         engine.read_state(run_dir)
     study = load_study(run_dir / "study.yaml")
@@ -272,7 +280,8 @@ def _study(args: argparse.Namespace) -> int:
     if args.action == "status":
         state = engine.read_state(run_dir)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(status_counts(records).items())) or "no trial started"
-        console.print(f"study {study.spec.name}: {'finished' if state['finished'] else 'not finished'}; {counts}")
+        how = "finished" if state["finished"] else "interrupted" if state.get("interrupted") else "not finished"
+        console.print(f"study {study.spec.name}: {how}; {counts}")
     print(trials_table(records, metrics))
     if args.action != "status":
         console.print(f"report: {report(run_dir)}")

@@ -246,6 +246,36 @@ def _merge_problem(error: Exception, base: dict[str, Any], over: dict[str, Any],
     return "" if prefix else str(error).splitlines()[0]
 
 
+def load_data(path: Path, spec: Any) -> Any:
+    """A spec file that is data only (a run's or an export's saved spec.yaml / task.yaml): parsed
+    and validated, with nothing honoured that reads elsewhere: `extends` (other files) and
+    `${...}` interpolation (environment variables, other fields) are refused, never resolved.
+    `spec` is a spec class or a discriminated union of them."""
+    if path.is_symlink():
+        raise SpecError(str(path), "", "is a symbolic link: a saved spec is read from its own directory only")
+    data = read_yaml(path)
+    if "extends" in data:
+        raise SpecError(str(path), "extends", "a saved spec is data: it may not extend other files")
+    for dotted, value in _leaves(data):
+        if isinstance(value, str) and "${" in value:
+            raise SpecError(str(path), dotted, "a saved spec is data: interpolation (${...}) is not resolved")
+    cls = spec
+    if not isinstance(spec, type):
+        members = union_members(spec)
+        if data.get("kind") not in members:
+            raise SpecError(str(path), "kind", f"unknown kind {data.get('kind')!r} (one of: {', '.join(members)})")
+        cls = members[data["kind"]]
+    return validate(data, cls, {"": str(path)})
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(data, list):
+        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip(".") or "(top)", data)]
+
+
 def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = ModelSpec) -> S:
     data, provenance = compose(source, overrides, cls=cls)
     return validate(data, cls, provenance)

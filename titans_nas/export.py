@@ -6,7 +6,7 @@
     task.yaml          the task it was trained and evaluated on
     metrics.json       objectives and final evaluation, trial id, study, task, seed, steps, eval set
     README.md          a model card
-    provenance.json    package / torch versions, git commit, sha256 of the weights and the spec
+    provenance.json    package / torch versions, git commit, sha256 of every other file
 
 The source is a study run (the trial picked by rank on an objective, or by id) or a plain
 training run directory. `load_model` checks the hashes and the file format before it builds the
@@ -21,6 +21,7 @@ import math
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from titans_nas.builder import build_model
-from titans_nas.config import SpecError, dump_spec, load_spec
+from titans_nas.config import SpecError, dump_spec, load_data, load_spec
 from titans_nas.model import TitansLM
 from titans_nas.spec import SCHEMA_VERSION, ModelSpec
+from titans_nas.tasks import TaskSpec
 from titans_nas.train import eval_set, read_metrics, saved_task
 
 FILES = ("spec.yaml", "model.safetensors", "task.yaml", "metrics.json", "README.md", "provenance.json")
@@ -147,13 +149,29 @@ def _git_commit() -> str | None:
 
 def export(run_dir: str | Path, out: str | Path, rank: int = 1, trial: str | None = None, objective: str | None = None):
     """Write the export directory of the picked run; returns its path."""
+    source = pick(run_dir, rank, trial, objective)
+    final = Path(out)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise SpecError(str(final), "", "the export path exists and is not a directory")
+    if final.exists() and any(final.iterdir()):
+        raise SpecError(str(final), "", "the export directory exists and is not empty")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # written next to its place and renamed into it when complete: a failed export leaves nothing
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        _write_export(source, out)
+        if final.exists():
+            final.rmdir()
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_export(source: Source, out: Path) -> None:
     import titans_nas
 
-    source = pick(run_dir, rank, trial, objective)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SpecError(str(out), "", "the export directory exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
     spec = load_spec(source.dir / "spec.yaml")
     (out / "spec.yaml").write_text(dump_spec(spec))
     shutil.copyfile(source.dir / "checkpoint" / "model.safetensors", out / "model.safetensors")
@@ -181,10 +199,9 @@ def export(run_dir: str | Path, out: str | Path, rank: int = 1, trial: str | Non
         "git_commit": _git_commit(),
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sha256": {"model.safetensors": sha256(out / "model.safetensors"), "spec.yaml": sha256(out / "spec.yaml")},
+        "sha256": {name: sha256(out / name) for name in FILES if name != "provenance.json"},
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    return out
 
 
 def _finite(v: Any) -> Any:
@@ -289,7 +306,10 @@ def load_export(path: str | Path) -> tuple[ModelSpec, TitansLM, dict[str, Any]]:
     d = Path(path)
     if not d.is_dir():
         raise SpecError(str(d), "", "no such export directory")
-    for name in ("spec.yaml", "model.safetensors", "provenance.json"):
+    for name in FILES:  # an export is read from its own directory only
+        if (d / name).is_symlink():
+            raise SpecError(str(d / name), "", "is a symbolic link: an export's files must be its own")
+    for name in FILES:
         if not (d / name).is_file():
             others = sorted(p.name for p in d.glob("*.pt")) + sorted(p.name for p in d.glob("*.bin"))
             hint = f" (found {', '.join(others)}: only safetensors weights are loaded)" if others else ""
@@ -297,6 +317,8 @@ def load_export(path: str | Path) -> tuple[ModelSpec, TitansLM, dict[str, Any]]:
     try:
         provenance = json.loads((d / "provenance.json").read_text())
         hashes = provenance["sha256"]
+        if not isinstance(hashes, dict):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise SpecError(str(d / "provenance.json"), "", "unreadable provenance (no sha256 of the files)") from None
     version = provenance.get("schema_version", 1)
@@ -308,11 +330,11 @@ def load_export(path: str | Path) -> tuple[ModelSpec, TitansLM, dict[str, Any]]:
             " upgrade titans-nas",
         )
     check_safetensors(d / "model.safetensors")
-    for name in ("model.safetensors", "spec.yaml"):
-        if sha256(d / name) != hashes.get(name):
+    for name in FILES:
+        if name != "provenance.json" and sha256(d / name) != hashes.get(name):
             raise SpecError(str(d / name), "", "sha256 differs from provenance.json: the file changed after export")
-    spec = load_spec(d / "spec.yaml")
-    model = build_model(spec, saved_task(d))
+    spec = load_data(d / "spec.yaml", ModelSpec)
+    model = build_model(spec, load_data(d / "task.yaml", TaskSpec))
     try:
         model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
     except RuntimeError as e:

@@ -10,7 +10,8 @@ import yaml
 def ray_local():
     """One local Ray for every Ray test of the session (research/ray_optuna.md: ~5 s saved per
     test); its processes are gone afterwards."""
-    from titans_nas.search.engine import _ray_env, kill_orphans
+    from titans_nas.search import processes
+    from titans_nas.search.engine import _ray_env
 
     _ray_env(local=True)
     import ray
@@ -24,9 +25,11 @@ def ray_local():
         object_store_memory=200 * 2**20,
         _temp_dir=temp,
     )
+    started = sorted(processes.descendants(os.getpid()).items())
     yield
+    started += sorted(processes.descendants(os.getpid()).items())  # workers started since
     ray.shutdown()
-    kill_orphans(temp)
+    processes.stop(started, temp)
     shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -68,6 +68,44 @@ def test_kill_the_driver_then_resume_loses_and_reruns_nothing(tmp_path):
     assert ray_processes(first_temp) == [] and ray_processes(state["ray_temp_dir"]) == []
 
 
+def test_ctrl_c_interrupts_resumably_and_a_second_driver_is_locked_out(tmp_path):
+    train = {**TINY_TRAIN, "steps": 24, "eval_every": 4}
+    path = write_study(tmp_path, space=SPACE, trials=4, scheduler=None, sampler="random", train=train)
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "titans_nas.cli", "study"]
+    driver = subprocess.Popen(  # its own process group, as a terminal's foreground job
+        [*cli, "run", str(path), "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while len(completed(run)) < 1 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+    assert driver.poll() is None, "the study ended before it could be interrupted"
+    for again in (["run", str(path), "--out", str(run)], ["resume", str(run)]):
+        second = subprocess.run([*cli, *again], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "another titans-nas driver is running this study" in second.stderr
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+    assert driver.wait(timeout=120) == 130
+    said = driver.stderr.read()
+    assert "study resume" in said and "Traceback" not in said, said[-2000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["finished"] is False and state["interrupted"]
+    status = subprocess.run([*cli, "status", str(run)], capture_output=True, text=True, timeout=120)
+    assert "interrupted" in status.stdout
+    before = {d.name: (d / "metrics.jsonl").read_text() for d in completed(run)}
+
+    resumed = subprocess.run([*cli, "resume", str(run)], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = load_trials(run)
+    assert len(records) == 4 and all(r.status == "completed" for r in records)
+    for name, text in before.items():
+        assert (run / "trials" / name / "metrics.jsonl").read_text() == text
+    assert ray_processes(state["ray_temp_dir"]) == [] and not Path(state["ray_temp_dir"]).exists()
+
+
 CLUSTER = """
 import os, sys
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,6 +107,9 @@ def _ray_env(local: bool) -> None:
         # Tune would add its TensorBoard logger to every run; `_loggers` adds the CSV and JSON
         # ones always and TensorBoard only when the study's `tracking` asks
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        # Ctrl-C raises KeyboardInterrupt in the driver (Tune's handler would end fit() as if the
+        # study were done): the run is marked interrupted and `resume` continues it
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",
     }
     if local:  # loopback only: no token file, node IP pinned to 127.0.0.1
         defaults.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -116,9 +118,12 @@ def _ray_env(local: bool) -> None:
 
 
 @contextmanager
-def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
+def ray_session(study: Study, state: dict[str, Any], run_dir: Path) -> Iterator[None]:
     """Join the Ray that is already up (tests share one), a cluster (`ray.address`), or start a
-    local one in its own temp dir and shut it down afterwards (no Ray process outlives a run)."""
+    local one in a temp dir of its own and shut it down afterwards: the processes it started
+    (recorded in state.json, `processes.py`) are stopped and its temp dir removed."""
+    from titans_nas.search import processes
+
     address = study.spec.ray.address
     _ray_env(local=address is None)
     import ray
@@ -127,6 +132,8 @@ def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
         yield
         return
     if address is None:
+        state["ray_temp_dir"] = processes.new_temp_dir(run_dir)
+        _write_state(run_dir, state)
         ray.init(
             num_cpus=study.spec.ray.num_cpus,
             include_dashboard=False,
@@ -134,6 +141,7 @@ def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
             logging_level="ERROR",
             _temp_dir=state["ray_temp_dir"],
         )
+        record_processes(run_dir)
     else:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
@@ -141,26 +149,30 @@ def ray_session(study: Study, state: dict[str, Any]) -> Iterator[None]:
     finally:
         ray.shutdown()
         if address is None:  # our private session dir: logs of a finished run (trial errors are in trials/)
-            kill_orphans(state["ray_temp_dir"])
-            shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
+            _clean_up(run_dir, read_state(run_dir))
 
 
-def kill_orphans(temp_dir: str) -> int:
-    """Processes of an earlier Ray session of this run (a driver killed with SIGKILL leaves Ray's
-    agents behind): every process whose command line names its temp dir."""
-    killed = 0
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir and temp_dir in cmd and int(proc.name) != os.getpid():
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-    return killed
+def record_processes(run_dir: Path) -> None:
+    """Add the Ray processes below this driver (pid, start time) to state.json: what a later
+    `resume` may stop if this driver dies without cleaning up (Tune calls it at each trial start)."""
+    from titans_nas.search import processes
+
+    state = read_state(run_dir)
+    known = {pid: start for pid, start in state.get("ray_pids", [])}
+    state["ray_pids"] = sorted((known | processes.descendants(os.getpid())).items())
+    _write_state(run_dir, state)
+
+
+def _clean_up(run_dir: Path, state: dict[str, Any]) -> None:
+    """Stop the recorded Ray processes of this run and delete its Ray temp dir: only what this
+    run dir verifiably created (`processes.owned_temp_dir`); a copied or edited state.json
+    names nothing that is deleted or killed."""
+    from titans_nas.search import processes
+
+    temp = processes.owned_temp_dir(run_dir, state.get("ray_temp_dir"))
+    processes.stop(state.get("ray_pids"), temp)
+    if temp is not None:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +188,13 @@ def _trainable(study: Study):
     return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
 
 
-def _run_config(run_dir: Path, study: Study):
+def _run_config(run_dir: Path, study: Study, state: dict[str, Any]):
     from ray import tune
 
-    from titans_nas.search.tune_parts import Progress
+    from titans_nas.search.tune_parts import Progress, RecordProcesses
+
+    # the processes of a Ray this run started itself are recorded, to be stopped after a crash
+    own = [RecordProcesses(str(run_dir))] if state.get("ray_temp_dir") else []
 
     return tune.RunConfig(
         name=EXPERIMENT,
@@ -187,7 +202,7 @@ def _run_config(run_dir: Path, study: Study):
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[Progress([o.metric for o in study.spec.objectives]), *_loggers(study, run_dir)],
+        callbacks=[Progress([o.metric for o in study.spec.objectives]), *own, *_loggers(study, run_dir)],
     )
 
 
@@ -256,11 +271,13 @@ def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
             max_concurrent_trials=spec.concurrency,
             reuse_actors=True,
         )
-        return tune.Tuner(_trainable(study), tune_config=config, run_config=_run_config(run_dir, study))
+        return tune.Tuner(_trainable(study), tune_config=config, run_config=_run_config(run_dir, study, state))
     assert isinstance(spec, AblationStudySpec | GridStudySpec)
     config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True)
     space = {"point": tune.grid_search(study.points()), "run_dir": str(run_dir)}
-    return tune.Tuner(_trainable(study), param_space=space, tune_config=config, run_config=_run_config(run_dir, study))
+    return tune.Tuner(
+        _trainable(study), param_space=space, tune_config=config, run_config=_run_config(run_dir, study, state)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,17 +289,23 @@ def run(study_path: str | Path, run_dir: str | Path, overrides: tuple[str, ...] 
     study = load_study(study_path, list(overrides))
     _check_local_gpu(study, str(study_path))
     run_dir = Path(run_dir).absolute()
-    if (run_dir / "state.json").exists():
-        from titans_nas.config import SpecError
-
-        raise SpecError(str(run_dir), "", "already holds a study run: use `study resume` or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        if (run_dir / "state.json").exists():
+            from titans_nas.config import SpecError
+
+            raise SpecError(str(run_dir), "", "already holds a study run: use `study resume` or another --out")
+        return _start(study, run_dir)
+
+
+def _start(study: Study, run_dir: Path) -> Path:
     (run_dir / "study.yaml").write_text(dump_study(study))
     state = {
         "study": study.spec.name,
         "kind": study.kind,
         "study_name": f"{study.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        "ray_temp_dir": f"/tmp/tn-ray-{uuid.uuid4().hex[:8]}",
+        "ray_temp_dir": None,  # set when the local Ray starts (ray_session)
+        "ray_pids": [],
         "created": time.time(),
         "finished": False,
     }
@@ -306,18 +329,38 @@ def resume(run_dir: str | Path) -> Path:
     """Continue an interrupted run: finished trials stay, unfinished ones restart from their
     last checkpoint, the searcher continues where it was."""
     run_dir = Path(run_dir).absolute()
-    state = read_state(run_dir)
-    kill_orphans(state["ray_temp_dir"])  # what a killed driver left behind
-    shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
-    study = load_study(run_dir / "study.yaml")
-    state["ray_temp_dir"] = f"/tmp/tn-ray-{uuid.uuid4().hex[:8]}"
-    _write_state(run_dir, state)
-    console.print(f"resuming study {study.spec.name} in {run_dir}")
-    return _fit(study, run_dir, state, restore=True)
+    read_state(run_dir)
+    with run_lock(run_dir):
+        state = read_state(run_dir)
+        study = load_study(run_dir / "study.yaml")
+        _clean_up(run_dir, state)  # what a killed driver left behind
+        state.update(ray_temp_dir=None, ray_pids=[], interrupted=None)
+        _write_state(run_dir, state)
+        console.print(f"resuming study {study.spec.name} in {run_dir}")
+        return _fit(study, run_dir, state, restore=True)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an OS lock on the run dir (`.lock`, flock) while a driver runs or resumes it: a second
+    `study run` / `resume` on it exits 2 instead of racing the first. The OS drops the lock when
+    its holder dies, so a killed driver never leaves the run locked."""
+    import fcntl
+
+    from titans_nas.config import SpecError
+
+    with open(run_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecError(
+                str(run_dir), "", "another titans-nas driver is running this study (its lock is held)"
+            ) from None
+        yield
 
 
 def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> Path:
-    with ray_session(study, state):
+    with ray_session(study, state, run_dir):
         from ray import tune
 
         from titans_nas.search import tune_parts
@@ -332,7 +375,12 @@ def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> P
             )
         else:
             tuner = make_tuner(study, run_dir, state)
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:  # Ctrl-C: resumable, not finished (the CLI exits 130)
+            state["interrupted"] = time.time()
+            _write_state(run_dir, state)
+            raise
         trials = []
         for result in grid:
             last = result.metrics or {}

@@ -88,6 +88,21 @@ def trial_status(last: dict[str, Any], error: bool) -> str:
     return "stopped early" if last else "not started"
 
 
+class RecordProcesses(Callback):
+    """At each trial start, the Ray processes below the driver (its workers) go into state.json,
+    so a `resume` after the driver was killed can stop exactly those (engine.record_processes)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from pathlib import Path
+
+        from titans_nas.search.engine import record_processes
+
+        record_processes(Path(self.run_dir))
+
+
 class Progress(Callback):
     """Live progress in the terminal: one line per evaluation and per finished trial."""
 
