@@ -48,7 +48,7 @@ class Rotary(nn.Module):
 class AttentionSpec(Spec):
     """Multi-head causal attention (scaled dot product, no biases)."""
 
-    heads: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1, le=4096)
     """Number of heads; null = the model's `heads`."""
     rope: RopeSpec | None = RopeSpec()
     """Rotary positions; null = no positional signal in attention (NoPE)."""

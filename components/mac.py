@@ -41,7 +41,7 @@ class MACSpec(HybridSpec):
     the memory updated from the attention output."""
 
     kind: Literal["mac"] = "mac"
-    segment_len: int = Field(512, ge=1)
+    segment_len: int = Field(512, ge=1, le=2**24)
     """Tokens per attention segment (the paper uses 512); a multiple of memory.chunk_size."""
 
     def check(self, dim: int, heads: int) -> None:

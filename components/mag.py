@@ -27,7 +27,7 @@ class MAGSpec(HybridSpec):
     branches, gated."""
 
     kind: Literal["mag"] = "mag"
-    window: int = Field(2048, ge=1)
+    window: int = Field(2048, ge=1, le=2**24)
     """Sliding-window width of the attention branch (the paper uses 2048)."""
 
     def build(self, dim: int, heads: int) -> MemoryAsGate:

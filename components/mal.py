@@ -33,7 +33,7 @@ class MALSpec(HybridSpec):
     """Titans (MAL): a memory layer followed by sliding-window attention (Samba/H3-style)."""
 
     kind: Literal["mal"] = "mal"
-    window: int = Field(2048, ge=1)
+    window: int = Field(2048, ge=1, le=2**24)
     """Sliding-window width of the attention layer (the paper uses 2048)."""
 
     def build(self, dim: int, heads: int) -> MemoryAsLayer:

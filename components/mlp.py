@@ -16,7 +16,7 @@ class MLPSpec(Spec):
 
     ratio: float = Field(8.0 / 3.0, gt=0.0, le=16.0)
     """Hidden width as a multiple of the model dim (8/3 keeps the parameters of a 4x GELU MLP)."""
-    multiple_of: int = Field(8, ge=1)
+    multiple_of: int = Field(8, ge=1, le=4096)
     """The hidden width is rounded up to a multiple of this (hardware-friendly shapes)."""
 
     def hidden(self, dim: int) -> int:

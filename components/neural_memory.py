@@ -137,9 +137,9 @@ class NeuralMemorySpec(Spec):
 
     model: MemoryModelSpec = MLPMemorySpec()
     """The memory network whose weights learn at test time."""
-    heads: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1, le=4096)
     """Memory heads (one memory each); null = the model's `heads`."""
-    chunk_size: int = Field(16, ge=1)
+    chunk_size: int = Field(16, ge=1, le=2**16)
     """Tokens whose inner gradients are taken at the same (chunk-start) weights; 1 = fully online."""
     lr: LRSpec = LRSpec()
     """Inner learning rate theta."""
@@ -162,7 +162,7 @@ class NeuralMemorySpec(Spec):
     granularity: Literal["token", "chunk"] = "token"
     """Gates and updates per token (paper) or one inner step per chunk with chunk-mean gates
     (titans-pytorch's coarser rule; needs read: chunk_start)."""
-    checkpoint_chunks: int | None = Field(None, ge=1)
+    checkpoint_chunks: int | None = Field(None, ge=1, le=2**20)
     """Recompute groups of this many chunks in the backward pass instead of storing them
     (less memory, ~1.3x compute); null = store everything."""
     backend: Literal["auto", "torch", "triton"] = "auto"

@@ -16,7 +16,7 @@ class SWASpec(Spec):
     (plus persistent tokens, if any). Cost O(n * window)."""
 
     kind: Literal["swa"] = "swa"
-    window: int = Field(2048, ge=1)
+    window: int = Field(2048, ge=1, le=2**24)
     """Tokens each query sees, itself included (the paper uses 2048)."""
     attention: AttentionSpec = AttentionSpec()
     """The attention layer."""

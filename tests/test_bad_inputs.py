@@ -70,6 +70,22 @@ TINY = ["--set", "dim=16", "--set", "heads=2", "--set", "depth=1", "--task-set",
         (["train", "lmm-tiny", "--out", "/tmp/titans-nas-none", "--resume"], "--out", "no run to resume"),
         (["inspect", "lmm-tiny", "--set", "block=[1,2]"], "--set block=[1,2]", "block: list cannot replace a mapping"),
         (["inspect", "lmm-tiny", "--seq", "0"], "--seq", "at least 1"),
+        (["inspect", "lmm-tiny", "--set", "depth=1e9"], "--set depth=1e9", "less than or equal to 4096"),
+        (
+            ["inspect", "lmm-tiny", "--set", "vocab_size=1180591620717411303424"],
+            "--set vocab_size=1180591620717411303424",
+            "less than",
+        ),
+        (
+            ["inspect", "lmm-tiny", "--set", "block.memory.chunk_size=1e12"],
+            "--set block.memory.chunk_size=1e12",
+            "less",
+        ),
+        (
+            ["inspect", "lmm-tiny", "--set", "dim=65536", "--set", "depth=4096"],
+            "--set dim=65536",
+            "over 2.1e+14 parameters",
+        ),
         (["niah", "/nonexistent", "--lengths", "100"], "--lengths 100", "cannot hold the needle"),
         (["niah", "/nonexistent", "--lengths", "10"], "--lengths 10", "greater than or equal to 64"),
         (["niah", "/nonexistent", "--lengths", "abc"], "--lengths", "comma-separated whole numbers"),
@@ -105,3 +121,11 @@ def test_an_earlier_run_is_neither_replaced_nor_continued_unless_asked(tmp_path,
     assert main(again) == 0
     lines = (out / "metrics.jsonl").read_text()
     assert '"step": 3' in lines and '"step": 2,' not in lines
+
+
+def test_a_huge_size_in_a_file_is_refused_at_once(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("extends: lmm-tiny\ndim: 4.0e+29\n")
+    start = time.perf_counter()
+    err = refused(capsys, ["inspect", str(spec)])
+    assert time.perf_counter() - start < 1.0 and f"{spec}: dim:" in err

@@ -19,6 +19,9 @@ from components.transformer import TransformerSpec
 SCHEMA_VERSION = 1
 """Version of the spec schema this package writes and reads; bumped when a field changes meaning."""
 
+MAX_PARAMS = 10**12
+"""The largest model a spec may describe (about 4 TB of float32 weights)."""
+
 BlockSpec = Annotated[TransformerSpec | SWASpec | LMMSpec | MACSpec | MAGSpec | MALSpec, Field(discriminator="kind")]
 """Every block kind, discriminated by `kind`. A new kind is one more member here."""
 
@@ -27,13 +30,13 @@ class ModelSpec(Spec):
     """A causal language model: token embedding, `depth` blocks of one kind (pre-norm mixer +
     SwiGLU MLP, residuals), a final norm and the LM head."""
 
-    vocab_size: int = Field(ge=2)
+    vocab_size: int = Field(ge=2, le=2**24)
     """Number of token ids the embedding and the head cover."""
-    dim: int = Field(ge=2)
+    dim: int = Field(ge=2, le=2**16)
     """Model width (residual stream)."""
-    depth: int = Field(ge=1)
+    depth: int = Field(ge=1, le=4096)
     """Number of blocks."""
-    heads: int = Field(ge=1)
+    heads: int = Field(ge=1, le=4096)
     """Default number of heads for attention and memory (each may override its own)."""
     block: BlockSpec
     """The block kind and its mechanisms."""
@@ -61,6 +64,11 @@ class ModelSpec(Spec):
 
     @model_validator(mode="after")
     def _cross_field(self) -> ModelSpec:
+        # a floor on the parameter count (embedding + a block's four dim x dim projections and a
+        # x8/3 MLP, whatever the kind): a model past MAX_PARAMS is refused before anything is built
+        floor = self.vocab_size * self.dim + self.depth * 12 * self.dim**2
+        if floor > MAX_PARAMS:
+            raise SpecRuleError("dim", f"this model would have over {floor:.2g} parameters (at most {MAX_PARAMS:.0e})")
         if self.dim % self.heads:
             raise SpecRuleError("heads", f"{self.heads} heads do not divide dim {self.dim}")
         try:
