@@ -31,7 +31,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import triton_reach
+from components.ops.memory.common import in_state_dtype, triton_reach
 
 
 class LinearMemorySpec(Spec):
@@ -385,6 +385,8 @@ class NeuralMemory(nn.Module):
             if state is not None
             else init_memory_state(tuple(self.net.initial), x.shape[0], momentum is not None)
         )
+        # a module cast to bf16 without autocast: q, k, v to the (float32) state's dtype
+        model, (q, k, v) = in_state_dtype(memory.weights[0].dtype, self.memory_model(), q, k, v)
         rule, before = self.rule, memory
         y, memory = self.update(
             q,
@@ -396,7 +398,7 @@ class NeuralMemory(nn.Module):
             memory,
             chunk_size=rule.chunk_size,
             read=rule.read,
-            model=self.memory_model(),
+            model=model,
             granularity=rule.granularity,
             checkpoint_chunks=rule.checkpoint_chunks,
             compiled=self.compiled,
@@ -404,7 +406,7 @@ class NeuralMemory(nn.Module):
         )
         if self.health is not None:
             self.health.append(self._health(k, v, lr, momentum, decay, before, memory))
-        return self.readout(y, x), (NeuralMemoryState(conv_state, memory) if state is not None else None)
+        return self.readout(y.to(x.dtype), x), (NeuralMemoryState(conv_state, memory) if state is not None else None)
 
     @torch.no_grad()
     def _health(self, k, v, lr, momentum, decay, before: MemoryState, after: MemoryState) -> MemoryHealth:
@@ -437,7 +439,8 @@ class NeuralMemory(nn.Module):
         q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
-        return self.readout(memory_read(q, weights, self.memory_model()), x), conv_state
+        model, (q,) = in_state_dtype(weights[0].dtype, self.memory_model(), q)
+        return self.readout(memory_read(q, weights, model).to(x.dtype), x), conv_state
 
     def init_retrieval_state(self, batch: int) -> Tensor | None:
         return self.conv.init_state(batch)[..., : self.out.in_features] if self.conv is not None else None

@@ -8,7 +8,7 @@ l memory layers (L' = 1 for gates shared by all layers), i / o a layer's input /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -61,10 +61,26 @@ class MemoryModel:
     prior: Weights | None = None
     step_cap: float | None = None
 
+    def to(self, dtype: torch.dtype) -> MemoryModel:
+        """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
+        norm = None if self.norm is None else (self.norm[0].to(dtype), self.norm[1].to(dtype))
+        prior = None if self.prior is None else tuple(w.to(dtype) for w in self.prior)
+        return replace(self, norm=norm, prior=prior)
+
+
+def in_state_dtype(state_dtype: torch.dtype, model: MemoryModel, *xs: Tensor) -> tuple[MemoryModel, list[Tensor]]:
+    """Inputs of a module cast to bf16 / fp16 and run without autocast, in the state's dtype: the
+    memory's update and read stay in float32, as under autocast and in the Triton kernel. Under
+    autocast (or at the state's dtype already) everything is returned as it is."""
+    if all(x.dtype == state_dtype for x in xs) or torch.is_autocast_enabled(xs[0].device.type):
+        return model, list(xs)
+    return model.to(state_dtype), [x.to(state_dtype) for x in xs]
+
 
 def init_memory_state(weights: Weights, batch: int, momentum: bool) -> MemoryState:
-    """Fresh state from learned per-head initial weights (h, d_in, d_out) each; S_0 = 0."""
-    ws = tuple(w.expand(batch, *w.shape) for w in weights)
+    """Fresh state from learned per-head initial weights (h, d_in, d_out) each; S_0 = 0. The
+    state is float32 at least, also for a module cast to bf16 / fp16 (`in_state_dtype`)."""
+    ws = tuple(w.expand(batch, *w.shape).to(torch.promote_types(w.dtype, torch.float32)) for w in weights)
     return MemoryState(ws, tuple(torch.zeros_like(w) for w in ws) if momentum else None)
 
 
