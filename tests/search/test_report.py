@@ -54,3 +54,33 @@ def test_ablation_over_several_tasks_reports_the_mean_over_tasks(tmp_path):
     assert "mean accuracy over tasks" in table.splitlines()[0]
     assert "| base | 0.3 ± 0.14 | 0.6 ± 0 | 0.45 |" in table  # (0.3 + 0.6) / 2
     assert "| other | 1 ± 0 | 0.5 ± 0 | 0.75 |" in table  # the failed trial does not count
+
+
+def test_ablation_columns_and_best_are_per_task_for_the_objectives_each_task_reports(tmp_path):
+    from tests.search.conftest import TINY_MODEL, write_study
+    from titans_nas.search.report import ablation_table, best_per_task
+    from titans_nas.search.study import load_study
+
+    tasks = {
+        "lm": {"kind": "lm", "seq_len": 32},
+        "mqar": {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab": 16},
+    }
+    objectives = [{"metric": "accuracy", "mode": "max"}, {"metric": "bits_per_byte", "mode": "min"}]
+    path = write_study(
+        tmp_path, kind="ablation", tasks=tasks, variants={"base": [], "other": ["block.memory.conv=null"]},
+        baseline="base", seeds=[0], objectives=objectives, model={**TINY_MODEL, "vocab_size": 256},
+    )  # fmt: skip
+    study = load_study(path)
+    got = {("base", "lm"): {"bits_per_byte": 2.5}, ("other", "lm"): {"bits_per_byte": 2.4},
+           ("base", "mqar"): {"accuracy": 0.3}, ("other", "mqar"): {"accuracy": 0.2}}  # fmt: skip
+    records = [
+        TrialRecord(f"{v}-{t}", "completed", {"variant": v, "task": t, "seed": 0}, m, 10) for (v, t), m in got.items()
+    ]
+    head = ablation_table(study, records).splitlines()[0]
+    assert "lm: bits_per_byte" in head and "mqar: accuracy" in head
+    assert "lm: accuracy" not in head and "mqar: bits_per_byte" not in head  # never reported: no empty column
+    best = {
+        task: [r.trial_id for r in found]
+        for task, found in best_per_task(study, records, [("accuracy", "max"), ("bits_per_byte", "min")])
+    }
+    assert best == {"lm": ["other-lm"], "mqar": ["base-mqar"]}
