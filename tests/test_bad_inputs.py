@@ -1,6 +1,13 @@
 """Bad input and hostile files (issue 15): each is refused with one line and exit code 2, no
 traceback, quickly; nothing outside what the command owns is read, written or deleted."""
 
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -129,3 +136,85 @@ def test_a_huge_size_in_a_file_is_refused_at_once(tmp_path, capsys):
     start = time.perf_counter()
     err = refused(capsys, ["inspect", str(spec)])
     assert time.perf_counter() - start < 1.0 and f"{spec}: dim:" in err
+
+
+# --- a training run: nothing lost, nothing mixed, nothing written elsewhere ---------------------
+
+RUN = ["train", "lmm-tiny", *TINY, "--steps", "40", "--eval-every", "20", "--seed", "3"]  # a record every 10 steps
+TIMING = ("tokens_per_s", "peak_mem_mb")
+
+
+def records(run) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (the rest must match bit for bit)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in lines]
+
+
+def cli(*argv: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same float sums in every process
+    return subprocess.Popen([sys.executable, "-m", "titans_nas.cli", *argv], env=env, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    assert cli(*RUN, "--out", str(run)).wait(timeout=300) == 0
+    return run
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_a_killed_or_interrupted_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, how):
+    run = tmp_path / "run"
+    at = random.Random(int(how)).choice([10, 30])  # a logged step between checkpoints (every 20)
+    proc = cli(*RUN, "--out", str(run))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [r["step"] for r in records(run)] if (run / "metrics.jsonl").is_file() else []
+        if done and max(done) >= at:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(how)
+    code = proc.wait(timeout=120)
+    assert code == (-9 if how == signal.SIGKILL else 130)
+    if how != signal.SIGKILL:  # a checkpoint at the step it stopped
+        assert "continue with --resume" in proc.stderr.read().decode()
+    assert cli(*RUN, "--out", str(run), "--resume").wait(timeout=300) == 0
+    steps = [(r["split"], r["step"]) for r in records(run)]
+    assert len(steps) == len(set(steps))  # no record twice
+    assert records(run) == records(uninterrupted)
+    same = (run / "checkpoint" / "model.safetensors").read_bytes()
+    assert same == (uninterrupted / "checkpoint" / "model.safetensors").read_bytes()
+
+
+def test_resuming_with_another_task_or_spec_is_refused_before_anything_changes(uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    err = refused(capsys, [*RUN, "--out", str(run), "--resume", "--task-set", "length=5"])
+    assert f"{run / 'task.yaml'}: length: the run was made with 4, this command gives 5" in err
+    err = refused(capsys, [*RUN, "--set", "dim=32", "--out", str(run), "--resume"])
+    assert "spec.yaml: dim: the run was made with 16" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    assert "damaged or foreign checkpoint" in refused(capsys, [*RUN, "--out", str(run), "--resume"])
+
+
+def test_a_linked_file_in_the_run_dir_is_not_written_through(tmp_path, capsys):
+    run, outside = tmp_path / "run", tmp_path / "elsewhere.yaml"
+    run.mkdir()
+    outside.write_text("precious\n")
+    (run / "spec.yaml").symlink_to(outside)
+    assert "symbolic link" in refused(capsys, [*RUN, "--out", str(run)])
+    assert outside.read_text() == "precious\n"
+
+
+def test_a_task_vocabulary_too_large_for_the_preset_names_the_fix(capsys):
+    err = refused(capsys, ["train", "mag-tiny", "--task", "mqar", "--steps", "1"])
+    assert "the task uses 8192 token ids but the model's vocab_size is 256" in err
+    assert "--task-set vocab=256" in err

@@ -93,6 +93,9 @@ def _train(args: argparse.Namespace) -> int:
     if result.status == "diverged":
         print(f"diverged: {result.message}", file=sys.stderr)
         return 3
+    if result.message.startswith("interrupted"):  # SIGINT / SIGTERM: checkpointed, resumable
+        print(f"{result.message}: checkpoint written; continue with --resume", file=sys.stderr)
+        return 130
     console.print(
         f"{result.status} at step {result.step}: params {int(result.metrics['params']):,}, "
         f"peak memory {result.metrics['peak_mem_mb']:,.0f} MiB"

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from components.base import Spec
 from components.neural_memory import NeuralMemory, compile_memory, recording, summarize_health
 from titans_nas.allocator import keep_freed_memory
 from titans_nas.builder import build_model
-from titans_nas.config import SpecError, dump_spec, load_union
+from titans_nas.config import SpecError, dump_spec, load_data
 from titans_nas.model import TitansLM
 from titans_nas.spec import ModelSpec
 from titans_nas.tasks import IGNORE, TaskBase, TaskSpec
@@ -64,7 +67,8 @@ class TrainSpec(Spec):
     log_every: int = Field(10, ge=1)
     """Write a train-metrics line every this many steps."""
     checkpoint_every: int | None = Field(None, ge=1)
-    """Write a resumable checkpoint every this many steps (and at the end); null = only at the end."""
+    """Write a resumable checkpoint every this many steps (and at the end, and when the run is
+    stopped by SIGINT / SIGTERM); null = at every evaluation."""
     seed: int = Field(0, ge=0)
     """Seed of the training data stream."""
     compile: bool = False
@@ -184,15 +188,19 @@ def _autocast(device: torch.device):
 def saved_task(run_dir: Path) -> TaskBase | None:
     """The task a run (or its export) trained on, from its task.yaml; None where it has none.
     Models are rebuilt with it: a task's read-out head (MAD compression) is part of the weights."""
-    return load_union(run_dir / "task.yaml", TaskSpec) if (run_dir / "task.yaml").is_file() else None
+    return load_data(run_dir / "task.yaml", TaskSpec) if (run_dir / "task.yaml").is_file() else None
 
 
 def check_compatible(model_spec: ModelSpec, task: TaskBase) -> None:
     if model_spec.vocab_size < task.vocab_size:
+        fix = f"--set vocab_size={task.vocab_size}"
+        if "vocab" in type(task).model_fields:  # the synthetic tasks' own vocabulary size
+            fix = f"--task-set vocab={model_spec.vocab_size} or {fix}"
         raise SpecError(
             "task",
             "vocab_size",
-            f"the task uses {task.vocab_size} token ids but the model's vocab_size is {model_spec.vocab_size}",
+            f"the task uses {task.vocab_size} token ids but the model's vocab_size is {model_spec.vocab_size}"
+            f" (fix: {fix})",
         )
 
 
@@ -224,16 +232,20 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     ckpt_dir = out_dir / "checkpoint" if out_dir is not None else None
+    last_eval: dict[str, float] = {}
+    grad_norms: list[float] = []
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "spec.yaml").write_text(dump_spec(model_spec))
-        (out_dir / "task.yaml").write_text(dump_spec(task))
-        (out_dir / "train.yaml").write_text(dump_spec(cfg))
+        refuse_links(out_dir, RUN_FILES)
+        if resume:  # the run in out_dir must be this one: checked before anything is written
+            for name, spec in (("spec.yaml", model_spec), ("task.yaml", task), ("train.yaml", cfg)):
+                same_as_saved(out_dir / name, spec)
+        for name, spec in (("spec.yaml", model_spec), ("task.yaml", task), ("train.yaml", cfg)):
+            (out_dir / name).write_text(dump_spec(spec))
         if resume and (ckpt_dir / "state.pt").is_file():
-            step = load_checkpoint(ckpt_dir, model, opt, gen)
-            _truncate_metrics(out_dir / "metrics.jsonl", step)
-        elif not resume:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            step, last_eval, grad_norms = load_checkpoint(ckpt_dir, model, opt, gen)
+        _truncate_metrics(out_dir / "metrics.jsonl", step)  # a fresh run, or records after the checkpoint
+    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
     params = sum(p.numel() for p in model.parameters())
     if cfg.compile:
         compile_memory(model)
@@ -245,16 +257,18 @@ def train(
         if on_log is not None:
             on_log(rec)
 
-    last_eval: dict[str, float] = {}
-    grad_norms: list[float] = []
     tokens_per_s = 0.0
     t0, tokens = time.perf_counter(), 0
     model.train()
     status: Status = "completed"
     message = ""
+    signalled = _stop_on_signals() if out_dir is not None else None
     while step < cfg.steps:
         if stop_after is not None and step >= stop_after:
             status = "stopped"
+            break
+        if signalled is not None and signalled.name:
+            status, message = "stopped", f"interrupted by {signalled.name} at step {step}"
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -315,19 +329,19 @@ def train(
             record(rec)
             grad_norms = []
             written = None
-            if ckpt_dir is not None and (
-                step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            ):
-                written = save_checkpoint(ckpt_dir, model, opt, gen, step)
+            if ckpt_dir is not None and (step == cfg.steps or step % checkpoint_every == 0):
+                written = save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
             if status == "diverged":
                 break
             if on_eval is not None and on_eval(rec, written):
                 status = "stopped"
                 break
-        elif ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, model, opt, gen, step)
+        elif ckpt_dir is not None and step % checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
+    if signalled is not None:
+        signalled.restore()
     if status == "stopped" and ckpt_dir is not None:
-        save_checkpoint(ckpt_dir, model, opt, gen, step)
+        save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
     metrics = {**last_eval, "params": float(params), "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
     result = RunResult(status, step, metrics, message)
     if out_dir is not None:
@@ -371,21 +385,40 @@ def eval_set(cfg: TrainSpec | dict[str, Any]) -> dict[str, int]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Drop the records written after `step` (a resume's checkpoint; 0 for a fresh start): they
+    are written again, so no step appears twice. A line cut short by a kill is dropped too."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    step: int,
+    last_eval: dict[str, float] | None = None,
+    grad_norms: list[float] | None = None,
 ) -> Path:
-    """Weights as safetensors (what export ships) + optimizer and data-RNG state for exact resume.
-    Written to a temporary dir and renamed, so a crash never leaves a half checkpoint."""
+    """Weights as safetensors (what export ships) + optimizer, data-RNG state, the last evaluation
+    and the gradient norms since it, for a resume that equals the uninterrupted run. Written to a
+    temporary dir and renamed, so a crash never leaves a half checkpoint."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-write left
+    tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
+    extra = {"last_eval": json.dumps(last_eval or {}), "grad_norms": list(grad_norms or [])}
+    torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, **extra}, tmp / "state.pt")
     if ckpt_dir.exists():
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
         ckpt_dir.rename(old)
@@ -398,9 +431,66 @@ def save_checkpoint(
     return ckpt_dir
 
 
-def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-    model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)
-    state = torch.load(ckpt_dir / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    return int(state["step"])
+def load_checkpoint(
+    ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> tuple[int, dict[str, float], list[float]]:
+    """Restore a checkpoint in place: (step, last evaluation, gradient norms since it). A
+    damaged checkpoint is a clear error (exit 2), not a traceback."""
+    try:
+        model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)
+        state = torch.load(ckpt_dir / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        return int(state["step"]), json.loads(state.get("last_eval", "{}")), list(state.get("grad_norms", []))
+    except Exception as e:  # safetensors, pickle and shape errors alike: the checkpoint is unusable
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(str(ckpt_dir), "", f"damaged or foreign checkpoint, cannot resume: {reason}") from None
+
+
+RUN_FILES = ("spec.yaml", "task.yaml", "train.yaml", "metrics.jsonl", "result.json", "checkpoint")
+"""What `train` writes into its run directory."""
+
+
+def refuse_links(directory: Path, names: tuple[str, ...]) -> None:
+    """Refuse a run directory where a file this command writes is a symbolic link: writing would
+    follow it and change a file elsewhere."""
+    for name in names:
+        if (directory / name).is_symlink():
+            raise SpecError(str(directory / name), "", "is a symbolic link: refusing to write through it")
+
+
+def same_as_saved(path: Path, spec: Spec) -> None:
+    """A resumed run's spec, task or training settings must be the run's own: the first field
+    that differs is named (exit 2) before anything in the directory changes."""
+    if not path.is_file():
+        raise SpecError(str(path), "", "missing: this directory holds no run to resume")
+    saved = load_data(path, type(spec)).model_dump(mode="json")
+    given = spec.model_dump(mode="json")
+    for key in sorted(set(saved) | set(given)):
+        if saved.get(key) != given.get(key):
+            raise SpecError(
+                str(path),
+                key,
+                f"the run was made with {json.dumps(saved.get(key))}, this command gives {json.dumps(given.get(key))}:"
+                " resume with the run's own settings, or train into another --out",
+            )
+
+
+class _stop_on_signals:
+    """SIGINT / SIGTERM while training with a run directory: finish the current step, write a
+    checkpoint and stop (`--resume` continues exactly). Only in the main thread (Ray trials run
+    in worker threads and are stopped by Tune); `restore` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
