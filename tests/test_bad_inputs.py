@@ -218,3 +218,56 @@ def test_a_task_vocabulary_too_large_for_the_preset_names_the_fix(capsys):
     err = refused(capsys, ["train", "mag-tiny", "--task", "mqar", "--steps", "1"])
     assert "the task uses 8192 token ids but the model's vocab_size is 256" in err
     assert "--task-set vocab=256" in err
+
+
+# --- labels: the flag or file the user gave ---------------------------------------------------
+
+
+def test_errors_name_the_flag_or_file_the_user_gave(tmp_path, capsys):
+    err = refused(capsys, ["train", "lmm-tiny", "--task-set", "bogus=3"])
+    assert err.startswith("error: --task-set bogus=3: bogus:")
+    err = refused(capsys, ["train", "lmm-tiny", "--task", "mqr"])
+    assert err.startswith("error: --task: no task kind or file 'mqr'") and "did you mean 'mqar'" in err
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("extends: lmm-tiny\ndim: 30\n")  # breaks the preset's heads: 4
+    assert refused(capsys, ["inspect", str(spec)]).startswith(f"error: {spec}: heads: 4 heads do not divide dim 30")
+    assert refused(capsys, ["inspect", "lmm-tiny", "--set", "dim=30"]).startswith("error: --set dim=30: heads:")
+
+
+GRID = {
+    "name": "s",
+    "kind": "grid",
+    "model": "lmm-tiny",
+    "tasks": {"copy": {"kind": "copy", "length": 4}},
+    "grid": {"block.memory.chunk_size": [8]},
+    "objectives": [{"metric": "accuracy", "mode": "max"}],
+}
+SEARCH = {**{k: v for k, v in GRID.items() if k not in ("tasks", "grid")}, "kind": "search", "task": {"kind": "copy"}}
+
+
+@pytest.mark.parametrize(
+    "study, where, reason",
+    [
+        ({**GRID, "grid": {"block.memory.chunk_size": []}}, "grid.block.memory.chunk_size", "at least 1 item"),
+        ({**GRID, "objectives": [{"metric": "bogus", "mode": "max"}]}, "objectives.0.metric", "no task reports"),
+        ({**SEARCH, "space": {"dim": {"int": [16, 64], "log": True, "step": 16}}}, "dim", "log and step cannot"),
+    ],
+)
+def test_what_a_study_gets_wrong_is_refused_before_ray_starts(tmp_path, capsys, study, where, reason):
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))
+    err = refused(capsys, ["study", "run", str(path), "--out", str(tmp_path / "run")])
+    assert f": {where}: " in err and reason in err
+    assert not (tmp_path / "run").exists()  # no half-made run directory
+
+
+def test_a_broken_or_foreign_study_run_dir_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "not a study run directory" in refused(capsys, ["study", "resume", str(run)])
+    (run / "study.yaml").write_text("name: x\n")
+    (run / "state.json").write_text("{broken")
+    assert "broken state file" in refused(capsys, ["study", "resume", str(run)])
+    (run / "state.json").write_text('{"study": "x"}')
+    assert "study_name: broken state file" in refused(capsys, ["study", "status", str(run)])
+    assert "takes no --set" in refused(capsys, ["study", "resume", str(run), "--set", "trials=3"])

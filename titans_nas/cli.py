@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     from titans_nas.train import TrainSpec, health_lines, train
 
     spec = load_spec(args.spec, args.set)
-    task = load_union(args.task, TaskSpec, args.task_set)
+    task = load_union(args.task, TaskSpec, args.task_set, flag="--task-set", what="task")
     flags = {
         "--steps": ("steps", args.steps),
         "--batch-size": ("batch_size", args.batch_size),
@@ -202,7 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
     task_ref = args.task or (str(run / "task.yaml") if (run / "task.yaml").is_file() else None)
     if task_ref is None:
         raise SpecError(str(run), "", "no task.yaml here: give --task")
-    task = load_union(task_ref, TaskSpec, args.task_set)
+    task = load_union(task_ref, TaskSpec, args.task_set, flag="--task-set", what="task")
     batches = args.batches or recorded.get("batches", 8)
     batch_size = args.batch_size or recorded.get("batch_size", 16)
     seed = args.eval_seed if args.eval_seed is not None else recorded.get("seed")
@@ -255,6 +255,8 @@ def _study(args: argparse.Namespace) -> int:
     from titans_nas.search.report import load_trials, report, status_counts, trials_table
     from titans_nas.search.study import load_study
 
+    if args.set and args.action != "run":  # a run's study is fixed once it started
+        raise SpecError("--set", "", f"`study {args.action}` takes no --set: the run keeps the study it started with")
     if args.action == "dashboard":
         from titans_nas.search.dashboard import serve
 
@@ -371,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="run: a study YAML; resume/status/report/dashboard: a run directory")
     s.add_argument("--host", default="127.0.0.1", help="dashboard: address to serve on (default localhost only)")
     s.add_argument("--port", type=int, default=8080, help="dashboard: port (default 8080)")
-    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a study field (run)")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a study field (run only)")
     s.add_argument("--out", help="run directory (run; default runs/<study name>)")
     s.set_defaults(fn=_study)
     return p

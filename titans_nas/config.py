@@ -197,25 +197,30 @@ def _flat(d: Any, prefix: str = "") -> list[str]:
 
 
 def compose(
-    source: str | Path, overrides: Sequence[str] = (), presets: Path | None = None, cls: type[BaseModel] | None = None
+    source: str | Path,
+    overrides: Sequence[str] = (),
+    presets: Path | None = None,
+    cls: type[BaseModel] | None = None,
+    flag: str = "--set",
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The merged plain dict, and for each dotted path the label of the layer that set it last.
-    `cls` (the spec class the result is for) lets a change of `kind` keep the shared fields."""
-    return merge_layers(_layers(str(source), None, (), "command line", presets), overrides, cls)
+    `cls` (the spec class the result is for) lets a change of `kind` keep the shared fields;
+    `flag` is how the overrides were given (errors name it: `--set`, `--task-set`)."""
+    return merge_layers(_layers(str(source), None, (), "command line", presets), overrides, cls, flag)
 
 
 def merge_layers(
-    layers: list[tuple[str, dict]], overrides: Sequence[str], cls: type[BaseModel] | None = None
+    layers: list[tuple[str, dict]], overrides: Sequence[str], cls: type[BaseModel] | None = None, flag: str = "--set"
 ) -> tuple[dict[str, Any], dict[str, str]]:
     layers = list(layers)
     for item in overrides:
         if "=" not in item:
-            raise SpecError(f"--set {item}", "", "expected KEY=VALUE, e.g. --set block.window=64")
-        check_aliases(item.partition("=")[2], f"--set {item}")
+            raise SpecError(f"{flag} {item}", "", f"expected KEY=VALUE, e.g. {flag} a.b=64")
+        check_aliases(item.partition("=")[2], f"{flag} {item}")
         try:
-            layers.append((f"--set {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
+            layers.append((f"{flag} {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
         except OmegaConfBaseException as e:
-            raise SpecError(f"--set {item}", "", str(e).splitlines()[0]) from None
+            raise SpecError(f"{flag} {item}", "", str(e).splitlines()[0]) from None
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
     for label, data in layers:
@@ -228,7 +233,8 @@ def merge_layers(
         resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except OmegaConfBaseException as e:
         raise SpecError(layers[-1][0], "", f"interpolation: {str(e).splitlines()[0]}") from None
-    provenance[""] = layers[-1 - len(overrides)][0]
+    provenance[""] = layers[-1 - len(overrides)][0]  # the file the user named (or its preset)
+    provenance["*"] = layers[-1][0]  # the last layer: the last override, if any
     return resolved, provenance
 
 
@@ -286,16 +292,29 @@ def union_members(union: Any) -> dict[str, type[BaseModel]]:
     return {m.model_fields["kind"].default: m for m in models_in(union)}
 
 
-def load_union(source: str | Path, union: Any, overrides: Sequence[str] = (), presets: Path | None = None) -> BaseModel:
+def load_union(
+    source: str | Path,
+    union: Any,
+    overrides: Sequence[str] = (),
+    presets: Path | None = None,
+    flag: str = "--set",
+    what: str = "spec",
+) -> BaseModel:
     """A spec of one kind of `union`: `source` is a kind name (its defaults), a preset in
-    `presets`, or a YAML path; overrides apply on top."""
+    `presets`, or a YAML path; overrides (given with `flag`) apply on top. `what` names the spec
+    in errors ("task": an unknown name lists the task kinds)."""
     members = union_members(union)
     base = {"kind": str(source)} if str(source) in members else None
     if base is not None:
         layers: list[tuple[str, dict]] = [(f"kind {source}", base)]
-        data, provenance = merge_layers(layers, overrides)
+        data, provenance = merge_layers(layers, overrides, flag=flag)
     else:
-        data, provenance = compose(source, overrides, presets=presets)
+        looks_like_file = "/" in str(source) or str(source).endswith((".yaml", ".yml"))
+        if presets is None and not looks_like_file and not Path(source).is_file():
+            close = difflib.get_close_matches(str(source), list(members), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise SpecError(f"--{what}", "", f"no {what} kind or file '{source}' ({hint}kinds: {', '.join(members)})")
+        data, provenance = compose(source, overrides, presets=presets, flag=flag)
     kind = data.get("kind")
     if kind not in members:
         reason = f"unknown kind {kind!r}" if kind is not None else "missing `kind`"
@@ -317,6 +336,8 @@ def validate(data: dict[str, Any], cls: type[S], provenance: dict[str, str] | No
         # the file the user named (the rule's other fields may come from anywhere)
         is_rule = isinstance((errors[0].get("ctx") or {}).get("error"), SpecRuleError)
         source = provenance.get(path, provenance[""]) if is_rule else _source_of(path, provenance)
+        if is_rule and _is_preset(source):  # a preset's field, broken by what the user changed
+            source = next((p for p in (provenance.get("*", ""), provenance[""]) if not _is_preset(p)), source)
         raise SpecError(source, path, reason) from None
 
 
@@ -337,6 +358,14 @@ def _fill_kinds(cls: type[BaseModel], data: Any) -> Any:
         member = tags.get(value.get("kind")) if field.discriminator else (members[0] if len(members) == 1 else None)
         out[name] = _fill_kinds(member, value) if member is not None else value
     return out
+
+
+def _is_preset(label: str) -> bool:
+    """Whether a layer label is one of the shipped presets (a file the user did not write)."""
+    try:
+        return Path(label).resolve().is_relative_to(preset_dir().resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def _source_of(path: str, provenance: dict[str, str]) -> str:

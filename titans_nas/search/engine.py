@@ -80,12 +80,22 @@ def startup_count(spec: SearchStudySpec) -> int | None:
 
 def read_state(run_dir: Path) -> dict[str, Any]:
     """The run's state.json; a directory without one is not a study run (exit 2, no traceback)."""
+    from titans_nas.config import SpecError
+
     path = run_dir / "state.json"
     if not path.is_file():
-        from titans_nas.config import SpecError
-
         raise SpecError(str(run_dir), "", "not a study run directory (no state.json)")
-    return json.loads(path.read_text())
+    if not (run_dir / "study.yaml").is_file():
+        raise SpecError(str(run_dir), "", "not a study run directory (no study.yaml)")
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError(str(path), "", f"broken state file: {str(e).splitlines()[0]}") from None
+    need = {"study_name": str, "finished": bool}
+    for key, kind in need.items():
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+            raise SpecError(str(path), key, f"broken state file: missing or not a {kind.__name__}")
+    return state
 
 
 def storage_url(study: Study, run_dir: Path) -> str:

@@ -241,6 +241,12 @@ def _check_leaf(leaf: dict, source: str, path: str) -> None:
         raise SpecError(source, path, f"low {lo} is above high {hi}")
     if leaf.get("log") and lo <= 0:
         raise SpecError(source, path, f"a log domain needs a positive low bound, got {lo}")
+    step = leaf.get("step")
+    if step is not None:
+        if not isinstance(step, number) or isinstance(step, bool) or step <= 0:
+            raise SpecError(source, path, f"step must be a positive {'integer' if kind == 'int' else 'number'}: {step}")
+        if leaf.get("log") and step != 1:  # Optuna samples a log domain without a grid
+            raise SpecError(source, path, "log and step cannot go together (Optuna: step must be 1 on a log scale)")
 
 
 def _check_node(node: dict, cls: type[BaseModel], base: Any, prefix: str, source: str) -> None:

@@ -233,7 +233,7 @@ class GridStudySpec(MultiTaskStudy):
     """Every combination of values of dotted spec paths."""
 
     kind: Literal["grid"] = "grid"
-    grid: dict[str, list[Any]] = Field(min_length=1)
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
     """Dotted spec path -> the values to try (`block.window: [16, 32, 64]`)."""
     seeds: list[int] = Field([0], min_length=1)
     """Training seeds."""
@@ -333,6 +333,8 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         enqueued_params(spec.enqueue, space, str(path))
         check_compatible(base, spec.task)
     study = Study(spec, base, space, str(path))
+    tasks = {"task": spec.task} if isinstance(spec, SearchStudySpec) else spec.tasks
+    _check_objectives(spec.objectives, tasks, str(path))
     if not isinstance(spec, SearchStudySpec):
         for point in study.points():
             model, task, _ = study.trial_setup(point)
@@ -341,6 +343,31 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             except SpecError as e:
                 raise SpecError(str(path), f"tasks.{point['task']}", e.reason) from None
     return study
+
+
+TRAINING_METRICS = ("loss", "params", "tokens_per_s", "peak_mem_mb", "grad_norm", "grad_norm_max")
+"""What every trial reports besides its task's own metrics."""
+
+
+def reported_metrics(task: Any) -> set[str]:
+    """The metrics a trial on `task` reports: the training ones and what the task's `score`
+    returns (read off one scored example, so nothing is listed twice)."""
+    import torch
+
+    batch = task.sample(1, torch.Generator().manual_seed(0), "eval")
+    logits = torch.zeros(*batch.targets.shape, task.vocab_size)
+    return {*TRAINING_METRICS, *task.score(logits, batch)}
+
+
+def _check_objectives(objectives: list[ObjectiveSpec], tasks: dict[str, Any], source: str) -> None:
+    """Every objective must be a metric some task of the study reports (else its column stays
+    empty and the search optimises nothing): refused before Ray starts."""
+    known = {name: reported_metrics(task) for name, task in tasks.items()}
+    for i, objective in enumerate(objectives):
+        if not any(objective.metric in metrics for metrics in known.values()):
+            offered = sorted(set().union(*known.values()))
+            reason = f"no task reports '{objective.metric}' (they report: {', '.join(offered)})"
+            raise SpecError(source, f"objectives.{i}.metric", reason)
 
 
 def _load_model(model: str | dict[str, Any], here: Path, source: str) -> ModelSpec:
