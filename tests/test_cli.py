@@ -1,5 +1,6 @@
 """The console script end to end (one subprocess) and `inspect` / `schema` in process."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -93,3 +94,19 @@ def test_eval_and_niah_grid_on_a_trained_run(tmp_path, capsys):
 def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--task", "copy"]) == 2
     assert "not a training run" in capsys.readouterr().err
+
+
+def test_help_is_complete_every_command_and_flag_says_what_it_does():
+    from titans_nas.cli import EXIT_CODES, parser
+
+    p = parser()
+    commands = next(a for a in p._actions if a.dest == "command")
+    top = p.format_help()
+    assert all(name in top for name in commands.choices) and EXIT_CODES.splitlines()[0] in top
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+                has_default = action.default not in (None, False, [], argparse.SUPPRESS)
+                if has_default and not isinstance(action, argparse._StoreTrueAction):
+                    assert "default" in action.help, f"{name} {action.option_strings[0]}: default not stated"

@@ -1,4 +1,5 @@
-"""`titans-nas`: schema, inspect, train. Spec problems print one line and exit with code 2."""
+"""`titans-nas`: define, inspect, train, evaluate and export Titans-style models, and run
+architecture studies (Ray Tune + Optuna). Bad input prints one line and exits with code 2."""
 
 from __future__ import annotations
 
@@ -307,8 +308,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  2    bad input: a spec, flag, file or run directory (one line: where, dotted path, reason)
+  3    training diverged (non-finite loss or gradient)
+  4    study: every trial failed
+  130  interrupted (Ctrl-C / SIGTERM): checkpointed, continue with --resume / study resume
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="titans-nas", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="titans-nas",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("schema", help="print the JSON schema of a model spec")
@@ -317,13 +332,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="resolved spec, parameters per component, FLOPs per token")
     s.add_argument("spec", help="preset name or YAML path")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a spec field")
-    s.add_argument("--seq", type=int, default=2048, help="sequence length for the FLOP count")
+    s.add_argument("--seq", type=int, default=2048, help="sequence length for the FLOP count (default 2048)")
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("train", help="train a spec on a generated task")
     s.add_argument("spec", help="preset name or YAML path")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a spec field")
-    s.add_argument("--task", default="copy", help="task kind (its defaults) or a task YAML path")
+    s.add_argument("--task", default="copy", help="task kind (its defaults) or a task YAML path (default copy)")
     s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
     s.add_argument("--steps", type=int, help="optimizer steps (default 500)")
     s.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
@@ -345,18 +360,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="task kind (its defaults) or a task YAML path (default: the run's task.yaml)")
     s.add_argument("--task-set", action="append", default=[], metavar="A=B", help="override a task field")
     s.add_argument("--batches", type=int, help="evaluation batches (default: the run's own evaluation set)")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--eval-seed", type=int)
+    s.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's own evaluation set)")
+    s.add_argument("--eval-seed", type=int, help="seed of the evaluation set (default: the run's own)")
     s.set_defaults(fn=_eval)
 
     s = sub.add_parser("niah", help="needle-in-a-haystack grid: context length x depth (table + heatmap)")
     s.add_argument("run", help="training run directory (spec.yaml + checkpoint/)")
-    s.add_argument("--variant", default="passkey", choices=["passkey", "number", "uuid"])
-    s.add_argument("--lengths", default="256,512,1024,2048,4096")
-    s.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    s.add_argument("--digits", type=int, default=7)
-    s.add_argument("--samples", type=int, default=20, help="examples per cell")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--variant", default="passkey", choices=["passkey", "number", "uuid"], help="S-NIAH-1/2/3 (default passkey)"
+    )
+    s.add_argument("--lengths", default="256,512,1024,2048,4096", help="context lengths in bytes (default 256..4096)")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default 0,0.25,...,1)")
+    s.add_argument("--digits", type=int, default=7, help="digits of the passkey / number (default 7)")
+    s.add_argument("--samples", type=int, default=20, help="examples per cell (default 20)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the examples (default 0)")
     s.add_argument("--out", help="directory for niah-<variant>.md and .png (default RUN/niah)")
     s.set_defaults(fn=_niah)
 
