@@ -134,6 +134,8 @@ def _layers(
     data = read_yaml(path)
     parents = data.pop("extends", None)
     layers: list[tuple[str, dict]] = []
+    if parents is not None and not isinstance(parents, str | list):
+        raise SpecError(str(path), "extends", "expected a preset name, a path or a list of them")
     for parent in [parents] if isinstance(parents, str) else (parents or []):
         if not isinstance(parent, str):
             raise SpecError(str(path), "extends", "expected a preset name, a path or a list of them")
@@ -219,8 +221,9 @@ def merge_layers(
         check_aliases(item.partition("=")[2], f"{flag} {item}")
         try:
             layers.append((f"{flag} {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
-        except OmegaConfBaseException as e:
-            raise SpecError(f"{flag} {item}", "", str(e).splitlines()[0]) from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SpecError(f"{flag} {item}", "", f"cannot parse: {problem}") from None
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
     for label, data in layers:
@@ -268,7 +271,7 @@ def load_data(path: Path, spec: Any) -> Any:
     cls = spec
     if not isinstance(spec, type):
         members = union_members(spec)
-        if data.get("kind") not in members:
+        if not isinstance(data.get("kind"), str) or data["kind"] not in members:
             raise SpecError(str(path), "kind", f"unknown kind {data.get('kind')!r} (one of: {', '.join(members)})")
         cls = members[data["kind"]]
     return validate(data, cls, {"": str(path)})
@@ -316,7 +319,7 @@ def load_union(
             raise SpecError(f"--{what}", "", f"no {what} kind or file '{source}' ({hint}kinds: {', '.join(members)})")
         data, provenance = compose(source, overrides, presets=presets, flag=flag)
     kind = data.get("kind")
-    if kind not in members:
+    if not isinstance(kind, str) or kind not in members:
         reason = f"unknown kind {kind!r}" if kind is not None else "missing `kind`"
         raise SpecError(provenance[""], "kind", f"{reason} (expected one of: {', '.join(members)})")
     return validate(data, members[kind], provenance)
@@ -355,7 +358,9 @@ def _fill_kinds(cls: type[BaseModel], data: Any) -> Any:
         if field.discriminator and "kind" not in value and isinstance(field.default, BaseModel):
             value = {"kind": field.default.kind, **value}
         tags = {m.model_fields["kind"].default: m for m in members if "kind" in m.model_fields}
-        member = tags.get(value.get("kind")) if field.discriminator else (members[0] if len(members) == 1 else None)
+        tag = value.get("kind")
+        member = (tags.get(tag) if isinstance(tag, str) else None) if field.discriminator else None
+        member = member if field.discriminator else (members[0] if len(members) == 1 else None)
         out[name] = _fill_kinds(member, value) if member is not None else value
     return out
 
