@@ -68,9 +68,9 @@ def test_kill_the_driver_then_resume_loses_and_reruns_nothing(tmp_path):
     assert ray_processes(first_temp) == [] and ray_processes(state["ray_temp_dir"]) == []
 
 
-def test_ctrl_c_interrupts_resumably_and_a_second_driver_is_locked_out(tmp_path):
-    train = {**TINY_TRAIN, "steps": 24, "eval_every": 4}
-    path = write_study(tmp_path, space=SPACE, trials=4, scheduler=None, sampler="random", train=train)
+def test_ctrl_c_interrupts_resumably(tmp_path):
+    train = {**TINY_TRAIN, "steps": 40, "eval_every": 4}
+    path = write_study(tmp_path, space=SPACE, trials=5, scheduler=None, sampler="random", train=train)
     run = tmp_path / "run"
     cli = [sys.executable, "-m", "titans_nas.cli", "study"]
     driver = subprocess.Popen(  # its own process group, as a terminal's foreground job
@@ -84,9 +84,6 @@ def test_ctrl_c_interrupts_resumably_and_a_second_driver_is_locked_out(tmp_path)
     while len(completed(run)) < 1 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.3)
     assert driver.poll() is None, "the study ended before it could be interrupted"
-    for again in (["run", str(path), "--out", str(run)], ["resume", str(run)]):
-        second = subprocess.run([*cli, *again], capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and "another titans-nas driver is running this study" in second.stderr
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
     assert driver.wait(timeout=120) == 130
     said = driver.stderr.read()
@@ -100,7 +97,7 @@ def test_ctrl_c_interrupts_resumably_and_a_second_driver_is_locked_out(tmp_path)
     resumed = subprocess.run([*cli, "resume", str(run)], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = load_trials(run)
-    assert len(records) == 4 and all(r.status == "completed" for r in records)
+    assert len(records) == 5 and all(r.status == "completed" for r in records)
     for name, text in before.items():
         assert (run / "trials" / name / "metrics.jsonl").read_text() == text
     assert ray_processes(state["ray_temp_dir"]) == [] and not Path(state["ray_temp_dir"]).exists()

@@ -3,10 +3,13 @@ state.json naming another directory or other processes leaves them alone."""
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from titans_nas.search import processes
 from titans_nas.search.engine import _clean_up
@@ -66,3 +69,34 @@ def test_a_hostile_state_json_deletes_and_kills_nothing(tmp_path):
         for p in (bystander, neighbour):
             p.kill()
         link.unlink(missing_ok=True)
+
+
+HOLD = (
+    "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+    " print('held', flush=True); time.sleep(60)"
+)
+
+
+def test_a_run_dir_another_driver_holds_is_refused_by_run_and_resume(tmp_path):
+    from tests.search.conftest import write_study
+    from titans_nas.config import SpecError
+    from titans_nas.search import engine
+
+    path, run = write_study(tmp_path, space={"dim": {"choice": [16]}}), tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SpecError, match="another titans-nas driver is running this study"):
+            engine.run(path, run)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+        (run / "study.yaml").write_text(path.read_text())
+        (run / "state.json").write_text('{"study_name": "t-1", "finished": false}')
+        with pytest.raises(SpecError, match="another titans-nas driver is running this study"):
+            engine.resume(run)
+        assert (run / "state.json").read_text() == '{"study_name": "t-1", "finished": false}'
+    finally:
+        holder.kill()
+        holder.wait()
+    with engine.run_lock(run):  # the OS dropped the dead holder's lock
+        pass
