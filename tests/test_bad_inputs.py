@@ -271,3 +271,14 @@ def test_a_broken_or_foreign_study_run_dir_is_refused(tmp_path, capsys):
     (run / "state.json").write_text('{"study": "x"}')
     assert "study_name: broken state file" in refused(capsys, ["study", "status", str(run)])
     assert "takes no --set" in refused(capsys, ["study", "resume", str(run), "--set", "trials=3"])
+
+
+def test_a_linked_file_in_a_study_run_dir_is_not_written_through(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(GRID))
+    run, outside = tmp_path / "run", tmp_path / "elsewhere.yaml"
+    run.mkdir()
+    outside.write_text("precious\n")
+    (run / "study.yaml").symlink_to(outside)
+    err = refused(capsys, ["study", "run", str(path), "--out", str(run)])
+    assert "symbolic link" in err and outside.read_text() == "precious\n"

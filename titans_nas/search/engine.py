@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from titans_nas.search.study import AblationStudySpec, GridStudySpec, SearchStudySpec, Study, dump_study, load_study
+from titans_nas.train import refuse_links
 
 EXPERIMENT = "tune"
 console = Console(highlight=False)
@@ -301,6 +302,7 @@ def run(study_path: str | Path, run_dir: str | Path, overrides: tuple[str, ...] 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
+        refuse_links(run_dir, RUN_DIR_FILES)
         if (run_dir / "state.json").exists():
             from titans_nas.config import SpecError
 
@@ -341,6 +343,7 @@ def resume(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir).absolute()
     read_state(run_dir)
     with run_lock(run_dir):
+        refuse_links(run_dir, RUN_DIR_FILES)
         state = read_state(run_dir)
         study = load_study(run_dir / "study.yaml")
         _clean_up(run_dir, state)  # what a killed driver left behind
@@ -348,6 +351,13 @@ def resume(run_dir: str | Path) -> Path:
         _write_state(run_dir, state)
         console.print(f"resuming study {study.spec.name} in {run_dir}")
         return _fit(study, run_dir, state, restore=True)
+
+
+RUN_DIR_FILES = (
+    "study.yaml", "state.json", "optuna.db", "trials.json", "report.md", "trials.csv", "tune", "trials", "interrupted",
+    "mlflow.db",
+)  # fmt: skip
+"""What a study writes at the top of its run directory (a link among them is refused)."""
 
 
 @contextmanager
