@@ -158,12 +158,17 @@ def _run_dir(path: str, *, resume: bool, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise SpecError("--out", "", f"cannot write to {out}: {e.strerror}") from None
-    if holds_run and overwrite:
+    if holds_run and overwrite:  # exactly what `train` writes, nothing else in the directory
         import shutil
 
-        for name in ("metrics.jsonl", "result.json", "spec.yaml", "task.yaml", "train.yaml"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        from titans_nas.train import RUN_FILES
+
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return out
 
 

@@ -237,10 +237,11 @@ def train(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         refuse_links(out_dir, RUN_FILES)
+        saved = {"spec.yaml": model_spec, "task.yaml": task, "train.yaml": cfg}
         if resume:  # the run in out_dir must be this one: checked before anything is written
-            for name, spec in (("spec.yaml", model_spec), ("task.yaml", task), ("train.yaml", cfg)):
+            for name, spec in saved.items():
                 same_as_saved(out_dir / name, spec)
-        for name, spec in (("spec.yaml", model_spec), ("task.yaml", task), ("train.yaml", cfg)):
+        for name, spec in saved.items():
             (out_dir / name).write_text(dump_spec(spec))
         if resume and (ckpt_dir / "state.pt").is_file():
             step, last_eval, grad_norms = load_checkpoint(ckpt_dir, model, opt, gen)
@@ -262,7 +263,7 @@ def train(
     model.train()
     status: Status = "completed"
     message = ""
-    signalled = _stop_on_signals() if out_dir is not None else None
+    signalled = SignalStop() if out_dir is not None else None
     while step < cfg.steps:
         if stop_after is not None and step >= stop_after:
             status = "stopped"
@@ -476,7 +477,7 @@ def same_as_saved(path: Path, spec: Spec) -> None:
             )
 
 
-class _stop_on_signals:
+class SignalStop:
     """SIGINT / SIGTERM while training with a run directory: finish the current step, write a
     checkpoint and stop (`--resume` continues exactly). Only in the main thread (Ray trials run
     in worker threads and are stopped by Tune); `restore` puts the previous handlers back."""

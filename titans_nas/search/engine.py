@@ -341,7 +341,7 @@ def resume(run_dir: str | Path) -> Path:
     """Continue an interrupted run: finished trials stay, unfinished ones restart from their
     last checkpoint, the searcher continues where it was."""
     run_dir = Path(run_dir).absolute()
-    read_state(run_dir)
+    read_state(run_dir)  # not a study run: refused before a lock file is created in it
     with run_lock(run_dir):
         refuse_links(run_dir, RUN_DIR_FILES)
         state = read_state(run_dir)
