@@ -386,6 +386,10 @@ def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> P
         from titans_nas.search import tune_parts
 
         if restore and tune.Tuner.can_restore(str(run_dir / EXPERIMENT)):
+            from titans_nas.search import snapshot
+
+            for change in snapshot.reconcile(run_dir / EXPERIMENT):  # a driver killed mid-snapshot
+                console.print(f"snapshot repaired: {change}")
             tuner = tune.Tuner.restore(
                 str(run_dir / EXPERIMENT),
                 trainable=_trainable(study),

@@ -57,7 +57,10 @@ class StudySearch(OptunaSearch):
             running = states.count(optuna.trial.TrialState.RUNNING)
             if asked >= self.startup and done < self.startup and running > 0:
                 return None
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if config is not None and trial_id in self._ot_trials:  # found again after a lost snapshot (snapshot.py)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
 
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
