@@ -119,3 +119,59 @@ def test_evaluations_record_memory_health_per_block(tmp_path):
     train(load_spec("swa-tiny"), CopySpec(length=8, symbols=8), cfg, tmp_path / "swa")
     swa = [json.loads(x) for x in (tmp_path / "swa" / "metrics.jsonl").read_text().splitlines()]
     assert not any(k.endswith("surprise") for r in swa for k in r)
+
+
+def test_a_curriculum_trains_its_first_steps_on_the_changed_task_and_resumes_exactly(tmp_path):
+    """Same seed, same steps: a curriculum that changes nothing equals none; one that changes the
+    task trains other weights; stopped inside its phase and resumed, it equals the straight run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from titans_nas.train import CurriculumSpec
+
+    spec, task = load_spec("lmm-tiny"), CopySpec(length=4, symbols=8)
+    cfg = TrainSpec(steps=6, batch_size=4, warmup_steps=1, eval_every=6, eval_batches=1, log_every=2)
+
+    def weights(run: str, curriculum: CurriculumSpec | None, stop_after: int | None = None) -> dict:
+        c = cfg.model_copy(update={"curriculum": curriculum})
+        train(spec, task, c, tmp_path / run, stop_after=stop_after)
+        if stop_after is not None:
+            train(spec, task, c, tmp_path / run, resume=True)
+        return load_file(tmp_path / run / "checkpoint" / "model.safetensors")
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    plain = weights("plain", None)
+    assert same(plain, weights("no-op", CurriculumSpec(steps=3, task={"length": 4})))
+    longer = weights("longer", CurriculumSpec(steps=3, task={"length": 6}))
+    assert not same(plain, longer)
+    assert same(longer, weights("resumed", CurriculumSpec(steps=3, task={"length": 6}), stop_after=2))
+
+
+@pytest.mark.parametrize(
+    ("curriculum", "path", "reason"),
+    [
+        ({"steps": 2, "task": {"lenght": 6}}, "train.curriculum.task.lenght", "Extra inputs"),
+        ({"steps": 2, "task": {"kind": "mqar"}}, "train.curriculum.task.kind", "not its kind"),
+        ({"steps": 2, "task": {"symbols": 12}}, "train.curriculum.task", "changes the vocabulary"),
+        ({"steps": 6, "task": {"length": 6}}, "train.curriculum.steps", "leaves none"),
+    ],
+)
+def test_a_curriculum_that_cannot_apply_is_refused_with_its_path(tmp_path, curriculum, path, reason):
+    from tests.search.conftest import TINY_TRAIN, write_study
+    from titans_nas.config import SpecError
+    from titans_nas.search.study import load_study
+
+    ablation = {"kind": "ablation", "tasks": {"copy": {"kind": "copy", "length": 4, "symbols": 8}},
+                "variants": {"base": []}, "baseline": "base"}  # fmt: skip
+    studies = [  # a search's train, an ablation's train, and one task's task_train
+        ("train.", {"space": {"lr": {"choice": [0.001]}}, "train": {**TINY_TRAIN, "curriculum": curriculum}}),
+        ("train.", {**ablation, "train": {**TINY_TRAIN, "curriculum": curriculum}}),
+        ("task_train.copy.", {**ablation, "train": TINY_TRAIN, "task_train": {"copy": {"curriculum": curriculum}}}),
+    ]
+    for i, (prefix, fields) in enumerate(studies):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(SpecError) as err:
+            load_study(write_study(tmp_path / str(i), **fields))
+        assert err.value.path == prefix + path.removeprefix("train.") and reason in err.value.reason, str(err.value)

@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
-from components.base import Spec
+from components.base import Spec, SpecRuleError
 from components.neural_memory import NeuralMemory, compile_memory, recording, summarize_health
 from titans_nas.allocator import keep_freed_memory
 from titans_nas.builder import build_model
@@ -36,6 +36,17 @@ from titans_nas.spec import ModelSpec
 from titans_nas.tasks import IGNORE, TaskBase, TaskSpec
 
 Status = Literal["completed", "diverged", "stopped"]
+
+
+class CurriculumSpec(Spec):
+    """Train the first `steps` steps on the trial's task with `task`'s fields changed (an easier
+    form of it, e.g. S-NIAH-3's UUID needle learned after S-NIAH-2's number needle: docs/results.md
+    §3b); then the task itself. Evaluations and metrics are always the task itself's."""
+
+    steps: int = Field(ge=1)
+    """Steps on the changed task, counted in `train.steps` (the schedule spans both phases)."""
+    task: dict[str, Any] = Field(min_length=1)
+    """Fields of the task to change during those steps: `{variant: number, digits: 5}`."""
 
 
 class TrainSpec(Spec):
@@ -74,6 +85,16 @@ class TrainSpec(Spec):
     compile: bool = False
     """Run the memory's chunk step through torch.compile (the step, not the chunk loop, so compile
     time does not grow with the sequence; worth it on GPU and for long CPU runs)."""
+    curriculum: CurriculumSpec | None = None
+    """First train on a changed form of the task; null = the task from the first step."""
+
+    @model_validator(mode="after")
+    def _curriculum_fits(self) -> TrainSpec:
+        if self.curriculum is not None and self.curriculum.steps >= self.steps:
+            raise SpecRuleError(
+                "curriculum.steps", f"{self.curriculum.steps} leaves none of the {self.steps} steps for the task itself"
+            )
+        return self
 
 
 @dataclass
@@ -191,6 +212,24 @@ def saved_task(run_dir: Path) -> TaskBase | None:
     return load_data(run_dir / "task.yaml", TaskSpec) if (run_dir / "task.yaml").is_file() else None
 
 
+def curriculum_task(task: TaskBase, cfg: TrainSpec) -> TaskBase | None:
+    """The task of the curriculum's first phase (validated; same kind and vocabulary as `task`,
+    so the one model trains on both); None without a curriculum."""
+    if cfg.curriculum is None:
+        return None
+    if "kind" in cfg.curriculum.task:
+        raise SpecRuleError("curriculum.task.kind", "a curriculum changes fields of the task, not its kind")
+    try:
+        first = type(task).model_validate({**task.model_dump(), **cfg.curriculum.task})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise SpecRuleError(f"curriculum.task.{where}".rstrip("."), err["msg"]) from None
+    if first.vocab_size != task.vocab_size:
+        raise SpecRuleError("curriculum.task", f"changes the vocabulary ({task.vocab_size} -> {first.vocab_size})")
+    return first
+
+
 def check_compatible(model_spec: ModelSpec, task: TaskBase) -> None:
     if model_spec.vocab_size < task.vocab_size:
         fix = f"--set vocab_size={task.vocab_size}"
@@ -225,6 +264,10 @@ def train(
     and may return True to stop the run (status `stopped`).
     """
     check_compatible(model_spec, task)
+    try:
+        first = curriculum_task(task, cfg)
+    except SpecRuleError as e:
+        raise SpecError("train", e.path, e.reason) from None
     keep_freed_memory()  # long sequences allocate thousands of state-sized tensors (allocator.py)
     device = torch.device(device)
     model = build_model(model_spec, task).to(device)
@@ -273,7 +316,7 @@ def train(
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = task.sample(cfg.batch_size, gen)
+        batch = (first if first is not None and step < cfg.curriculum.steps else task).sample(cfg.batch_size, gen)
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
         with _autocast(device):
             logits, _ = model(inputs)

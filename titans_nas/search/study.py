@@ -21,7 +21,7 @@ from components.base import Spec, SpecRuleError
 from titans_nas.config import SpecError, compose, dump_spec, merge_layers, read_yaml, union_members, validate
 from titans_nas.spec import ModelSpec
 from titans_nas.tasks import TaskSpec
-from titans_nas.train import TrainSpec, check_compatible
+from titans_nas.train import TrainSpec, check_compatible, curriculum_task
 
 
 class ObjectiveSpec(Spec):
@@ -149,6 +149,10 @@ class SearchStudySpec(StudyBase):
             raise SpecRuleError("sampler", "the GP sampler takes one objective; use tpe or nsga2 for several")
         if self.sampler == "random" and self.startup_trials is not None:
             raise SpecRuleError("startup_trials", "the random sampler has no startup phase (every trial is random)")
+        try:
+            curriculum_task(self.task, self.train)
+        except SpecRuleError as e:
+            raise e.under("train") from None
         return self
 
 
@@ -202,8 +206,17 @@ class MultiTaskStudy(StudyBase):
                 self.train_for(name)
             except ValidationError as e:
                 err = e.errors()[0]
+                rule = (err.get("ctx") or {}).get("error")
+                if isinstance(rule, SpecRuleError):  # a rule of TrainSpec's: its own path and reason
+                    raise rule.under(f"task_train.{name}") from None
                 where = ".".join(str(x) for x in err["loc"])
                 raise SpecRuleError(f"task_train.{name}.{where}", err["msg"]) from None
+        for name, task in self.tasks.items():  # a curriculum must fit each task it applies to
+            try:
+                curriculum_task(task, self.train_for(name))
+            except SpecRuleError as e:
+                own = "curriculum" in self.task_train.get(name, {})
+                raise e.under(f"task_train.{name}" if own else "train") from None
         return self
 
     def train_for(self, task: str) -> TrainSpec:
