@@ -31,23 +31,32 @@ DEFAULTS = {
     "persistent": 16,
 }
 
-KINDS = ["attention", "swa", "lmm", "mac", "mag", "mal"]
+
+def block_kinds() -> list[str]:
+    """Every member of the block union (a new kind is benchmarked with no change here)."""
+    from titans_nas.config import union_members
+    from titans_nas.spec import BlockSpec
+
+    return list(union_members(BlockSpec))
+
+
+KINDS = block_kinds()
 
 
 def spec_for(cfg: dict):
-    from titans_nas.config import validate
-    from titans_nas.spec import ModelSpec
+    """The benchmark's model of one kind, derived from the kind's fields: windows, MAC segments,
+    memory chunks, and persistent tokens for the memory kinds (none for the attention baselines)."""
+    from titans_nas.config import union_members, validate
+    from titans_nas.spec import BlockSpec, ModelSpec
 
-    memory = {"chunk_size": cfg["chunk"]}
-    persistent = {"num_tokens": cfg["persistent"]}
-    block = {
-        "attention": {"kind": "attention"},
-        "swa": {"kind": "swa", "window": cfg["window"]},
-        "lmm": {"kind": "lmm", "memory": memory, "persistent": persistent},
-        "mac": {"kind": "mac", "segment_len": cfg["segment"], "memory": memory, "persistent": persistent},
-        "mag": {"kind": "mag", "window": cfg["window"], "memory": memory, "persistent": persistent},
-        "mal": {"kind": "mal", "window": cfg["window"], "memory": memory, "persistent": persistent},
-    }[cfg["impl"]]
+    fields = union_members(BlockSpec)[cfg["impl"]].model_fields
+    block = {"kind": cfg["impl"]}
+    if "window" in fields:
+        block["window"] = cfg["window"]
+    if "segment_len" in fields:
+        block["segment_len"] = cfg["segment"]
+    if "memory" in fields:
+        block |= {"memory": {"chunk_size": cfg["chunk"]}, "persistent": {"num_tokens": cfg["persistent"]}}
     return validate(
         {"vocab_size": 256, "dim": cfg["dim"], "depth": cfg["depth"], "heads": cfg["heads"], "block": block}, ModelSpec
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +14,23 @@ class Spec(BaseModel):
     field's attribute docstring is its user documentation (it shows in `titans-nas schema`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class BlockKindSpec(Spec):
+    """What every block kind's spec says about itself (a member of `titans_nas.spec.BlockSpec`;
+    the union is the only registry of kinds). A kind lacking one of these cannot be built."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The mixer in words: the model card's first line."""
+
+    @abstractmethod
+    def check(self, dim: int, heads: int) -> None:
+        """Cross-field rules given the model's width and heads (raise SpecRuleError)."""
+
+    @abstractmethod
+    def build(self, dim: int, heads: int) -> Any:
+        """The mixer module (the `Mixer` protocol below)."""
 
 
 class SpecRuleError(ValueError):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from components.attention import AttentionSpec
-from components.base import Spec, check_parts
+from components.base import BlockKindSpec, check_parts
 from components.neural_memory import NeuralMemorySpec
 from components.persistent import PersistentSpec
 
 
-class HybridSpec(Spec):
+class HybridSpec(BlockKindSpec):
     """Fields and rules common to the block kinds that combine attention and memory."""
 
     attention: AttentionSpec = AttentionSpec()

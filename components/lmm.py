@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from components.base import Spec, check_parts
+from components.base import BlockKindSpec, check_parts
 from components.neural_memory import (
     NeuralMemory,
     NeuralMemorySpec,
@@ -18,7 +18,7 @@ from components.neural_memory import (
 from components.persistent import PersistentSpec, PersistentTokens
 
 
-class LMMSpec(Spec):
+class LMMSpec(BlockKindSpec):
     """Titans (LMM): the long-term memory module is the sequence mixer; no attention."""
 
     kind: Literal["lmm"] = "lmm"
@@ -26,6 +26,10 @@ class LMMSpec(Spec):
     """The long-term memory."""
     persistent: PersistentSpec | None = None
     """Persistent tokens the memory reads before the sequence (eq. 19); null = none."""
+
+    def describe(self) -> str:
+        """The mixer in words (the model card's first line)."""
+        return "the neural long-term memory as the sequence mixer (Titans LMM)"
 
     def check(self, dim: int, heads: int) -> None:
         check_parts(self, dim, heads, "memory")

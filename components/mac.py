@@ -44,6 +44,13 @@ class MACSpec(HybridSpec):
     segment_len: int = Field(512, ge=1, le=2**24)
     """Tokens per attention segment (the paper uses 512); a multiple of memory.chunk_size."""
 
+    def describe(self) -> str:
+        """The mixer in words (the model card's first line)."""
+        return (
+            f"memory as context (MAC): segments of {self.segment_len} tokens attend to"
+            " persistent tokens, memory read-outs and the segment"
+        )
+
     def check(self, dim: int, heads: int) -> None:
         super().check(dim, heads)
         if self.segment_len % self.memory.chunk_size:

@@ -30,6 +30,10 @@ class MAGSpec(HybridSpec):
     window: int = Field(2048, ge=1, le=2**24)
     """Sliding-window width of the attention branch (the paper uses 2048)."""
 
+    def describe(self) -> str:
+        """The mixer in words (the model card's first line)."""
+        return f"memory as gate (MAG): sliding-window attention (window {self.window}) gated with the memory branch"
+
     def build(self, dim: int, heads: int) -> MemoryAsGate:
         return MemoryAsGate(
             self.attention.build(dim, heads, window=self.window),

@@ -36,6 +36,10 @@ class MALSpec(HybridSpec):
     window: int = Field(2048, ge=1, le=2**24)
     """Sliding-window width of the attention layer (the paper uses 2048)."""
 
+    def describe(self) -> str:
+        """The mixer in words (the model card's first line)."""
+        return f"memory as layer (MAL): the memory, then sliding-window attention (window {self.window})"
+
     def build(self, dim: int, heads: int) -> MemoryAsLayer:
         return MemoryAsLayer(
             self.memory.build(dim, heads),

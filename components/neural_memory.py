@@ -39,6 +39,9 @@ class LinearMemorySpec(Spec):
 
     kind: Literal["linear"] = "linear"
 
+    def describe(self) -> str:
+        return "linear"
+
     def widths(self, head_dim: int) -> list[int]:
         return [head_dim, head_dim]
 
@@ -63,6 +66,9 @@ class MLPMemorySpec(Spec):
     """Add the input: x + f(x) (the paper's form, with `norm`)."""
     norm: bool = False
     """LayerNorm on f(x), gain and bias outer parameters (the paper's form; see the class doc)."""
+
+    def describe(self) -> str:
+        return f"MLP of depth {self.depth} (expansion {self.expansion})"
 
     def widths(self, head_dim: int) -> list[int]:
         hidden = max(1, round(self.expansion * head_dim))

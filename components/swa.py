@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import Field
 
 from components.attention import AttentionMixer, AttentionSpec
-from components.base import Spec, check_parts
+from components.base import BlockKindSpec, check_parts
 from components.persistent import PersistentSpec
 
 
-class SWASpec(Spec):
+class SWASpec(BlockKindSpec):
     """Sliding-window attention: each token sees itself and the window - 1 tokens before it
     (plus persistent tokens, if any). Cost O(n * window)."""
 
@@ -22,6 +22,10 @@ class SWASpec(Spec):
     """The attention layer."""
     persistent: PersistentSpec | None = None
     """Persistent tokens every query sees (eq. 19); null = none."""
+
+    def describe(self) -> str:
+        """The mixer in words (the model card's first line)."""
+        return f"sliding-window attention (window {self.window})"
 
     def check(self, dim: int, heads: int) -> None:
         check_parts(self, dim, heads, "attention")

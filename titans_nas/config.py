@@ -163,7 +163,7 @@ def drop_switched(base: Any, over: Any, cls: type[BaseModel] | None = None) -> A
             out[key] = value
             continue
         field = cls.model_fields.get(key) if cls is not None else None
-        members = models_in(field.annotation) if field is not None else []
+        members = union_members(field.annotation) if field is not None else {}
         new, old = over[key], value
         if (
             isinstance(new, dict)
@@ -171,10 +171,7 @@ def drop_switched(base: Any, over: Any, cls: type[BaseModel] | None = None) -> A
             and "kind" in new
             and old.get("kind", new["kind"]) != new["kind"]
         ):
-            target = next(
-                (m for m in members if m.model_fields.get("kind") and m.model_fields["kind"].default == new["kind"]),
-                None,
-            )
+            target = members.get(new["kind"]) if isinstance(new["kind"], str) else None
             if target is None:
                 continue  # no schema to go by: replace the sub-spec
             old = {k: v for k, v in old.items() if k in target.model_fields and k != "kind"}
@@ -291,8 +288,10 @@ def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = 
 
 
 def union_members(union: Any) -> dict[str, type[BaseModel]]:
-    """kind tag -> spec class, for a discriminated union of specs."""
-    return {m.model_fields["kind"].default: m for m in models_in(union)}
+    """kind tag -> spec class, for a discriminated union of specs (or any annotation holding
+    one: Optional, Annotated); members without a `kind` are left out. The one lookup of a
+    union's members by tag."""
+    return {m.model_fields["kind"].default: m for m in models_in(union) if "kind" in m.model_fields}
 
 
 def load_union(
@@ -357,7 +356,7 @@ def _fill_kinds(cls: type[BaseModel], data: Any) -> Any:
         members = models_in(field.annotation)
         if field.discriminator and "kind" not in value and isinstance(field.default, BaseModel):
             value = {"kind": field.default.kind, **value}
-        tags = {m.model_fields["kind"].default: m for m in members if "kind" in m.model_fields}
+        tags = union_members(field.annotation)
         tag = value.get("kind")
         member = (tags.get(tag) if isinstance(tag, str) else None) if field.discriminator else None
         member = member if field.discriminator else (members[0] if len(members) == 1 else None)
@@ -404,7 +403,7 @@ def _walk(cls: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] 
             members = models_in(field.annotation)
             if field.discriminator and i + 1 < len(loc) and len(members) > 0:
                 tag, i = loc[i + 1], i + 1
-                nxt = next((m for m in members if m.model_fields["kind"].default == tag), None)
+                nxt = union_members(field.annotation).get(tag) if isinstance(tag, str) else None
             elif len(members) == 1:
                 nxt = members[0]
         elif isinstance(key, int):

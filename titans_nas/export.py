@@ -210,22 +210,11 @@ def _finite(v: Any) -> Any:
 
 def describe(spec: ModelSpec) -> str:
     """The architecture in words (the model card's first paragraph)."""
-    b = spec.block
-    words = {
-        "attention": "full causal attention (Transformer++)",
-        "swa": f"sliding-window attention (window {getattr(b, 'window', '?')})",
-        "lmm": "the neural long-term memory as the sequence mixer (Titans LMM)",
-        "mac": f"memory as context (MAC): segments of {getattr(b, 'segment_len', '?')} tokens attend to"
-        " persistent tokens, memory read-outs and the segment",
-        "mag": f"memory as gate (MAG): sliding-window attention (window {getattr(b, 'window', '?')})"
-        " gated with the memory branch",
-        "mal": f"memory as layer (MAL): the memory, then sliding-window attention (window {getattr(b, 'window', '?')})",
-    }[b.kind]
+    b, words = spec.block, spec.block.describe()
     parts = [f"{spec.depth} blocks of {words}, width {spec.dim}, {spec.heads} heads, vocabulary {spec.vocab_size}."]
     memory = getattr(b, "memory", None)
     if memory is not None:
-        m = memory.model
-        model = "linear" if m.kind == "linear" else f"MLP of depth {m.depth} (expansion {m.expansion})"
+        model = memory.model.describe()
         on = lambda x: "on" if x is not None else "off"  # noqa: E731
         parts.append(
             f"Memory: {model}, chunk {memory.chunk_size}, momentum {on(memory.momentum)}, decay {on(memory.decay)},"

@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from pydantic import BaseModel
 
-from titans_nas.config import SpecError, drop_switched, models_in, validate
+from titans_nas.config import SpecError, drop_switched, models_in, union_members, validate
 from titans_nas.spec import ModelSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -103,8 +103,7 @@ def _kinds_of(cls: type[BaseModel] | None, key: str) -> dict[str, type[BaseModel
     """The members by tag of the union field `key` of `cls` (empty where unknown)."""
     if cls is None or key not in cls.model_fields:
         return {}
-    models = models_in(cls.model_fields[key].annotation)
-    return {m.model_fields["kind"].default: m for m in models if "kind" in m.model_fields}
+    return union_members(cls.model_fields[key].annotation)
 
 
 def _model_of(cls: type[BaseModel] | None, key: str) -> type[BaseModel] | None:

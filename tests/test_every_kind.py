@@ -1,0 +1,48 @@
+"""Every member of the block union goes through everything said per kind: its tiny preset,
+training, export and its model card, `inspect`, and the benchmark's model spec and step. The union
+is the only registry of kinds (docs/guide.md, "Adding a mechanism"): a new kind that forgets one of
+these fails here, with no list of kinds to update."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from titans_nas import load_spec
+from titans_nas.cli import main
+from titans_nas.config import union_members
+from titans_nas.export import export, load_export
+from titans_nas.spec import BlockSpec
+from titans_nas.tasks import CopySpec
+from titans_nas.train import TrainSpec, train
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+KINDS = list(union_members(BlockSpec))
+
+
+def test_the_union_holds_the_paper_kinds():
+    assert {"attention", "swa", "lmm", "mac", "mag", "mal"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_block_kind_trains_exports_inspects_and_benchmarks(kind, tmp_path, capsys):
+    import models  # bench/models.py
+
+    spec = load_spec(f"{kind}-tiny", ["dim=16", "heads=2", "depth=1", "vocab_size=16"])
+    cfg = TrainSpec(steps=2, batch_size=2, eval_every=2, eval_batches=1, warmup_steps=1, log_every=1)
+    train(spec, CopySpec(length=4, symbols=8), cfg, tmp_path / "run")
+    out = export(tmp_path / "run", tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert spec.block.describe() in card
+    loaded, _, _ = load_export(out)
+    assert loaded == spec
+
+    assert main(["inspect", f"{kind}-tiny"]) == 0
+    assert kind in capsys.readouterr().out
+
+    small = {"dim": 16, "heads": 2, "depth": 1, "seq": 32, "window": 8, "segment": 16, "chunk": 8, "persistent": 2}
+    bench = {**models.DEFAULTS, **small, "impl": kind}
+    assert models.spec_for(bench).block.kind == kind and kind in models.KINDS
+    step, _ = models.make_step(bench)
+    step()
