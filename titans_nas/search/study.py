@@ -11,6 +11,7 @@ Everything is validated when the file is loaded, before Ray starts.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -143,6 +144,20 @@ class SearchStudySpec(StudyBase):
     """Configurations tried first (e.g. the paper's defaults), by parameter name:
     `{block.kind: mag, block.mag.window: 32, heads: 4}`; the others are sampled."""
 
+    @property
+    def named_tasks(self) -> dict[str, TaskSpec]:
+        return {"task": self.task}
+
+    def trial_setup(
+        self, base: ModelSpec, space: dict[str, Any] | None, config: dict[str, Any]
+    ) -> tuple[ModelSpec, Any, TrainSpec]:
+        """A trial's model (the base with the sampled parameters), task and training config."""
+        from titans_nas.search.space import replay
+
+        spec, train_over = replay(base, space, config["params"])
+        train = validate({**self.train.model_dump(mode="json"), **train_over}, TrainSpec, {"": "search space"})
+        return spec, self.task, train
+
     @model_validator(mode="after")
     def _sampler_fits(self) -> SearchStudySpec:
         if len(self.objectives) > 1 and self.sampler == "gp":
@@ -222,6 +237,25 @@ class MultiTaskStudy(StudyBase):
     def train_for(self, task: str) -> TrainSpec:
         return TrainSpec.model_validate({**self.train.model_dump(), **self.task_train.get(task, {})})
 
+    @property
+    def named_tasks(self) -> dict[str, TaskSpec]:
+        return self.tasks
+
+    def trial_setup(
+        self, base: ModelSpec, space: dict[str, Any] | None, point: dict[str, Any]
+    ) -> tuple[ModelSpec, Any, TrainSpec]:
+        """A trial's model (`point_spec`), its task and that task's training config at its seed."""
+        train = self.train_for(point["task"]).model_copy(update={"seed": point["seed"]})
+        return self.point_spec(base, point), self.tasks[point["task"]], train
+
+    @abstractmethod
+    def point_spec(self, base: ModelSpec, point: dict[str, Any]) -> ModelSpec:
+        """The model of one trial: the base with the point's change."""
+
+    @abstractmethod
+    def points(self) -> list[dict[str, Any]]:
+        """One dict per trial: what changes the base model, the task, the seed."""
+
 
 class AblationStudySpec(MultiTaskStudy):
     """The base model and named variants of it, one change each (the paper's Table 5)."""
@@ -241,6 +275,15 @@ class AblationStudySpec(MultiTaskStudy):
             raise SpecRuleError("baseline", f"'{self.baseline}' is not one of the variants: {', '.join(self.variants)}")
         return self
 
+    def points(self) -> list[dict[str, Any]]:
+        """One trial per variant, task and seed."""
+        return [
+            {"variant": v, "task": t, "seed": seed} for v in self.variants for t in self.tasks for seed in self.seeds
+        ]
+
+    def point_spec(self, base: ModelSpec, point: dict[str, Any]) -> ModelSpec:
+        return variant_spec(base, self.variants[point["variant"]], f"variants.{point['variant']}")
+
 
 class GridStudySpec(MultiTaskStudy):
     """Every combination of values of dotted spec paths."""
@@ -250,6 +293,16 @@ class GridStudySpec(MultiTaskStudy):
     """Dotted spec path -> the values to try (`block.window: [16, 32, 64]`)."""
     seeds: list[int] = Field([0], min_length=1)
     """Training seeds."""
+
+    def points(self) -> list[dict[str, Any]]:
+        """One trial per combination of the grid's values, task and seed."""
+        combos: list[dict[str, Any]] = [{}]
+        for path, values in self.grid.items():
+            combos = [{**c, path: v} for c in combos for v in values]
+        return [{"values": c, "task": t, "seed": seed} for c in combos for t in self.tasks for seed in self.seeds]
+
+    def point_spec(self, base: ModelSpec, point: dict[str, Any]) -> ModelSpec:
+        return variant_spec(base, [f"{k}={json_value(v)}" for k, v in point["values"].items()], "grid")
 
 
 StudySpec = Annotated[SearchStudySpec | AblationStudySpec | GridStudySpec, Field(discriminator="kind")]
@@ -277,29 +330,11 @@ class Study:
 
     def points(self) -> list[dict[str, Any]]:
         """Ablation and grid: one dict per trial (variant or grid values, task, seed)."""
-        s = self.spec
-        if isinstance(s, AblationStudySpec):
-            return [{"variant": v, "task": t, "seed": seed} for v in s.variants for t in s.tasks for seed in s.seeds]
-        assert isinstance(s, GridStudySpec)
-        combos: list[dict[str, Any]] = [{}]
-        for path, values in s.grid.items():
-            combos = [{**c, path: v} for c in combos for v in values]
-        return [{"values": c, "task": t, "seed": seed} for c in combos for t in s.tasks for seed in s.seeds]
+        return self.spec.points()
 
     def trial_setup(self, config: dict[str, Any]) -> tuple[ModelSpec, Any, TrainSpec]:
         """The model spec, task and training config of one trial, from its Tune config."""
-        from titans_nas.search.space import replay
-
-        s = self.spec
-        if isinstance(s, SearchStudySpec):
-            spec, train_over = replay(self.base, self.space, config["params"])
-            train = validate({**s.train.model_dump(mode="json"), **train_over}, TrainSpec, {"": "search space"})
-            return spec, s.task, train
-        if isinstance(s, AblationStudySpec):
-            spec = variant_spec(self.base, s.variants[config["variant"]], f"variants.{config['variant']}")
-        else:
-            spec = variant_spec(self.base, [f"{k}={json_value(v)}" for k, v in config["values"].items()], "grid")
-        return spec, s.tasks[config["task"]], s.train_for(config["task"]).model_copy(update={"seed": config["seed"]})
+        return self.spec.trial_setup(self.base, self.space, config)
 
 
 def json_value(v: Any) -> str:
@@ -346,8 +381,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         enqueued_params(spec.enqueue, space, str(path))
         check_compatible(base, spec.task)
     study = Study(spec, base, space, str(path))
-    tasks = {"task": spec.task} if isinstance(spec, SearchStudySpec) else spec.tasks
-    _check_objectives(spec.objectives, tasks, str(path))
+    _check_objectives(spec.objectives, spec.named_tasks, str(path))
     if not isinstance(spec, SearchStudySpec):
         for point in study.points():
             model, task, _ = study.trial_setup(point)
