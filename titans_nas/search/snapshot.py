@@ -16,7 +16,6 @@ tests kill and resume real runs (tests/search/test_snapshot.py, test_engine_proc
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +84,7 @@ def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
     """OptunaSearch maps Tune trial ids to Optuna trials: a lost Tune trial's Optuna trial is
     failed and forgotten, a Tune trial the older searcher never saw is found again by the
     `ray_trial_id` attribute StudySearch.suggest stores with every ask."""
-    with open(path, "rb") as f:
-        state = pickle.load(f)
+    state = _load(path)  # Tune writes it with pickle; cloudpickle reads and writes the same format
     known, study, changed = state["_ot_trials"], state["_ot_study"], []
     stored = study.get_trials(deepcopy=False)
     for trial_id in [t for t in known if t not in ids]:
@@ -103,10 +101,7 @@ def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
                 changed.append(f"Tune trial {trial_id} tied again to Optuna trial {by_id[trial_id].number}")
     state["_completed_trials"] = {t for t in state["_completed_trials"] if t in ids}
     if changed:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(state, f)
-        tmp.replace(path)
+        _save(path, state)
     return changed
 
 
