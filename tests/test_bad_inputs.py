@@ -214,10 +214,16 @@ def test_a_linked_file_in_the_run_dir_is_not_written_through(tmp_path, capsys):
     assert outside.read_text() == "precious\n"
 
 
-def test_a_task_vocabulary_too_large_for_the_preset_names_the_fix(capsys):
-    err = refused(capsys, ["train", "mag-tiny", "--task", "mqar", "--steps", "1"])
+def test_a_task_vocabulary_too_large_for_the_preset_names_the_fix(tmp_path, capsys):
+    err = refused(capsys, ["train", "mag-tiny", "--task", "mqar", "--steps", "1", "--out", str(tmp_path / "new")])
     assert "the task uses 8192 token ids but the model's vocab_size is 256" in err
     assert "--task-set vocab=256" in err
+    assert not (tmp_path / "new").exists()  # refused before --out is made
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text("{}\n")
+    refused(capsys, ["train", "mag-tiny", "--task", "mqar", "--out", str(earlier), "--overwrite"])
+    assert (earlier / "metrics.jsonl").read_text() == "{}\n"  # nor an earlier run replaced
 
 
 # --- labels: the flag or file the user gave ---------------------------------------------------

@@ -52,7 +52,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from titans_nas.tasks import TaskSpec
-    from titans_nas.train import TrainSpec, health_lines, train
+    from titans_nas.train import TrainSpec, check_compatible, health_lines, train
 
     spec = load_spec(args.spec, args.set)
     task = load_union(args.task, TaskSpec, args.task_set, flag="--task-set", what="task")
@@ -68,6 +68,7 @@ def _train(args: argparse.Namespace) -> int:
     given = {name: value for name, value in flags.values() if value is not None}
     cfg = validate(given, TrainSpec, {"": "command line", **{name: flag for flag, (name, _) in flags.items()}})
     device = _device(args.device)
+    check_compatible(spec, task)  # before --out is made or an earlier run there replaced
     out = _run_dir(args.out, resume=args.resume, overwrite=args.overwrite) if args.out else None
     console.print(
         f"training {args.spec} ({spec.block.kind}) on {task.kind} for {cfg.steps} steps" + (f" -> {out}" if out else "")

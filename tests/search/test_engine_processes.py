@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from tests.search.conftest import TINY_TRAIN, write_study
 from titans_nas.search.report import load_trials
@@ -128,3 +129,28 @@ def test_trials_run_on_several_nodes_of_a_cluster(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     nodes = {json.loads((d / "trial.json").read_text())["node"] for d in (run / "trials").glob("*")}
     assert len(load_trials(run)) == 4 and len(nodes) >= 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing, on purpose
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_study():
+    """The flake of `test_ctrl_c_interrupts_resumably` (exit 0, the study ran on): a SIGINT whose
+    KeyboardInterrupt is raised inside a finalizer is printed and dropped by Python. The engine's
+    handler keeps it, and Tune's next step raises it (StopOnSigint)."""
+    import gc
+
+    from titans_nas.search import tune_parts
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the finalizer
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGINT)
+    with tune_parts.catching_sigint() as sigint:
+        Finalized()  # dropped at once: its __del__ swallows the KeyboardInterrupt
+        gc.collect()
+        assert sigint.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            tune_parts.StopOnSigint().on_step_begin(iteration=0, trials=[])
+    assert signal.getsignal(signal.SIGINT) is before
+    tune_parts.StopOnSigint().on_step_begin(iteration=0, trials=[])  # nothing received: nothing raised

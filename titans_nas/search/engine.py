@@ -118,8 +118,8 @@ def _ray_env(local: bool) -> None:
         # Tune would add its TensorBoard logger to every run; `_loggers` adds the CSV and JSON
         # ones always and TensorBoard only when the study's `tracking` asks
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-        # Ctrl-C raises KeyboardInterrupt in the driver (Tune's handler would end fit() as if the
-        # study were done): the run is marked interrupted and `resume` continues it
+        # Ctrl-C is the engine's (tune_parts.catching_sigint; Tune's handler would end fit() as
+        # if the study were done): the run is marked interrupted and `resume` continues it
         "TUNE_DISABLE_SIGINT_HANDLER": "1",
     }
     if local:  # loopback only: no token file, node IP pinned to 127.0.0.1
@@ -202,7 +202,7 @@ def _trainable(study: Study):
 def _run_config(run_dir: Path, study: Study, state: dict[str, Any]):
     from ray import tune
 
-    from titans_nas.search.tune_parts import Progress, RecordProcesses
+    from titans_nas.search.tune_parts import Progress, RecordProcesses, StopOnSigint
 
     # the processes of a Ray this run started itself are recorded, to be stopped after a crash
     own = [RecordProcesses(str(run_dir))] if state.get("ray_temp_dir") else []
@@ -213,7 +213,12 @@ def _run_config(run_dir: Path, study: Study, state: dict[str, Any]):
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[Progress([o.metric for o in study.spec.objectives]), *own, *_loggers(study, run_dir)],
+        callbacks=[
+            Progress([o.metric for o in study.spec.objectives]),
+            StopOnSigint(),
+            *own,
+            *_loggers(study, run_dir),
+        ],
     )
 
 
@@ -400,7 +405,10 @@ def _fit(study: Study, run_dir: Path, state: dict[str, Any], restore: bool) -> P
         else:
             tuner = make_tuner(study, run_dir, state)
         try:
-            grid = tuner.fit()
+            with tune_parts.catching_sigint() as sigint:
+                grid = tuner.fit()
+                if sigint.is_set():  # its KeyboardInterrupt was swallowed and Tune ended anyway
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:  # Ctrl-C: resumable, not finished (the CLI exits 130)
             state["interrupted"] = time.time()
             _write_state(run_dir, state)

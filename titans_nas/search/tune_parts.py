@@ -4,9 +4,12 @@ them by reference."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -104,6 +107,40 @@ class RecordProcesses(Callback):
         from titans_nas.search.engine import record_processes
 
         record_processes(Path(self.run_dir))
+
+
+SIGINT_RECEIVED = threading.Event()
+"""Set by the driver's Ctrl-C handler (`catching_sigint`) and read by `StopOnSigint`."""
+
+
+@contextmanager
+def catching_sigint() -> Iterator[threading.Event]:
+    """Ctrl-C during `Tuner.fit()`, made reliable. The signal's KeyboardInterrupt alone can be
+    lost: raised while a finalizer runs (Ray's object references run them all the time), Python
+    prints it and carries on, and the study then ran to its end and exited 0. So the handler
+    also sets `SIGINT_RECEIVED`, which `StopOnSigint` turns into a KeyboardInterrupt at a known
+    place of Tune's loop and which the engine checks once more after fit() returns."""
+    SIGINT_RECEIVED.clear()
+
+    def note(signum: int, frame: Any) -> None:
+        SIGINT_RECEIVED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield SIGINT_RECEIVED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        SIGINT_RECEIVED.clear()
+
+
+class StopOnSigint(Callback):
+    """Raises the KeyboardInterrupt of a Ctrl-C that was swallowed elsewhere, at the start of
+    Tune's next step (Tune's loop lets it through: it catches `Exception` only)."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if SIGINT_RECEIVED.is_set():
+            raise KeyboardInterrupt
 
 
 class Progress(Callback):
