@@ -27,6 +27,15 @@ def completed(run: Path) -> list[Path]:
     return out
 
 
+def describe(records, resumed) -> str:
+    """What a failing resume left: every trial's status and error, and the tail of the output."""
+    lines = []
+    for r in records:
+        error = r.dir / "error.txt" if r.dir else None
+        lines.append(f"{r.trial_id} {r.status} {error.read_text()[-800:] if error and error.is_file() else ''}")
+    return "\n".join([*lines, resumed.stdout[-1500:], resumed.stderr[-1500:]])
+
+
 def ray_processes(temp_dir: str) -> list[int]:
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -59,7 +68,7 @@ def test_kill_the_driver_then_resume_loses_and_reruns_nothing(tmp_path):
     resumed = subprocess.run([*cli, "resume", str(run)], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = load_trials(run)
-    assert len(records) == 6 and all(r.status == "completed" for r in records)
+    assert len(records) == 6 and all(r.status == "completed" for r in records), describe(records, resumed)
     for name, text in before.items():  # finished before the kill: kept, not trained again
         assert (run / "trials" / name / "metrics.jsonl").read_text() == text
     state = json.loads((run / "state.json").read_text())
@@ -98,7 +107,7 @@ def test_ctrl_c_interrupts_resumably(tmp_path):
     resumed = subprocess.run([*cli, "resume", str(run)], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = load_trials(run)
-    assert len(records) == 5 and all(r.status == "completed" for r in records)
+    assert len(records) == 5 and all(r.status == "completed" for r in records), describe(records, resumed)
     for name, text in before.items():
         assert (run / "trials" / name / "metrics.jsonl").read_text() == text
     assert ray_processes(state["ray_temp_dir"]) == [] and not Path(state["ray_temp_dir"]).exists()

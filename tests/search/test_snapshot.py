@@ -30,6 +30,11 @@ def tear(run: Path, lose: int) -> list[dict]:
     for t in lost:
         (run / "trials" / t["trial_id"] / "result.json").unlink()
     if (run / "optuna.db").is_file():
+        # the searcher was saved after its trials finished: its pickled Optuna cache holds them complete
+        searcher_path = sorted((run / "tune").glob("searcher-state-*.pkl"))[-1]
+        searcher = snapshot._load(searcher_path)
+        searcher["_ot_study"].get_trials(deepcopy=False)
+        snapshot._save(searcher_path, searcher)
         with sqlite3.connect(run / "optuna.db") as db:
             for t in lost:
                 (stored_id,) = db.execute(

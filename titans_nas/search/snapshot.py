@@ -86,6 +86,7 @@ def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
     `ray_trial_id` attribute StudySearch.suggest stores with every ask."""
     state = _load(path)  # Tune writes it with pickle; cloudpickle reads and writes the same format
     known, study, changed = state["_ot_trials"], state["_ot_study"], []
+    _forget_cache(study)
     stored = study.get_trials(deepcopy=False)
     for trial_id in [t for t in known if t not in ids]:
         number = known.pop(trial_id).number
@@ -103,6 +104,17 @@ def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
     if changed:
         _save(path, state)
     return changed
+
+
+def _forget_cache(study: optuna.Study) -> None:
+    """Optuna's cache in front of a database is pickled with the searcher, and a trial it saw
+    finish is never read again: a searcher saved after a trial completed would see it complete
+    while the database (rolled back with the run) holds it running, so the lost trial would stay
+    running forever (seen in CI). Emptied in place, so the searcher's Trial objects, which hold
+    the same storage object, read the database again too."""
+    storage = study._storage
+    if isinstance(storage, optuna.storages._CachedStorage):
+        storage.__init__(storage._backend)
 
 
 def _grid_generator(path: Path, created: int, live: set[str]) -> list[str]:
