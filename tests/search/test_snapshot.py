@@ -35,17 +35,22 @@ def tear(run: Path, lose: int) -> list[dict]:
         searcher = snapshot._load(searcher_path)
         searcher["_ot_study"].get_trials(deepcopy=False)
         snapshot._save(searcher_path, searcher)
-        with sqlite3.connect(run / "optuna.db") as db:
-            for t in lost:
-                (stored_id,) = db.execute(
-                    "SELECT trial_id FROM trial_user_attributes WHERE key='ray_trial_id' AND value_json=?",
-                    (json.dumps(t["trial_id"]),),
-                ).fetchone()
-                db.execute("UPDATE trials SET state='RUNNING', datetime_complete=NULL WHERE trial_id=?", (stored_id,))
+        rewind(run, [t["trial_id"] for t in lost])
+    return lost
+
+
+def rewind(run: Path, running: list[str]) -> None:
+    """The run as it was when the driver died: unfinished, those trials' Optuna asks running."""
+    with sqlite3.connect(run / "optuna.db") as db:
+        for trial_id in running:
+            (stored_id,) = db.execute(
+                "SELECT trial_id FROM trial_user_attributes WHERE key='ray_trial_id' AND value_json=?",
+                (json.dumps(trial_id),),
+            ).fetchone()
+            db.execute("UPDATE trials SET state='RUNNING', datetime_complete=NULL WHERE trial_id=?", (stored_id,))
     run_state = json.loads((run / "state.json").read_text())
     (run / "state.json").write_text(json.dumps({**run_state, "finished": False}))
     (run / "trials.json").unlink()
-    return lost
 
 
 def optuna_states(run: Path) -> list[str]:
@@ -81,6 +86,37 @@ def test_a_search_resumed_from_a_torn_snapshot_runs_exactly_its_trials(tmp_path)
     assert snapshot._load(gen_path)["counter"] == 4
     assert pickle.loads(searcher_path.read_bytes())["_ot_trials"][newest].number == number
     assert snapshot.reconcile(run / "tune") == []  # consistent now: nothing to do
+
+
+def test_a_trial_whose_snapshot_names_a_deleted_checkpoint_continues_from_its_own(tmp_path):
+    """The trial list was written before the trial's newest checkpoint, which replaced the one the
+    list names (Tune keeps one): the trial finishes from the checkpoint it wrote, nothing twice."""
+    from ray import tune
+    from ray.tune.utils.serialization import TuneFunctionDecoder, TuneFunctionEncoder
+
+    space = {"block": {"memory": {"momentum": {"choice": [None, {"init": 0.1}]}}}}
+    path = write_study(tmp_path, space=space, trials=2, scheduler=None, sampler="random")
+    run = engine.run(path, tmp_path / "run")
+    trial_list = sorted((run / "tune").glob("experiment_state-*.json"))[-1]
+    state = json.loads(trial_list.read_text())
+    entry = state["trial_data"][-1]
+    trial, metadata = json.loads(entry[0]), json.loads(entry[1], cls=TuneFunctionDecoder, allow_cloudpickle=True)
+    latest = metadata["checkpoint_manager"].latest_checkpoint_result
+    gone = Path(latest.checkpoint.path).with_name("checkpoint_000001")
+    assert not gone.exists()
+    latest.checkpoint = tune.Checkpoint(str(gone))
+    metadata["last_result"].update(step=2, evals=1, full_budget=False)  # the list's result is as old
+    entry[0], entry[1] = json.dumps({**trial, "status": "RUNNING"}), json.dumps(metadata, cls=TuneFunctionEncoder)
+    trial_list.write_text(json.dumps(state))
+    (run / "trials" / trial["trial_id"] / "result.json").unlink()
+    rewind(run, [trial["trial_id"]])
+    before = {d.name: (d / "metrics.jsonl").read_text() for d in (run / "trials").iterdir()}
+
+    engine.resume(run)
+    records = load_trials(run)
+    assert len(records) == 2 and all(r.status == "completed" for r in records)
+    assert {d.name: (d / "metrics.jsonl").read_text() for d in (run / "trials").iterdir()} == before
+    assert optuna_states(run) == ["COMPLETE", "COMPLETE"]
 
 
 def test_an_ablation_resumed_from_a_torn_snapshot_runs_every_point_once(tmp_path):

@@ -273,7 +273,7 @@ def make_tuner(study: Study, run_dir: Path, state: dict[str, Any]):
         scheduler = None
         if spec.scheduler is not None:
             scheduler = ASHAScheduler(
-                time_attr="training_iteration",
+                time_attr="evals",  # reported by the trainable: evaluations done, from the step
                 metric=metrics[0],
                 mode=modes[0],
                 max_t=spec.scheduled_evals(),

@@ -9,8 +9,11 @@ on restore, as "every sample created" and the study ends with 3 trials (seen in 
 way round it runs more trials than asked. `reconcile` takes the trial list as the truth (it is
 what Tune restores and reruns) and rewinds or advances the generator to it: trials created after
 that list was written are created again, none twice. Optuna trials asked for such a lost trial
-are marked FAIL, so the storage holds no trial that is forever running. Ray 2.60's formats; the
-tests kill and resume real runs (tests/search/test_snapshot.py, test_engine_processes.py).
+are marked FAIL, so the storage holds no trial that is forever running. A trial list written
+before a trial's newest checkpoint names one that Tune has since deleted (it keeps one per trial),
+and restoring it would fail the trial: that reference is dropped and the trial continues from the
+checkpoint it wrote itself (trainable.run_trial). Ray 2.60's formats; the tests kill and resume
+real runs (tests/search/test_snapshot.py, test_engine_processes.py).
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ def reconcile(experiment: Path) -> list[str]:
     trials = [json.loads(state) for state, _ in json.loads(trial_list.read_text())["trial_data"]]
     ids = [t["trial_id"] for t in trials]
     live = {t["trial_id"] for t in trials if t["status"] in UNFINISHED}
-    changed = []
+    changed = _checkpoints(trial_list, live)
     if (path := _newest(experiment, "search_gen_state-*.json")) is not None:
         changed += _search_generator(path, len(ids), live)
         if (searcher := _newest(experiment, "searcher-state-*.pkl")) is not None:
-            changed += _optuna_searcher(searcher, ids)
+            changed += _optuna_searcher(searcher, ids, live)
     elif (path := _newest(experiment, "basic-variant-state-*.json")) is not None:
         changed += _grid_generator(path, len(ids), live)
     return changed
@@ -63,6 +66,29 @@ def _save(path: Path, state: Any) -> None:
     tmp.replace(path)
 
 
+def _checkpoints(trial_list: Path, live: set[str]) -> list[str]:
+    """An unfinished trial whose recorded checkpoint is no longer on disk restarts without one."""
+    from ray.tune.utils.serialization import TuneFunctionDecoder, TuneFunctionEncoder
+
+    state, changed = json.loads(trial_list.read_text()), []
+    for entry in state["trial_data"]:  # pickled parts: the same trust as Tune's own restore of this file
+        trial, metadata = json.loads(entry[0]), json.loads(entry[1], cls=TuneFunctionDecoder, allow_cloudpickle=True)
+        manager = metadata["checkpoint_manager"]
+        latest = manager.latest_checkpoint_result
+        if trial["trial_id"] not in live or latest is None:
+            continue
+        recorded = Path(latest.checkpoint.path)  # where the run was; Tune maps it to where it is now
+        if not (trial_list.parent / recorded.parent.name / recorded.name).is_dir():
+            manager.__init__(manager.checkpoint_config)
+            entry[1] = json.dumps(metadata, cls=TuneFunctionEncoder)
+            changed.append(f"trial {trial['trial_id']}: its {recorded.name} was replaced after the snapshot")
+    if changed:
+        tmp = trial_list.with_name(f".{trial_list.name}.tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(trial_list)
+    return changed
+
+
 def _search_generator(path: Path, created: int, live: set[str]) -> list[str]:
     """SearchGenerator: its count of created trials decides how many more it asks for; the
     ConcurrencyLimiter's live set decides how many run at once."""
@@ -80,10 +106,12 @@ def _search_generator(path: Path, created: int, live: set[str]) -> list[str]:
     return changed
 
 
-def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
+def _optuna_searcher(path: Path, ids: list[str], live: set[str]) -> list[str]:
     """OptunaSearch maps Tune trial ids to Optuna trials: a lost Tune trial's Optuna trial is
     failed and forgotten, a Tune trial the older searcher never saw is found again by the
-    `ray_trial_id` attribute StudySearch.suggest stores with every ask."""
+    `ray_trial_id` attribute StudySearch.suggest stores with every ask, and a trial that will
+    run again with its Optuna trial still running is not one the searcher has completed (it
+    would ignore its result)."""
     state = _load(path)  # Tune writes it with pickle; cloudpickle reads and writes the same format
     known, study, changed = state["_ot_trials"], state["_ot_study"], []
     _forget_cache(study)
@@ -100,7 +128,10 @@ def _optuna_searcher(path: Path, ids: list[str]) -> list[str]:
             if trial_id in by_id:
                 known[trial_id] = optuna.trial.Trial(study, by_id[trial_id]._trial_id)
                 changed.append(f"Tune trial {trial_id} tied again to Optuna trial {by_id[trial_id].number}")
-    state["_completed_trials"] = {t for t in state["_completed_trials"] if t in ids}
+    running = {t for t in live if t in known and stored[known[t].number].state == optuna.trial.TrialState.RUNNING}
+    if state["_completed_trials"] & running:
+        changed.append(f"searcher will take the results of {sorted(state['_completed_trials'] & running)} again")
+    state["_completed_trials"] = {t for t in state["_completed_trials"] if t in ids and t not in running}
     if changed:
         _save(path, state)
     return changed

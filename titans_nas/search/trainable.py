@@ -61,7 +61,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from titans_nas.config import dump_spec
-    from titans_nas.train import train
+    from titans_nas.train import read_metrics, train
 
     run_dir = Path(config["run_dir"])
     study = _study(str(run_dir))
@@ -76,23 +76,30 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         spec, task, cfg = study.trial_setup(point)
         cfg = cfg.model_copy(update={"checkpoint_every": cfg.eval_every})
-        resume = False
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:  # restarted (resume, or ASHA's pause): continue exactly
             with checkpoint.as_directory() as d:
                 shutil.rmtree(out / "checkpoint", ignore_errors=True)
                 shutil.copytree(d, out / "checkpoint")
-            resume = True
+        # without Tune's: a restart whose snapshot named a replaced checkpoint (snapshot.py) continues
+        # from the newest one the trial wrote; a new trial's directory holds none
+        resume = (out / "checkpoint" / "state.pt").is_file()
         (out / "spec.yaml").write_text(dump_spec(spec))
         objectives = [o.metric for o in study.spec.objectives]
 
+        reported: list[int] = []
+
         def on_eval(rec: dict[str, Any], written: Path | None) -> None:
+            reported.append(rec["step"])
             metrics = {k: v for k, v in rec.items() if k != "split"}
-            metrics.update(full_budget=rec["step"] >= cfg.steps, status="running")
+            # evals: the scheduler's clock, counted from the step so a restarted trial keeps it
+            metrics.update(full_budget=rec["step"] >= cfg.steps, status="running", evals=rec["step"] // cfg.eval_every)
             ckpt = tune.Checkpoint.from_directory(str(written)) if written is not None else None
             tune.report(metrics, checkpoint=ckpt)
 
         result = train(spec, task, cfg, out, resume=resume, on_eval=on_eval, device=trial_device(study))
+        if result.status == "completed" and not reported:  # restarted at its last step: Tune gets its result
+            on_eval(read_metrics(out / "metrics.jsonl", "eval")[-1], None)
         if result.status == "completed" and point.get("task") in getattr(study.spec, "evaluate_at", {}):
             scores = evaluate_at(study, point["task"], out, cfg, trial_device(study))
             (out / "evaluate_at.json").write_text(json.dumps(scores, indent=2))

@@ -75,6 +75,13 @@ class StudySearch(OptunaSearch):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names(metrics)
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values keyed by evaluations done (the trainable's `evals`), not by Tune's
+        iteration, which a trial restarted without Tune's checkpoint counts from 1 again."""
+        if "evals" in result:
+            result = {**result, "training_iteration": result["evals"]}
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or (result is not None and result.get("status") == "diverged"):
             return super().on_trial_complete(trial_id, None, error=True)
