@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from components.attention import Attention
+from components.attention import Attention, KVCache
 from components.base import SpecRuleError
 from components.hybrid import HybridSpec
 from components.neural_memory import NeuralMemory, NeuralMemoryState
@@ -87,11 +87,11 @@ class MACState:
     """The memory weights at the start of the current segment (what eq. 21 reads)."""
     retrieval_conv: Tensor | None
     """The query convolution's stream over the segment inputs."""
-    keys: Tensor
-    """(b, h, 2 f, d): keys of the current segment's memory tokens, then its segment tokens."""
-    values: Tensor
-    filled: int
-    """f: tokens of the current segment seen so far."""
+    retrieved: KVCache
+    """Keys and values of the current segment's memory tokens h_0 .. h_{f-1}."""
+    segment: KVCache
+    """Keys and values of the current segment's tokens S_0 .. S_{f-1}; its `pos` is f, the
+    tokens of the segment seen so far."""
 
 
 class MemoryAsContext(nn.Module):
@@ -100,14 +100,14 @@ class MemoryAsContext(nn.Module):
     ) -> None:
         super().__init__()
         self.attention, self.memory, self.persistent, self.segment_len = attention, memory, persistent, segment_len
-        dim = memory.out.out_features
+        dim = memory.dim
         self.norm_retrieved, self.norm_attended = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
         self.norm = nn.RMSNorm(dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MACState:
         mem = self.memory.init_state(batch)
-        empty = self.attention.init_state(batch).k
-        return MACState(mem, mem.memory.weights, self.memory.init_retrieval_state(batch), empty, empty, 0)
+        empty = self.attention.init_state(batch)
+        return MACState(mem, mem.memory.weights, self.memory.init_retrieval_state(batch), empty, empty)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState | None]:
         """x (b, n, dim) -> (b, n, dim). One pass and streaming share this code: the sequence is
@@ -115,7 +115,7 @@ class MemoryAsContext(nn.Module):
         st = state if state is not None else self.init_state(x.shape[0])
         outs, pos = [], 0
         while pos < x.shape[1]:
-            take = min(x.shape[1] - pos, self.segment_len - st.filled)
+            take = min(x.shape[1] - pos, self.segment_len - st.segment.pos)
             out, st = self._piece(x[:, pos : pos + take], st)
             outs.append(out)
             pos += take
@@ -124,16 +124,14 @@ class MemoryAsContext(nn.Module):
 
     def _piece(self, s: Tensor, st: MACState) -> tuple[Tensor, MACState]:
         """Tokens f .. f + r - 1 of the current segment."""
-        f, r = st.filled, s.shape[1]
+        f, r = st.segment.pos, s.shape[1]
         h, conv = self.memory.retrieve(s, st.retrieval, st.retrieval_conv)  # eq. 21
         h = self.norm_retrieved(h)
         q, k_s, v_s = self.attention.project(s, f)
         _, k_h, v_h = self.attention.project(h, f)  # h_i sits at position i, like S_i
-        hk, sk = st.keys.split(f, dim=2) if f else (st.keys, st.keys)
-        hv, sv = st.values.split(f, dim=2) if f else (st.values, st.values)
-        hk, hv = torch.cat([hk, k_h], 2), torch.cat([hv, v_h], 2)
-        sk, sv = torch.cat([sk, k_s], 2), torch.cat([sv, v_s], 2)
-        keys, values = torch.cat([hk, sk], 2), torch.cat([hv, sv], 2)
+        retrieved = KVCache(torch.cat([st.retrieved.k, k_h], 2), torch.cat([st.retrieved.v, v_h], 2), f + r)
+        segment = KVCache(torch.cat([st.segment.k, k_s], 2), torch.cat([st.segment.v, v_s], 2), f + r)
+        keys, values = torch.cat([retrieved.k, segment.k], 2), torch.cat([retrieved.v, segment.v], 2)
         p = 0
         if self.persistent is not None:
             pk, pv = self.attention.project_prefix(self.persistent(s.shape[0]))
@@ -143,6 +141,6 @@ class MemoryAsContext(nn.Module):
         m, mem = self.memory(self.norm_attended(s + y), st.memory)  # eq. 24: update, read after each token
         out = y * torch.sigmoid(self.norm(m))  # eq. 25
         if f + r == self.segment_len:  # the segment is done: the next one reads the updated memory
-            empty = keys[:, :, :0]
-            return out, MACState(mem, mem.memory.weights, conv, empty, empty, 0)
-        return out, MACState(mem, st.retrieval, conv, torch.cat([hk, sk], 2), torch.cat([hv, sv], 2), f + r)
+            empty = KVCache(keys[:, :, :0], keys[:, :, :0], 0)
+            return out, MACState(mem, mem.memory.weights, conv, empty, empty)
+        return out, MACState(mem, st.retrieval, conv, retrieved, segment)

@@ -60,7 +60,7 @@ class MemoryAsLayer(nn.Module):
     def __init__(self, memory: NeuralMemory, attention: Attention, persistent: PersistentTokens | None) -> None:
         super().__init__()
         self.memory, self.attention, self.persistent = memory, attention, persistent
-        self.norm = nn.RMSNorm(memory.out.out_features, eps=1e-6)
+        self.norm = nn.RMSNorm(memory.dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MALState:
         prefix = self.persistent(batch) if self.persistent is not None else None

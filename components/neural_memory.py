@@ -202,9 +202,14 @@ class NeuralMemorySpec(Spec):
         h = self.heads or heads
         net = self.model.build(h, dim // h)
         gates = Gates(
-            dim, h, lr=self.lr, theta_max=self.theta_max(), layers=len(net.initial), momentum=self.momentum,
-            decay=self.decay,
-        )  # fmt: skip
+            dim,
+            h,
+            theta_max=self.theta_max(),
+            theta_init=self.lr.init,
+            theta_layers=len(net.initial) if self.lr.per_layer else 1,
+            eta_init=self.momentum.init if self.momentum is not None else None,
+            alpha_init=self.decay.init if self.decay is not None else None,
+        )
         return NeuralMemory(
             dim,
             h,
@@ -254,26 +259,29 @@ class MemoryNet(nn.Module):
 
 class Gates(nn.Module):
     """theta, eta, alpha per token and head from the mixer input x (log-space friendly: the
-    op takes eta and alpha and works with log eta and log1p(-alpha))."""
+    op takes eta and alpha and works with log eta and log1p(-alpha)). Each gate starts at its
+    init value everywhere (zero weights, bias = logit(init)); eta_init / alpha_init None = that
+    gate is off."""
 
     def __init__(
         self,
         dim: int,
         heads: int,
         *,
-        lr: LRSpec,
         theta_max: float,
-        layers: int,
-        momentum: MomentumSpec | None,
-        decay: DecaySpec | None,
+        theta_init: float,
+        theta_layers: int,
+        eta_init: float | None,
+        alpha_init: float | None,
     ) -> None:
         super().__init__()
         self.heads, self.theta_max = heads, theta_max
-        self.lr_layers = layers if lr.per_layer and layers > 1 else 1
-        self.sizes = [heads * self.lr_layers, heads if momentum else 0, heads if decay else 0]
+        self.theta_layers = theta_layers
+        self.momentum, self.decay = eta_init is not None, alpha_init is not None
+        self.sizes = [heads * theta_layers, heads if self.momentum else 0, heads if self.decay else 0]
         self.proj = nn.Linear(dim, sum(self.sizes))
         nn.init.zeros_(self.proj.weight)
-        inits = [lr.init, momentum.init if momentum else 0.5, decay.init if decay else 0.5]
+        inits = [theta_init, eta_init or 0.5, alpha_init or 0.5]
         with torch.no_grad():
             self.proj.bias.copy_(
                 torch.cat([torch.full((s,), math.log(p / (1 - p))) for s, p in zip(self.sizes, inits)])
@@ -289,7 +297,7 @@ class Gates(nn.Module):
         lr = self.theta_max * torch.sigmoid(lr)
         lr = (
             rearrange(lr, "b n (h l) -> b h n l", h=self.heads)
-            if self.lr_layers > 1
+            if self.theta_layers > 1
             else rearrange(lr, "b n h -> b h n")
         )
         mom = rearrange(torch.sigmoid(mom), "b n h -> b h n") if self.sizes[1] else None
@@ -297,6 +305,19 @@ class Gates(nn.Module):
         if mom is not None:  # theta_t (1 - eta_t): momentum averages surprise (LRSpec)
             lr = lr * (1 - (mom[..., None] if lr.ndim == 4 else mom))
         return lr, mom, dec
+
+
+class QKVProjection(nn.Linear):
+    """The fused query, key and value projection: its output is [q | k | v], dim channels each.
+    The one place that knows that layout (MAC reads queries alone: eq. 21)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, 3 * dim, bias=False)
+        self.query_channels = slice(0, dim)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """x (b, n, dim) -> the query channels of the projection (b, n, dim), alone."""
+        return F.linear(x, self.weight[self.query_channels])
 
 
 class OutputGate(nn.Module):
@@ -366,17 +387,18 @@ class NeuralMemory(nn.Module):
         self.update = memory_update  # the op; benchmarks swap in naive_memory_update
         self.health: list[MemoryHealth] | None = None  # a list while `recording`: one entry per forward
         self.net, self.gates, self.conv, self.out_gate = net, gates, conv, out_gate
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.dim = dim
+        self.qkv = QKVProjection(dim)
         self.out = nn.Linear(dim, dim, bias=False)
 
     def init_state(self, batch: int) -> NeuralMemoryState:
         conv = self.conv.init_state(batch) if self.conv is not None else None
-        return NeuralMemoryState(conv, init_memory_state(tuple(self.net.initial), batch, self.gates.sizes[1] > 0))
+        return NeuralMemoryState(conv, init_memory_state(tuple(self.net.initial), batch, self.gates.momentum))
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState | None]:
         """x (b, n, dim) -> (b, n, dim): update with every token and read after it (eqs. 12-15);
         streams when `state` is given."""
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # [q | k | v]
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
@@ -438,10 +460,9 @@ class NeuralMemory(nn.Module):
         """Read the memory at fixed `weights` without updating it (eq. 21, MAC): queries come
         from x through the query path (projection, conv, SiLU, l2 norm). conv_state streams the
         query convolution (its own stream, separate from the update's)."""
-        dim = x.shape[-1]
-        q = F.linear(x, self.qkv.weight[:dim])
+        q = self.qkv.queries(x)
         if self.conv is not None:
-            q, conv_state = self.conv(q, conv_state, channels=slice(0, dim))
+            q, conv_state = self.conv(q, conv_state, channels=self.qkv.query_channels)
         q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
@@ -449,7 +470,7 @@ class NeuralMemory(nn.Module):
         return self.readout(memory_read(q, weights, model).to(x.dtype), x), conv_state
 
     def init_retrieval_state(self, batch: int) -> Tensor | None:
-        return self.conv.init_state(batch)[..., : self.out.in_features] if self.conv is not None else None
+        return self.conv.init_state(batch)[..., self.qkv.query_channels] if self.conv is not None else None
 
 
 def over_prefix(memory: NeuralMemory, x: Tensor, state: NeuralMemoryState | None, prefix: Tensor | None):

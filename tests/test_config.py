@@ -41,6 +41,57 @@ def test_a_change_of_kind_keeps_shared_fields_and_drops_the_others():
     assert swa.block.window == 16 and swa.block.persistent.num_tokens == 4
 
 
+def _switched_by(entry: str, tmp_path: Path) -> ModelSpec:
+    """mag-tiny with its block switched to MAC (segment 32), through one of the pipeline's users."""
+    from titans_nas.search.space import apply
+    from titans_nas.search.study import _load_model, variant_spec
+
+    change = {"block": {"kind": "mac", "segment_len": 32}}
+    if entry == "--set":
+        return load_spec("mag-tiny", ["block.kind=mac", "block.segment_len=32"])
+    if entry == "study model":
+        return _load_model({"extends": "mag-tiny", **change}, tmp_path, "study.yaml")
+    if entry == "ablation variant":
+        return variant_spec(load_spec("mag-tiny"), change, "study.yaml")
+    return ModelSpec.model_validate(apply(load_spec("mag-tiny").model_dump(mode="json"), change))
+
+
+@pytest.mark.parametrize("entry", ["--set", "study model", "ablation variant", "search space"])
+def test_rule_1_a_change_of_kind_keeps_shared_fields_in_every_user_of_the_pipeline(entry, tmp_path):
+    spec = _switched_by(entry, tmp_path)
+    assert spec.block.kind == "mac" and spec.block.segment_len == 32
+    assert spec.block.memory.chunk_size == 8 and spec.block.persistent.num_tokens == 4  # shared: kept
+    assert "window" not in spec.block.model_dump()  # MAG's own: dropped
+
+
+def test_rule_2_a_sub_spec_without_kind_is_of_the_default_kind(tmp_path):
+    from titans_nas.config import load_union
+    from titans_nas.tasks import TaskSpec
+
+    spec = load_spec("attention-tiny", ["norm.eps=1e-5"])
+    assert spec.norm.kind == ModelSpec.model_fields["norm"].default.kind and spec.norm.eps == 1e-5
+    data = {"vocab_size": 16, "dim": 8, "depth": 1, "heads": 2, "block": {"kind": "attention"}, "norm": {"eps": 2}}
+    with pytest.raises(SpecError) as e:  # validated as the default kind's field, not refused for its missing tag
+        load_spec(write(tmp_path, "s.yaml", yaml.safe_dump(data)))
+    assert e.value.path == "norm.eps" and "less than 1" in e.value.reason
+    task = load_union("mqar", TaskSpec, ["num_kv_pairs=2"])  # a task named by kind: its defaults, changed
+    assert task.kind == "mqar" and task.num_kv_pairs == 2
+
+
+def test_rule_3_provenance_names_the_layer_that_set_each_field(tmp_path):
+    from titans_nas.config import compose
+
+    write(tmp_path, "base.yaml", "extends: attention-tiny\ndepth: 3\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\ndim: 64\n")
+    _, prov = compose(child, overrides=["heads=2"])
+    assert prov["vocab_size"].endswith("presets/attention-tiny.yaml")
+    assert prov["depth"].endswith("base.yaml") and prov["dim"].endswith("child.yaml")
+    assert prov["heads"] == "--set heads=2" and prov[""].endswith("child.yaml") and prov["*"] == "--set heads=2"
+    inline = ("study.yaml (model)", {"extends": "base.yaml", "dim": 32})  # an inline spec that extends a file
+    _, prov = compose(inline, relative_to=tmp_path)
+    assert prov["depth"].endswith("base.yaml") and prov["dim"] == "study.yaml (model)"
+
+
 def test_null_switches_a_mechanism_off():
     spec = load_spec("attention-tiny", ["block.attention.rope=null", "mlp=null"])
     assert spec.block.attention.rope is None and spec.mlp is None

@@ -1,10 +1,18 @@
-"""YAML -> spec: `extends:` composition, `--set a.b=c` overrides (OmegaConf), one validation,
-and errors that name the file, the dotted path and the reason.
+"""YAML -> spec: one composition pipeline (`compose`), one validation, and errors that name the
+file, the dotted path and the reason.
 
-A spec file is a mapping that may start with `extends: <preset name | path>` (or a list of them,
-merged in order). Dicts merge deeply and the later layer wins; when a layer changes the `kind`
-of a sub-spec, that sub-spec is replaced rather than merged (a MAG window must not leak into a
-MAC block). Every override is one more layer.
+Every spec (model, task, study, a search-space sample, an ablation variant) is composed by
+`compose` from layers: preset names and files (each may start with `extends: <preset | path>`
+or a list of them, merged first, in order), inline mappings (which may extend too), then the
+`--set a.b=c` overrides (OmegaConf dotlist), one layer each. Its three rules:
+
+1. Later layers win and mappings merge deeply; a layer that changes the `kind` of a sub-spec
+   keeps the fields the new kind shares and drops the others (a MAG `window` does not leak
+   into a MAC block, its `memory` carries over).
+2. A sub-spec whose `kind` no layer gives is of the field default's kind (`--set norm.eps=1e-5`
+   edits the default RMSNorm).
+3. Provenance: every dotted path is attributed to the last layer that set it, and an error on a
+   field names that layer (a preset's field broken by the user's change names the user's file).
 """
 
 from __future__ import annotations
@@ -125,22 +133,36 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+Layer = tuple[str, dict[str, Any]]
+"""One layer of a composition: its label (a file, `--set a=b`, `study.yaml (model)`) and data."""
+
+Source = str | Path | Layer
+"""What `compose` layers: a preset name or a path, or an inline (label, mapping) that may extend."""
+
+
 def _layers(
     ref: str, relative_to: Path | None, chain: tuple[Path, ...], where: str, presets: Path | None
-) -> list[tuple[str, dict]]:
+) -> list[Layer]:
     path = resolve_ref(ref, relative_to, where, presets).resolve()
     if path in chain:
         raise SpecError(str(path), "extends", "circular extends: " + " -> ".join(map(str, (*chain, path))))
     data = read_yaml(path)
     parents = data.pop("extends", None)
-    layers: list[tuple[str, dict]] = []
+    return [*_extended(parents, path.parent, (*chain, path), str(path), presets), (_label(path), data)]
+
+
+def _extended(
+    parents: Any, relative_to: Path | None, chain: tuple[Path, ...], where: str, presets: Path | None
+) -> list[Layer]:
+    """The layers of an `extends:` value (a preset name, a path or a list of them), in order."""
     if parents is not None and not isinstance(parents, str | list):
-        raise SpecError(str(path), "extends", "expected a preset name, a path or a list of them")
+        raise SpecError(where, "extends", "expected a preset name, a path or a list of them")
+    layers: list[Layer] = []
     for parent in [parents] if isinstance(parents, str) else (parents or []):
         if not isinstance(parent, str):
-            raise SpecError(str(path), "extends", "expected a preset name, a path or a list of them")
-        layers += _layers(parent, path.parent, (*chain, path), str(path), presets)
-    return [*layers, (_label(path), data)]
+            raise SpecError(where, "extends", "expected a preset name, a path or a list of them")
+        layers += _layers(parent, relative_to, chain, where, presets)
+    return layers
 
 
 def _label(path: Path) -> str:
@@ -196,31 +218,31 @@ def _flat(d: Any, prefix: str = "") -> list[str]:
 
 
 def compose(
-    source: str | Path,
+    *sources: Source,
     overrides: Sequence[str] = (),
-    presets: Path | None = None,
     cls: type[BaseModel] | None = None,
+    presets: Path | None = None,
+    relative_to: Path | None = None,
     flag: str = "--set",
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The merged plain dict, and for each dotted path the label of the layer that set it last.
-    `cls` (the spec class the result is for) lets a change of `kind` keep the shared fields;
-    `flag` is how the overrides were given (errors name it: `--set`, `--task-set`)."""
-    return merge_layers(_layers(str(source), None, (), "command line", presets), overrides, cls, flag)
-
-
-def merge_layers(
-    layers: list[tuple[str, dict]], overrides: Sequence[str], cls: type[BaseModel] | None = None, flag: str = "--set"
-) -> tuple[dict[str, Any], dict[str, str]]:
-    layers = list(layers)
+    """The composition pipeline (the module's three rules): `sources` in order, then
+    `overrides`. Returns the merged plain dict and, for each dotted path, the label of the layer
+    that set it last (`""`: the source the user named; `"*"`: the last layer). `cls` (the spec
+    class the result is for) lets a change of `kind` keep the shared fields; references resolve
+    against `relative_to`, then the working dir, then `presets`; `flag` is how the overrides
+    were given (errors name it: `--set`, `--task-set`)."""
+    layers: list[Layer] = []
+    for source in sources:
+        if isinstance(source, tuple):
+            label, data = source
+            data = dict(data)
+            layers += _extended(data.pop("extends", None), relative_to, (), label, presets)
+            layers.append((label, data))
+        else:
+            layers += _layers(str(source), relative_to, (), "command line", presets)
+    named = layers[-1][0]  # the file the user named (or its preset), before any override
     for item in overrides:
-        if "=" not in item:
-            raise SpecError(f"{flag} {item}", "", f"expected KEY=VALUE, e.g. {flag} a.b=64")
-        check_aliases(item.partition("=")[2], f"{flag} {item}")
-        try:
-            layers.append((f"{flag} {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
-        except (OmegaConfBaseException, yaml.YAMLError) as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise SpecError(f"{flag} {item}", "", f"cannot parse: {problem}") from None
+        layers.append(_override(item, flag))
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
     for label, data in layers:
@@ -233,9 +255,21 @@ def merge_layers(
         resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except OmegaConfBaseException as e:
         raise SpecError(layers[-1][0], "", f"interpolation: {str(e).splitlines()[0]}") from None
-    provenance[""] = layers[-1 - len(overrides)][0]  # the file the user named (or its preset)
-    provenance["*"] = layers[-1][0]  # the last layer: the last override, if any
+    provenance[""] = named
+    provenance["*"] = layers[-1][0]
     return resolved, provenance
+
+
+def _override(item: str, flag: str) -> Layer:
+    """One `KEY=VALUE` override as a layer."""
+    if "=" not in item:
+        raise SpecError(f"{flag} {item}", "", f"expected KEY=VALUE, e.g. {flag} a.b=64")
+    check_aliases(item.partition("=")[2], f"{flag} {item}")
+    try:
+        return f"{flag} {item}", OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{flag} {item}", "", f"cannot parse: {problem}") from None
 
 
 def _merge_problem(error: Exception, base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> str:
@@ -283,7 +317,7 @@ def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def load_spec(source: str | Path, overrides: Sequence[str] = (), cls: type[S] = ModelSpec) -> S:
-    data, provenance = compose(source, overrides, cls=cls)
+    data, provenance = compose(source, overrides=overrides, cls=cls)
     return validate(data, cls, provenance)
 
 
@@ -306,17 +340,15 @@ def load_union(
     `presets`, or a YAML path; overrides (given with `flag`) apply on top. `what` names the spec
     in errors ("task": an unknown name lists the task kinds)."""
     members = union_members(union)
-    base = {"kind": str(source)} if str(source) in members else None
-    if base is not None:
-        layers: list[tuple[str, dict]] = [(f"kind {source}", base)]
-        data, provenance = merge_layers(layers, overrides, flag=flag)
+    if str(source) in members:
+        data, provenance = compose((f"kind {source}", {"kind": str(source)}), overrides=overrides, flag=flag)
     else:
         looks_like_file = "/" in str(source) or str(source).endswith((".yaml", ".yml"))
         if presets is None and not looks_like_file and not Path(source).is_file():
             close = difflib.get_close_matches(str(source), list(members), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise SpecError(f"--{what}", "", f"no {what} kind or file '{source}' ({hint}kinds: {', '.join(members)})")
-        data, provenance = compose(source, overrides, presets=presets, flag=flag)
+        data, provenance = compose(source, overrides=overrides, presets=presets, flag=flag)
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in members:
         reason = f"unknown kind {kind!r}" if kind is not None else "missing `kind`"

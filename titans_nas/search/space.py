@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from pydantic import BaseModel
 
-from titans_nas.config import SpecError, drop_switched, models_in, union_members, validate
+from titans_nas.config import SpecError, compose, models_in, union_members, validate
 from titans_nas.spec import ModelSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -115,11 +115,8 @@ def _model_of(cls: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
 
 
 def apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """base spec data + sampled overrides: deep merge; a changed `kind` replaces the sub-spec."""
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.merge(drop_switched(base, overrides, ModelSpec), overrides)
-    return OmegaConf.to_container(merged)
+    """base spec data + sampled overrides, composed as two layers (config.compose's rules)."""
+    return compose(("base", base), ("search space", overrides), cls=ModelSpec)[0]
 
 
 def replay(base: ModelSpec, space: Space, params: dict[str, Any]) -> tuple[ModelSpec, dict[str, Any]]:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from components.base import Spec, SpecRuleError
-from titans_nas.config import SpecError, compose, dump_spec, merge_layers, read_yaml, union_members, validate
+from titans_nas.config import SpecError, compose, dump_spec, read_yaml, union_members, validate
 from titans_nas.spec import ModelSpec
 from titans_nas.tasks import TaskSpec
 from titans_nas.train import TrainSpec, check_compatible, curriculum_task
@@ -344,12 +344,9 @@ def json_value(v: Any) -> str:
 
 def variant_spec(base: ModelSpec, change: list[str] | dict[str, Any], where: str) -> ModelSpec:
     """base + one ablation change (dotted overrides or a nested mapping), validated."""
-    from titans_nas.search.space import apply
-
-    if isinstance(change, dict):
-        data = apply(base.model_dump(mode="json"), change)
-        return validate(data, ModelSpec, {"": where})
-    data, provenance = merge_layers([(where, base.model_dump(mode="json"))], change, ModelSpec)
+    layers = [(where, base.model_dump(mode="json"))] + ([(where, change)] if isinstance(change, dict) else [])
+    overrides = change if isinstance(change, list) else ()
+    data, provenance = compose(*layers, overrides=overrides, cls=ModelSpec)
     return validate(data, ModelSpec, provenance)
 
 
@@ -358,7 +355,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     every trial's model. Raises SpecError (file, dotted path, reason) before anything runs."""
     from titans_nas.search.space import check_space
 
-    data, provenance = compose(path, overrides, presets=Path(path).parent)
+    data, provenance = compose(path, overrides=overrides, presets=Path(path).parent)
     kind = data.get("kind")
     members = union_members(StudySpec)
     if kind not in members:
@@ -420,15 +417,8 @@ def _check_objectives(objectives: list[ObjectiveSpec], tasks: dict[str, Any], so
 def _load_model(model: str | dict[str, Any], here: Path, source: str) -> ModelSpec:
     """A preset name, a spec path (relative to the study file first) or an inline spec that
     may itself `extends:` presets or paths."""
-    from titans_nas.config import load_spec
-
-    near = lambda ref: here / ref if (here / ref).is_file() else ref  # noqa: E731
-    if isinstance(model, str):
-        return load_spec(near(model))
-    parents = model.get("extends")
-    layers = [(source, compose(near(p))[0]) for p in ([parents] if isinstance(parents, str) else (parents or []))]
-    layers.append((f"{source} (model)", {k: v for k, v in model.items() if k != "extends"}))
-    data, provenance = merge_layers(layers, (), ModelSpec)
+    inline = (f"{source} (model)", model) if isinstance(model, dict) else model
+    data, provenance = compose(inline, cls=ModelSpec, relative_to=here)
     return validate(data, ModelSpec, provenance)
 
 
