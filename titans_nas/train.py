@@ -273,22 +273,10 @@ def train(
     model = build_model(model_spec, task).to(device)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
     ckpt_dir = out_dir / "checkpoint" if out_dir is not None else None
-    last_eval: dict[str, float] = {}
-    grad_norms: list[float] = []
+    step, last_eval, grad_norms = 0, {}, []
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        refuse_links(out_dir, RUN_FILES)
-        saved = {"spec.yaml": model_spec, "task.yaml": task, "train.yaml": cfg}
-        if resume:  # the run in out_dir must be this one: checked before anything is written
-            for name, spec in saved.items():
-                same_as_saved(out_dir / name, spec)
-        for name, spec in saved.items():
-            (out_dir / name).write_text(dump_spec(spec))
-        if resume and (ckpt_dir / "state.pt").is_file():
-            step, last_eval, grad_norms = load_checkpoint(ckpt_dir, model, opt, gen)
-        _truncate_metrics(out_dir / "metrics.jsonl", step)  # a fresh run, or records after the checkpoint
+        step, last_eval, grad_norms = _open_run_dir(out_dir, (model_spec, task, cfg), resume, model, opt, gen)
     checkpoint_every = cfg.checkpoint_every or cfg.eval_every
     params = sum(p.numel() for p in model.parameters())
     if cfg.compile:
@@ -301,8 +289,10 @@ def train(
         if on_log is not None:
             on_log(rec)
 
-    tokens_per_s = 0.0
-    t0, tokens = time.perf_counter(), 0
+    def checkpoint() -> Path | None:
+        return save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms) if ckpt_dir else None
+
+    throughput = Throughput()
     model.train()
     status: Status = "completed"
     message = ""
@@ -314,85 +304,151 @@ def train(
         if signalled is not None and signalled.name:
             status, message = "stopped", f"interrupted by {signalled.name} at step {step}"
             break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         batch = (first if first is not None and step < cfg.curriculum.steps else task).sample(cfg.batch_size, gen)
-        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        with _autocast(device):
-            logits, _ = model(inputs)
-        loss = loss_fn(logits, targets)
-        if not torch.isfinite(loss):
-            status, message = "diverged", f"non-finite training loss ({loss.item()}) at step {step + 1}"
-            record({"step": step + 1, "split": "train", "loss": loss.item(), "status": "diverged"})
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        block_norms = _block_grad_norms(model) if logging else {}  # before clipping rescales them
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        if not torch.isfinite(gnorm):
-            status, message = "diverged", f"non-finite gradient norm at step {step + 1}"
-            record({"step": step + 1, "split": "train", "loss": loss.item(), "status": "diverged"})
+        loss, gnorm, block_norms = train_step(model, opt, batch, lr_at(step, cfg), cfg.grad_clip, logging)
+        message = nonfinite(loss, "training loss", step + 1) or nonfinite(gnorm, "gradient norm", step + 1)
+        if message:  # nothing was applied
+            status = "diverged"
+            record({"step": step + 1, "split": "train", "loss": loss, "status": "diverged"})
             break
-        opt.step()
         step += 1
-        tokens += inputs.numel()
-        grad_norms.append(float(gnorm))
+        throughput.add(batch.inputs.numel())
+        grad_norms.append(gnorm)
         if logging:
-            elapsed = time.perf_counter() - t0
-            tokens_per_s = tokens / max(elapsed, 1e-9)
             record(
-                {
-                    "step": step,
-                    "split": "train",
-                    "loss": loss.item(),
-                    "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(gnorm),
-                    **block_norms,
-                    "tokens_per_s": tokens_per_s,
-                }
+                {"step": step, "split": "train", "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}
+                | block_norms
+                | {"tokens_per_s": throughput.lap()}
             )
-            t0, tokens = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            evaluation = evaluate(model, task, cfg, device, health=True)
-            last_eval = {k: v for k, v in evaluation.items() if not k.startswith("block.")}
-            if not math.isfinite(last_eval["loss"]):
-                status, message = "diverged", f"non-finite evaluation loss at step {step}"
-            rec = {
-                "step": step,
-                "split": "eval",
-                **last_eval,
-                # pre-clip gradient norms of the steps since the last evaluation
-                "grad_norm": statistics.median(grad_norms),
-                "grad_norm_max": max(grad_norms),
-                **{k: v for k, v in evaluation.items() if k.startswith("block.")},
-                "params": params,
-                "tokens_per_s": tokens_per_s,
-                "peak_mem_mb": peak_mem_mb(device),
-            }
+            rec, last_eval = evaluation_record(model, task, cfg, device, step, grad_norms, params, throughput.last)
             record(rec)
             grad_norms = []
-            written = None
-            if ckpt_dir is not None and (step == cfg.steps or step % checkpoint_every == 0):
-                written = save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
-            if status == "diverged":
+            message = nonfinite(last_eval["loss"], "evaluation loss", step)
+            written = checkpoint() if step == cfg.steps or step % checkpoint_every == 0 else None
+            if message:
+                status = "diverged"
                 break
             if on_eval is not None and on_eval(rec, written):
                 status = "stopped"
                 break
-        elif ckpt_dir is not None and step % checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
+        elif step % checkpoint_every == 0:
+            checkpoint()
     if signalled is not None:
         signalled.restore()
-    if status == "stopped" and ckpt_dir is not None:
-        save_checkpoint(ckpt_dir, model, opt, gen, step, last_eval, grad_norms)
-    metrics = {**last_eval, "params": float(params), "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mem_mb(device)}
+    if status == "stopped":
+        checkpoint()
+    metrics = {
+        **last_eval,
+        "params": float(params),
+        "tokens_per_s": throughput.last,
+        "peak_mem_mb": peak_mem_mb(device),
+    }
     result = RunResult(status, step, metrics, message)
     if out_dir is not None:
         (out_dir / "result.json").write_text(
             json.dumps({"status": status, "step": step, "metrics": metrics, "message": message}, indent=2)
         )
     return result
+
+
+def _open_run_dir(
+    out_dir: Path,
+    saved: tuple[ModelSpec, TaskBase, TrainSpec],
+    resume: bool,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, dict[str, float], list[float]]:
+    """Write the run's spec, task and settings (a resume checks them against the run's own
+    first) and restore its checkpoint: (step, last evaluation, gradient norms since it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(out_dir, RUN_FILES)
+    files = dict(zip(("spec.yaml", "task.yaml", "train.yaml"), saved))
+    if resume:  # the run in out_dir must be this one: checked before anything is written
+        for name, spec in files.items():
+            same_as_saved(out_dir / name, spec)
+    for name, spec in files.items():
+        (out_dir / name).write_text(dump_spec(spec))
+    step, last_eval, grad_norms = 0, {}, []
+    if resume and (out_dir / "checkpoint" / "state.pt").is_file():
+        step, last_eval, grad_norms = load_checkpoint(out_dir / "checkpoint", model, opt, gen)
+    _truncate_metrics(out_dir / "metrics.jsonl", step)  # a fresh run, or records after the checkpoint
+    return step, last_eval, grad_norms
+
+
+def nonfinite(value: float, what: str, step: int) -> str:
+    """The one divergence check: why the run diverged at `step`, or "" while `value` is finite."""
+    return "" if math.isfinite(value) else f"non-finite {what} ({value}) at step {step}"
+
+
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any, lr: float, clip: float | None, block_norms: bool
+) -> tuple[float, float, dict[str, float]]:
+    """One optimizer step at learning rate `lr`: (loss, pre-clip gradient norm, per-block
+    gradient norms if `block_norms`). A non-finite loss (gradient norm nan) or gradient norm
+    applies nothing."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    device = next(model.parameters()).device
+    inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+    with _autocast(device):
+        logits, _ = model(inputs)
+    loss = loss_fn(logits, targets)
+    if not math.isfinite(loss.item()):
+        return loss.item(), math.nan, {}
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = _block_grad_norms(model) if block_norms else {}  # before clipping rescales them
+    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")))
+    if math.isfinite(gnorm):
+        opt.step()
+    return loss.item(), gnorm, norms
+
+
+def evaluation_record(
+    model: torch.nn.Module,
+    task: TaskBase,
+    cfg: TrainSpec,
+    device: torch.device,
+    step: int,
+    grad_norms: list[float],
+    params: int,
+    tokens_per_s: float,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The metrics record of an evaluation at `step` (the task's scores, memory health per
+    block, the pre-clip gradient norms of the steps since the last evaluation) and the scores
+    alone."""
+    evaluation = evaluate(model, task, cfg, device, health=True)
+    scores = {k: v for k, v in evaluation.items() if not k.startswith("block.")}
+    record = {
+        "step": step,
+        "split": "eval",
+        **scores,
+        "grad_norm": statistics.median(grad_norms),
+        "grad_norm_max": max(grad_norms),
+        **{k: v for k, v in evaluation.items() if k.startswith("block.")},
+        "params": params,
+        "tokens_per_s": tokens_per_s,
+        "peak_mem_mb": peak_mem_mb(device),
+    }
+    return record, scores
+
+
+class Throughput:
+    """Tokens per second of the steps since the last log line (`lap`); `last` is the latest."""
+
+    def __init__(self) -> None:
+        self.t0, self.tokens, self.last = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def lap(self) -> float:
+        self.last = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.t0, self.tokens = time.perf_counter(), 0
+        return self.last
 
 
 def health_lines(rec: dict[str, Any]) -> list[str]:
