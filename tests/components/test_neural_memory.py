@@ -57,6 +57,39 @@ def test_switched_off_mechanisms_have_no_parameters_and_change_the_output():
     assert (no_mom(x)[0] - full(x)[0]).abs().max() > 1e-4  # same seed: only momentum differs
 
 
+def _optional_mechanisms() -> dict[str, type]:
+    """Every `XSpec | None` field of the memory: a mechanism that can be switched off."""
+    from titans_nas.config import models_in
+
+    return {
+        name: models_in(field.annotation)[0]
+        for name, field in NeuralMemorySpec.model_fields.items()
+        if type(None) in getattr(field.annotation, "__args__", ()) and models_in(field.annotation)
+    }
+
+
+@pytest.mark.parametrize("name", list(_optional_mechanisms()))
+def test_every_optional_mechanism_switched_off_is_truly_off(name, float64):
+    """Off (null) = no parameters of its own and another output; on or off, the layer stays
+    causal and streams exactly. Read off the spec, so a new optional mechanism is covered."""
+    cls = _optional_mechanisms()[name]
+    on, off = layer(**{name: cls()}).double(), layer(**{name: None}).double()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(off) <= count(on)
+    x = torch.randn(2, 21, 16)
+    assert (on(x)[0] - off(x)[0]).abs().max() > 1e-6, f"switching {name} off changed nothing"
+    for mem in (on, off):
+        whole, _ = mem(x)
+        x2 = x.clone()
+        x2[:, 9] += 1.0
+        assert torch.equal(mem(x2)[0][:, :9], whole[:, :9])
+        state, outs = mem.init_state(2), []
+        for piece in x.split([5, 1, 15], dim=1):
+            y, state = mem(piece, state)
+            outs.append(y)
+        torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=0)
+
+
 def test_per_layer_lr_shapes():
     mem = layer()
     lr, mom, dec = mem.gates(torch.randn(2, 5, 16))
