@@ -20,6 +20,8 @@ import os
 import platform
 import time
 
+from models import KINDS, MEMORY_KINDS, spec_for  # the block union (bench/models.py)
+
 PEAKS = {"H100": (989.0, 495.0), "H200": (989.0, 495.0), "A100": (312.0, 156.0)}  # (bf16, tf32) TFLOP/s
 
 LAYER = {"dim": 512, "heads": 8, "chunk": 64, "batch": 4}
@@ -45,8 +47,8 @@ def configs(dry: bool) -> list[dict]:
                 cfg = {"what": "layer", "memory": memory, "seq": seq, "backend": backend, "dtype": dtype}
                 out.append({**cfg, "compiled": compiled})
     for seq in [64] if dry else [1024, 4096, 16384]:
-        for kind in ["swa", "attention", "lmm", "mag", "mac", "mal"]:
-            for backend in ["torch", "triton"] if kind not in ("swa", "attention") else ["torch"]:
+        for kind in KINDS:
+            for backend in ["torch", "triton"] if kind in MEMORY_KINDS else ["torch"]:
                 out.append({"what": "model", "kind": kind, "seq": seq, "backend": backend, "dtype": "bf16"})
     return out
 
@@ -69,21 +71,10 @@ def build(cfg: dict, dry: bool):
         loss_of = lambda: module(x)[0].float().pow(2).mean()  # noqa: E731
         return module, loss_of, size["batch"] * cfg["seq"]
     from titans_nas.builder import build_model
-    from titans_nas.config import validate
-    from titans_nas.spec import ModelSpec
 
     size = DRY_MODEL if dry else MODEL
-    memory = {"chunk_size": size["chunk"], "backend": cfg["backend"]}
-    block = {
-        "attention": {"kind": "attention"},
-        "swa": {"kind": "swa", "window": size["window"]},
-        "lmm": {"kind": "lmm", "memory": memory},
-        "mag": {"kind": "mag", "window": size["window"], "memory": memory},
-        "mac": {"kind": "mac", "segment_len": size["segment"], "memory": memory},
-        "mal": {"kind": "mal", "window": size["window"], "memory": memory},
-    }[cfg["kind"]]
-    spec = {"vocab_size": 256, "dim": size["dim"], "depth": size["depth"], "heads": size["heads"], "block": block}
-    model = build_model(validate(spec, ModelSpec)).to(device)
+    memory_backend = {"backend": cfg["backend"]} if cfg["kind"] in MEMORY_KINDS else {}
+    model = build_model(spec_for({"impl": cfg["kind"], **size, **memory_backend})).to(device)
     tokens = torch.randint(0, 256, (size["batch"], cfg["seq"] + 1), device=device)
 
     def loss_of():

@@ -40,12 +40,21 @@ def block_kinds() -> list[str]:
     return list(union_members(BlockSpec))
 
 
-KINDS = block_kinds()
+def memory_kinds() -> list[str]:
+    """The block kinds that hold a neural memory (their tables compare them with `swa`)."""
+    from titans_nas.config import union_members
+    from titans_nas.spec import BlockSpec
+
+    return [k for k, cls in union_members(BlockSpec).items() if "memory" in cls.model_fields]
+
+
+KINDS, MEMORY_KINDS = block_kinds(), memory_kinds()
 
 
 def spec_for(cfg: dict):
     """The benchmark's model of one kind, derived from the kind's fields: windows, MAC segments,
-    memory chunks, and persistent tokens for the memory kinds (none for the attention baselines)."""
+    memory chunks (with `backend`, if given), and persistent tokens for the memory kinds (none for
+    the attention baselines; none at all where `persistent` is absent or 0)."""
     from titans_nas.config import union_members, validate
     from titans_nas.spec import BlockSpec, ModelSpec
 
@@ -56,7 +65,9 @@ def spec_for(cfg: dict):
     if "segment_len" in fields:
         block["segment_len"] = cfg["segment"]
     if "memory" in fields:
-        block |= {"memory": {"chunk_size": cfg["chunk"]}, "persistent": {"num_tokens": cfg["persistent"]}}
+        block["memory"] = {"chunk_size": cfg["chunk"]} | ({"backend": cfg["backend"]} if "backend" in cfg else {})
+        if cfg.get("persistent"):
+            block["persistent"] = {"num_tokens": cfg["persistent"]}
     return validate(
         {"vocab_size": 256, "dim": cfg["dim"], "depth": cfg["depth"], "heads": cfg["heads"], "block": block}, ModelSpec
     )

@@ -12,6 +12,8 @@ import json
 import sys
 from collections import defaultdict
 
+from models import KINDS, MEMORY_KINDS  # the block union's members (bench/models.py)
+
 
 def load(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
@@ -79,7 +81,7 @@ def models_report(rows: list[dict]) -> str:
     by_seq: dict[int, dict[str, dict]] = defaultdict(dict)
     for r in timed:
         by_seq[r["seq"]][r["impl"]] = r
-    kinds = ["attention", "swa", "lmm", "mac", "mag", "mal", "titans-pytorch-mac"]
+    kinds = [*KINDS, "titans-pytorch-mac"]
 
     def table(title: str, cell) -> None:  # one row per sequence length, one column per kind
         out.extend([title, "", "| seq | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)])
@@ -117,7 +119,7 @@ def models_report(rows: list[dict]) -> str:
 
 def study_report(rows: list[dict]) -> str:
     """One row per (threads, dim, seq) group: tokens/s of each kind, and each memory kind / swa."""
-    kinds, memory = ["attention", "swa", "lmm", "mag", "mac", "mal"], ["lmm", "mag", "mac", "mal"]
+    kinds, memory = KINDS, MEMORY_KINDS
     groups: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
         if "error" not in r:
@@ -142,7 +144,7 @@ def study_report(rows: list[dict]) -> str:
 def study_flops_report(rows: list[dict]) -> str:
     """Per group: executed FLOPs per token of each kind over swa's (the ratio tokens/s would have
     at equal GFLOP/s, an upper bound set by arithmetic), and each kind's achieved GFLOP/s."""
-    kinds, memory = ["attention", "swa", "lmm", "mag", "mac", "mal"], ["lmm", "mag", "mac", "mal"]
+    kinds, memory = KINDS, MEMORY_KINDS
     groups: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     for r in rows:
         if "error" not in r and r.get("gflop_per_s"):
