@@ -40,15 +40,15 @@ def block_kinds() -> list[str]:
     return list(union_members(BlockSpec))
 
 
-def memory_kinds() -> list[str]:
-    """The block kinds that hold a neural memory (their tables compare them with `swa`)."""
+def kinds_with(*fields: str) -> list[str]:
+    """The block kinds whose spec has all these fields (`memory`: the memory kinds)."""
     from titans_nas.config import union_members
     from titans_nas.spec import BlockSpec
 
-    return [k for k, cls in union_members(BlockSpec).items() if "memory" in cls.model_fields]
+    return [k for k, cls in union_members(BlockSpec).items() if all(f in cls.model_fields for f in fields)]
 
 
-KINDS, MEMORY_KINDS = block_kinds(), memory_kinds()
+KINDS, MEMORY_KINDS, HYBRIDS = block_kinds(), kinds_with("memory"), kinds_with("memory", "attention")
 
 
 def spec_for(cfg: dict):
@@ -150,7 +150,7 @@ def suite(quick: bool) -> list[list[dict]]:
     for seq in [1024] if quick else [1024, 4096, 16384]:
         rounds = {"rounds": 2} if seq > 4096 else {}
         groups.append([{"impl": k, "seq": seq, **rounds} for k in [*KINDS, "titans-pytorch-mac"]])
-    for kind in ["mag", "mac"]:
+    for kind in HYBRIDS:  # a million tokens streamed through each kind that holds memory and attention
         groups.append([{"impl": kind, "extra": "stream", "total": 65536 if quick else 1048576, "piece": 4096}])
     return groups
 
