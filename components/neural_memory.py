@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
+from components.objective import L2ObjectiveSpec, ObjectiveSpec
 from components.ops.memory import (
     Granularity,
     MemoryModel,
@@ -31,7 +32,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import in_state_dtype, triton_reach
+from components.ops.memory.common import Objective, in_state_dtype, triton_reach
 
 
 class LinearMemorySpec(Spec):
@@ -147,6 +148,9 @@ class NeuralMemorySpec(Spec):
     """Memory heads (one memory each); null = the model's `heads`."""
     chunk_size: int = Field(16, ge=1, le=2**16)
     """Tokens whose inner gradients are taken at the same (chunk-start) weights; 1 = fully online."""
+    objective: ObjectiveSpec = L2ObjectiveSpec()
+    """The inner loss each token's write descends (MIRAS's attentional bias): l2 (Titans), lp,
+    huber or dot (linear attention's)."""
     lr: LRSpec = LRSpec()
     """Inner learning rate theta."""
     momentum: MomentumSpec | None = MomentumSpec()
@@ -191,10 +195,17 @@ class NeuralMemorySpec(Spec):
                 "read",
                 "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)",
             )
+        if self.objective.kind == "dot" and self.lr.curvature_cap is not None:
+            raise SpecRuleError(
+                "lr.curvature_cap",
+                "the step cap bounds a step by the loss, and the dot objective's loss is not >= 0"
+                " (set lr.curvature_cap: null)",
+            )
         if self.backend == "triton":
             m, widths = self.model, self.model.widths(dim // h)
             norm = m.kind == "mlp" and m.norm
-            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, (self.chunk_size, *widths[:-1]))
+            dims = (self.chunk_size, *widths[:-1])
+            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
 
@@ -228,6 +239,7 @@ class NeuralMemorySpec(Spec):
                 forget_to_prior=self.decay is not None and self.decay.toward == "initial",
                 # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
                 step_cap=4.0 * self.lr.curvature_cap / self.chunk_size if self.lr.curvature_cap else None,
+                objective=self.objective.build(),
             ),  # fmt: skip
         )
 
@@ -251,10 +263,13 @@ class MemoryNet(nn.Module):
         self.gain = nn.Parameter(torch.full((heads, widths[-1]), widths[-1] ** -0.5)) if norm else None
         self.bias = nn.Parameter(torch.zeros(heads, widths[-1])) if norm else None
 
-    def model(self, forget_to_prior: bool = False, step_cap: float | None = None) -> MemoryModel:
+    def model(
+        self, forget_to_prior: bool = False, step_cap: float | None = None, objective: Objective | None = None
+    ) -> MemoryModel:
         norm = (self.gain, self.bias) if self.gain is not None else None
         prior = tuple(self.initial) if forget_to_prior else None
-        return MemoryModel(self.activation, self.residual, norm, prior=prior, step_cap=step_cap)
+        objective = objective or Objective()
+        return MemoryModel(self.activation, self.residual, norm, prior=prior, step_cap=step_cap, objective=objective)
 
 
 class Gates(nn.Module):
@@ -343,6 +358,7 @@ class UpdateRule:
     backend: str = "auto"
     forget_to_prior: bool = False
     step_cap: float | None = None
+    objective: Objective = Objective()
 
 
 @dataclass
@@ -448,7 +464,7 @@ class NeuralMemory(nn.Module):
         return MemoryHealth(surprise.mean((0, 1)), float(lr.mean()), mean(momentum), mean(decay), float(w_norm.mean()))
 
     def memory_model(self) -> MemoryModel:
-        return self.net.model(self.rule.forget_to_prior, self.rule.step_cap)
+        return self.net.model(self.rule.forget_to_prior, self.rule.step_cap, self.rule.objective)
 
     def readout(self, y: Tensor, x: Tensor) -> Tensor:
         """Memory output per head (b, h, n, d) -> (b, n, dim): output norm and gate from the

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from components.ops.memory import (
     MemoryModel,
     MemoryState,
+    Objective,
     init_memory_state,
     memory_update,
     naive_memory_update,
@@ -31,6 +32,7 @@ class Case:
     per_layer_lr: bool = False
     prior: bool = False
     cap: float | None = None
+    objective: Objective = Objective()
 
 
 CASES = {
@@ -71,6 +73,36 @@ CASES = {
     "granularity chunk, no momentum, linear": Case(
         depth=1, momentum=False, read="chunk_start", granularity="chunk", chunk=5, n=23, norm=False, residual=False
     ),
+    # the inner objectives (MIRAS attentional biases): the hand backward through their jacobians
+    "lp 3, mlp plain, momentum+decay, chunk 16": Case(norm=False, residual=False, objective=Objective("lp", p=3.0)),
+    "lp 1.5, linear online": Case(depth=1, chunk=1, n=23, norm=False, residual=False, objective=Objective("lp", p=1.5)),
+    "lp 1, mlp plain residual, prior, chunk 5": Case(
+        norm=False, chunk=5, n=23, prior=True, objective=Objective("lp", p=1.0)
+    ),
+    "lp 4, granularity chunk": Case(
+        read="chunk_start", granularity="chunk", chunk=5, n=23, objective=Objective("lp", p=4.0)
+    ),
+    "huber 0.3, mlp plain, step cap, chunk 16": Case(
+        norm=False, residual=False, per_layer_lr=True, cap=0.05, objective=Objective("huber", delta=0.3)
+    ),
+    "huber 0.5, mlp x+LN, chunk 16": Case(objective=Objective("huber", delta=0.5)),
+    "huber 0.3, linear, read chunk_start, chunk 5": Case(
+        depth=1, read="chunk_start", chunk=5, n=23, norm=False, residual=False, objective=Objective("huber", delta=0.3)
+    ),
+    "dot, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, objective=Objective("dot")),
+    "dot, mlp plain residual, prior, chunk 8": Case(
+        norm=False, chunk=8, n=29, prior=True, per_layer_lr=True, objective=Objective("dot")
+    ),
+    "dot, granularity chunk, linear": Case(
+        depth=1,
+        read="chunk_start",
+        granularity="chunk",
+        chunk=5,
+        n=23,
+        norm=False,
+        residual=False,
+        objective=Objective("dot"),
+    ),  # fmt: skip
 }
 
 
@@ -89,7 +121,7 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     dec = uni(b, h, n, scale=0.1) if case.decay else None
     norm = (rnd(h, d, scale=0.1) + 1, rnd(h, d, scale=0.1)) if case.norm else None
     prior = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:])) if case.prior else None
-    model = MemoryModel(case.act, case.residual, norm, prior=prior, step_cap=case.cap)
+    model = MemoryModel(case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective)
     leaves = [t for t in (q, k, v, lr, mom, dec, *weights, *(norm or ()), *(prior or ())) if t is not None]
     return (q, k, v, lr, mom, dec), weights, model, leaves
 
@@ -171,6 +203,9 @@ def test_fast_equals_naive_float64(name):
         "mlp x+LN, momentum+decay, chunk 16",
         "granularity chunk",
         "mlp plain residual, everything on, chunk 8",
+        "lp 3, mlp plain, momentum+decay, chunk 16",
+        "huber 0.3, mlp plain, step cap, chunk 16",
+        "dot, mlp plain residual, prior, chunk 8",
     ],
 )
 def test_fast_equals_naive_float32(name):
@@ -313,3 +348,78 @@ def test_whole_chunks_take_the_hand_written_backward_where_it_applies(monkeypatc
         with torch.no_grad():
             run(memory_update, case, inputs, weights, model)
         assert len(calls) == expected, case
+
+
+def _objectives() -> dict[str, Objective]:
+    """Every member of the spec's objective union at its defaults (a new one is tested here at
+    once), and lp below 2 (its curvature grows without bound near a zero error)."""
+    from components.objective import ObjectiveSpec
+    from titans_nas.config import union_members
+
+    every = {kind: cls().build() for kind, cls in union_members(ObjectiveSpec).items()}
+    return every | {"lp 1.5": Objective("lp", p=1.5)}
+
+
+@pytest.mark.parametrize("name", list(_objectives()))
+def test_an_objectives_gradient_and_jacobians_are_its_derivatives(name):
+    """grad = d loss / d pred, and jacobians = the (diagonal) derivatives of grad by pred and v,
+    against autograd in float64."""
+    objective = _objectives()[name]
+    g = torch.Generator().manual_seed(3)
+    pred, v = (torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    (d_pred,) = torch.autograd.grad(objective.loss(pred, v).sum(), pred, create_graph=True)
+    torch.testing.assert_close(objective.grad(pred, v), d_pred, atol=1e-12, rtol=0)
+    u = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    by_pred, by_v = torch.autograd.grad((objective.grad(pred, v) * u).sum(), (pred, v), allow_unused=True)
+    j_pred, j_v = objective.jacobians(pred, v)
+    torch.testing.assert_close(j_pred * u if by_pred is not None else by_pred, by_pred, atol=1e-12, rtol=0)
+    torch.testing.assert_close(j_v * u, by_v, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case", ["lp 3, mlp plain, momentum+decay, chunk 16", "huber 0.3, linear, read chunk_start, chunk 5"]
+)
+def test_lp_2_and_a_huber_wider_than_every_error_are_l2(case):
+    import dataclasses
+
+    base = CASES[case]
+    inputs, weights, model, _ = make(base)
+    with torch.no_grad():
+        l2 = run(memory_update, base, inputs, weights, dataclasses.replace(model, objective=Objective()))[0]
+        for same in (Objective("lp", p=2.0), Objective("huber", delta=1e6)):
+            y = run(memory_update, base, inputs, weights, dataclasses.replace(model, objective=same))[0]
+            torch.testing.assert_close(y, l2, atol=1e-12, rtol=0)
+        other = run(memory_update, base, inputs, weights, model)[0]
+    assert (other - l2).abs().max() > 1e-3  # and the case's own objective is not l2
+
+
+def test_the_dot_objective_with_a_linear_memory_and_no_retention_is_linear_attention():
+    """-<kM, v> descends to M_t = M_{t-1} + theta_t k_t^T v_t: y_t = q_t (M_0 + sum_{s<=t} theta_s k_s^T v_s)."""
+    case = Case(
+        depth=1, momentum=False, decay=False, chunk=8, n=27, norm=False, residual=False, objective=Objective("dot")
+    )
+    (q, k, v, lr, _, _), weights, model, _ = make(case)
+    with torch.no_grad():
+        y, _ = run(memory_update, case, (q, k, v, lr, None, None), weights, model)
+        kv = torch.einsum("bhn,bhni,bhno->bhnio", lr, k, v).cumsum(2)  # sum_{s<=t} theta_s k_s^T v_s
+        expected = torch.einsum("bhni,bhnio->bhno", q, weights[0][None, :, None] + kv)
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("base", ["mlp plain residual, everything on, chunk 8", "linear online, momentum+decay"])
+@pytest.mark.parametrize("name", list(_objectives()))
+def test_every_objective_fast_equals_naive_float64(name, base):
+    import dataclasses
+
+    objective = _objectives()[name]
+    cap = None if objective.kind == "dot" else CASES[base].cap  # the cap needs a loss >= 0
+    case = dataclasses.replace(CASES[base], objective=objective, cap=cap)
+    inputs, weights, model, leaves = make(case)
+    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
+    assert_rel_close(y, y0, 1e-9, "outputs")
+    for a, b in zip(s.weights, s0.weights):
+        assert_rel_close(a, b, 1e-9, "final weights")
+    for a, b in zip(g, g0):
+        if a is not None:
+            assert_rel_close(a, b, 1e-9, "gradient")

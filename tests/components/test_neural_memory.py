@@ -169,3 +169,19 @@ def test_recorded_surprise_falls_on_a_sequence_the_memory_learns():
         mem(x)
     health = summarize_health(logs[0])
     assert health["surprise_start"] > 2 * health["surprise_end"], health
+
+
+@pytest.mark.parametrize(
+    "overrides, path, words",
+    [
+        (["block.memory.objective.kind=dot"], "block.memory.lr.curvature_cap", ["dot objective", "cap: null"]),
+        (["block.memory.objective.kind=huber", "block.memory.backend=triton"], "block.memory.backend", ["l2"]),
+        (["block.memory.objective.kind=lp", "block.memory.objective.p=5"], "block.memory.objective.p", ["less than"]),
+    ],
+)
+def test_objective_combinations_the_memory_cannot_run_are_refused_at_validation(overrides, path, words):
+    from titans_nas.config import SpecError, load_spec
+
+    with pytest.raises(SpecError) as e:
+        load_spec("lmm-tiny", overrides)
+    assert e.value.path == path and all(w in e.value.reason for w in words), e.value.reason

@@ -3,7 +3,8 @@
 Per head, row vectors, memory f_W(x) = act(... act(x W_1) ...) W_L, optionally `x + LN(.)`
 around it (residual; LayerNorm gain/bias are outer parameters, never fast weights). For token t:
 
-    loss      l_t(W)  = || f_W(k_t) - v_t ||^2                     (eq. 12, no 1/2: gradient has a 2)
+    loss      l_t(W)  = || f_W(k_t) - v_t ||^2                     (eq. 12, no 1/2: gradient has a 2;
+                                                                   or another `Objective`: lp, huber, dot)
     momentum  S_t     = eta_t S_{t-1} - theta_t grad l_t(W_{t'})    (eq. 14)
     decay     M_t     = (1 - alpha_t) M_{t-1} + S_t                 (eq. 13)
     read      y_t     = f_{M_t}(q_t)            (`after_update`, TTT convention)
@@ -50,6 +51,7 @@ from components.ops.memory.common import (
     Granularity,
     MemoryModel,
     MemoryState,
+    Objective,
     Read,
     Weights,
     init_memory_state,
@@ -64,6 +66,7 @@ __all__ = [
     "Granularity",
     "MemoryModel",
     "MemoryState",
+    "Objective",
     "Read",
     "Weights",
     "chunk_surprise",

@@ -8,7 +8,8 @@ bmm / baddbmm_ on the tensors the forward kept (`Saved`), in reverse over the ch
                                S' = m_c S + a^T (n o D)
     2. the reads               after_update: z = (G o x a^T) D + beta o xM + (1 - beta) o xP + f o xS
                                per layer, x the previous layer's act(z); chunk_start: f_M(q)
-    3. the inner backward      D_L = 2 r (f_M(k) - v), D_l = act'(z_l) o (D_{l+1} M_{l+1}^T)
+    3. the inner backward      D_L = r grad l(f_M(k), v) (l2: 2 r (f_M(k) - v); the objective's
+                               jacobians), D_l = act'(z_l) o (D_{l+1} M_{l+1}^T)
                                (second derivatives: act''), then the keys' forward z_l = a_l M_l
 
 (D: the capped deltas r o delta, r constant; a: each layer's input; names as in
@@ -184,7 +185,10 @@ def chunk_backward(setting, M, S, co, saved, dy, dM, dS, dP):
         dzk[i] = act_second(name, zk[i]) * carried[i] * dD[i]
         dD[i + 1].baddbmm_(dcarried, M[i + 1])
         gM[i + 1].baddbmm_(dcarried.transpose(-1, -2), D[i + 1])
-    de = 2 * dD[-1] if keys.r is None else 2 * keys.r * dD[-1]  # D_L = 2 r (pred - v)
+    # D_L = r grad l(pred, v) (l2: 2 r (pred - v)): through the objective's per-coordinate jacobians
+    d_pred, d_v = keys.jacobians
+    dD_L = dD[-1] if keys.r is None else keys.r * dD[-1]
+    de, dv = d_pred * dD_L, d_v * dD_L
     dk = de if model.residual else None
     dzk[-1] = de if dzk[-1] is None else dzk[-1] + de
     for i in reversed(range(depth)):
@@ -194,4 +198,4 @@ def chunk_backward(setting, M, S, co, saved, dy, dM, dS, dP):
             dzk[i - 1] = dzk[i - 1] + act_backward(name, da[i], zk[i - 1])
         else:
             dk = da[0] if dk is None else dk + da[0]
-    return gM, gS if S is not None else None, (dq, dk, -de), grads
+    return gM, gS if S is not None else None, (dq, dk, dv), grads

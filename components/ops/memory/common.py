@@ -43,6 +43,61 @@ class MemoryState:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """The inner loss l(f_W(k), v) per token, summed over features: the attentional bias of
+    MIRAS (arXiv 2504.13173). With e = f_W(k) - v, per coordinate:
+
+        l2     e^2                                  (eq. 12 without the 1/2: the default)
+        lp     |e|^p                                 (p = 2 is l2)
+        huber  e^2 if |e| <= delta, else 2 delta |e| - delta^2   (2x the usual Huber: a large
+                                                     delta is l2, and it stays C^1 at |e| = delta)
+        dot    -<f_W(k), v>                          (linear attention's bias: with a linear
+                                                     memory and no decay, M_t = M_{t-1} + theta k^T v)
+
+    `grad` is d l / d f_W(k), the delta the inner backward starts from; `jacobians` are its
+    derivatives by f_W(k) and by v (diagonal: per coordinate), which the hand-written outer
+    backward needs."""
+
+    kind: Literal["l2", "lp", "huber", "dot"] = "l2"
+    p: float = 2.0
+    delta: float = 1.0
+
+    def loss(self, pred: Tensor, v: Tensor) -> Tensor:
+        if self.kind == "dot":
+            return -(pred * v).sum(-1)
+        e = pred - v
+        if self.kind == "lp":
+            return e.abs().pow(self.p).sum(-1)
+        if self.kind == "huber":
+            a = e.abs()
+            return torch.where(a <= self.delta, e * e, 2 * self.delta * a - self.delta**2).sum(-1)
+        return e.pow(2).sum(-1)
+
+    def grad(self, pred: Tensor, v: Tensor) -> Tensor:
+        if self.kind == "dot":
+            return -v
+        e = pred - v
+        if self.kind == "lp":
+            return self.p * e.abs().pow(self.p - 1) * e.sign()
+        if self.kind == "huber":
+            return 2 * e.clamp(-self.delta, self.delta)
+        return 2 * e
+
+    def jacobians(self, pred: Tensor, v: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(d grad / d pred, d grad / d v), per coordinate."""
+        if self.kind == "dot":
+            return 0.0, -1.0
+        if self.kind == "l2":
+            return 2.0, -2.0
+        e = pred - v
+        if self.kind == "lp":
+            slope = self.p * (self.p - 1) * e.abs().pow(self.p - 2) if self.p != 1 else torch.zeros_like(e)
+        else:
+            slope = 2.0 * (e.abs() <= self.delta).to(e.dtype)
+        return slope, -slope
+
+
+@dataclass(frozen=True)
 class MemoryModel:
     """The memory's fixed (outer) structure around its fast weights: how f_W is evaluated
     (activation between layers, optionally `x + LN(f(x))`: residual and/or LayerNorm with
@@ -52,6 +107,7 @@ class MemoryModel:
         M_t = (1 - alpha_t) M_{t-1} + alpha_t P + S_t,  i.e. eq. 13 for the deviation M_t - P.
 
     step_cap: c of the per-token step cap (package docstring; None: no cap).
+    objective: the inner loss (`Objective`; l2 by default).
     """
 
     activation: Activation = "gelu"
@@ -60,6 +116,7 @@ class MemoryModel:
     eps: float = 1e-5
     prior: Weights | None = None
     step_cap: float | None = None
+    objective: Objective = Objective()
 
     def to(self, dtype: torch.dtype) -> MemoryModel:
         """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
@@ -170,6 +227,7 @@ class Keys(NamedTuple):
     deltas: list[Tensor]
     carried: list[Tensor]  # deltas[l + 1] W_{l+1}^T, before act'(z_l): what the outer backward needs
     r: Tensor | None  # (B, c, 1) the cap's scale; None without a cap
+    jacobians: tuple[Tensor | float, Tensor | float]  # the objective's d delta / d pred, d delta / d v
     q_inputs: list[Tensor]  # the queries riding along: their input and pre-activation per layer
     q_pre: list[Tensor]
     q_out: Tensor | None
@@ -200,8 +258,7 @@ def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm,
         if i < depth - 1:
             x = act(model.activation, z)
     pred, cache = finish(k, pre[-1], model, norm)
-    error = pred - v
-    delta = 2 * error  # eq. 12 without the 1/2
+    delta = model.objective.grad(pred, v)  # eq. 12's gradient (l2: 2 (pred - v))
     if cache is not None:
         delta = ln_backward(delta, *cache, norm[0])
     deltas, carried = [delta], []
@@ -211,10 +268,11 @@ def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm,
     r = None
     if model.step_cap is not None and theta is not None:
         sq = [a.pow(2).sum(-1) * g.pow(2).sum(-1) for a, g in zip(inputs, deltas)]  # |grad_l l_j|^2
-        r = capped(model.step_cap, error.pow(2).sum(-1), sq, theta)[..., None]
+        r = capped(model.step_cap, model.objective.loss(pred, v), sq, theta)[..., None]
         deltas = [g * r for g in deltas]
         carried = [g * r for g in carried]
-    return Keys(inputs, pre, deltas, carried, r, q_inputs, q_pre, q_out)
+    jacobians = model.objective.jacobians(pred, v) if cache is None else (0.0, 0.0)  # LayerNorm: autograd
+    return Keys(inputs, pre, deltas, carried, r, jacobians, q_inputs, q_pre, q_out)
 
 
 def capped(cap: float, loss: Tensor, sq: list[Tensor], theta) -> Tensor:
@@ -284,14 +342,16 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
     return join(pk, k), join(pv, v), join(plr, lr), join(pm, momentum), join(pd, decay)
 
 
-def triton_reach(depth: int, norm: bool, granularity: str, read: str, dims: tuple[int, ...]) -> str | None:
+def triton_reach(
+    depth: int, norm: bool, granularity: str, read: str, dims: tuple[int, ...], objective: str = "l2"
+) -> str | None:
     """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
     and the hidden widths. The one statement of what the kernels cover: the spec refuses
     `backend: triton` with it, and the op picks its backend with it."""
-    if depth > 2 or norm or granularity != "token" or read != "after_update":
+    if depth > 2 or norm or granularity != "token" or read != "after_update" or objective != "l2":
         return (
             "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
-            "with granularity 'token' and read 'after_update'"
+            "with granularity 'token', read 'after_update' and the l2 objective"
         )
     if any(x < 16 or x & (x - 1) for x in dims):
         return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"

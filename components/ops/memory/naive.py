@@ -64,7 +64,7 @@ def naive_memory_update(
     def grads(ws: Weights, kt: Tensor, vt: Tensor, theta) -> Weights:
         """grad l_t at ws, times the step cap r_t when there is one (theta(i): layer i's step)."""
         ws = tuple(w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in ws)
-        losses = (f(ws, kt) - vt).pow(2).sum(-1)  # (b, h)
+        losses = model.objective.loss(f(ws, kt), vt)  # (b, h); autograd differentiates it
         u = torch.autograd.grad(losses.sum(), ws, create_graph=outer)
         if model.step_cap is None:
             return u

@@ -42,7 +42,7 @@ def chunk_surprise(
         while pos + chunk_size <= n:
             sl = slice(pos, pos + chunk_size)
             pred = forward(flat_weights(state.weights), flat(k[:, :, sl]), model, norm)
-            losses.append((pred - flat(v[:, :, sl])).pow(2).sum(-1).mean(-1))
+            losses.append(model.objective.loss(pred, flat(v[:, :, sl])).mean(-1))
             _, state = memory_update(
                 k[:, :, sl], k[:, :, sl], v[:, :, sl], cut(lr, sl), cut(momentum, sl), cut(decay, sl), state,
                 chunk_size=chunk_size, model=model, read=read, granularity=granularity,

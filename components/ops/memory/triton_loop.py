@@ -29,7 +29,8 @@ AUTO_MAX_TILE = 64 * 64
 def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
     """Why the kernels cannot run whole chunks q (B, K, c, d) from states M (None: they can)."""
     dims = (q.shape[-2], q.shape[-1], *(w.shape[-1] for w in M[:-1]))
-    return triton_reach(len(M), setting.model.norm is not None, "token", setting.read, dims)
+    model = setting.model
+    return triton_reach(len(M), model.norm is not None, "token", setting.read, dims, model.objective.kind)
 
 
 def chosen_by_auto(M: tuple[torch.Tensor, ...]) -> bool:
