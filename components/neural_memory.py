@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
+from components.feature_map import FeatureMapSpec
 from components.objective import L2ObjectiveSpec, ObjectiveSpec
 from components.ops.memory import (
     Granularity,
@@ -43,11 +44,11 @@ class LinearMemorySpec(Spec):
     def describe(self) -> str:
         return "linear"
 
-    def widths(self, head_dim: int) -> list[int]:
-        return [head_dim, head_dim]
+    def widths(self, head_dim: int, key_dim: int | None = None) -> list[int]:
+        return [key_dim or head_dim, head_dim]
 
-    def build(self, heads: int, head_dim: int) -> MemoryNet:
-        return MemoryNet(heads, self.widths(head_dim), activation="gelu", residual=False, norm=False)
+    def build(self, heads: int, head_dim: int, key_dim: int | None = None) -> MemoryNet:
+        return MemoryNet(heads, self.widths(head_dim, key_dim), activation="gelu", residual=False, norm=False)
 
 
 class MLPMemorySpec(Spec):
@@ -71,14 +72,14 @@ class MLPMemorySpec(Spec):
     def describe(self) -> str:
         return f"MLP of depth {self.depth} (expansion {self.expansion})"
 
-    def widths(self, head_dim: int) -> list[int]:
+    def widths(self, head_dim: int, key_dim: int | None = None) -> list[int]:
+        """Layer widths from the (feature-mapped) key width to the head dim of the values."""
         hidden = max(1, round(self.expansion * head_dim))
-        return [head_dim] + [hidden] * (self.depth - 1) + [head_dim]
+        return [key_dim or head_dim] + [hidden] * (self.depth - 1) + [head_dim]
 
-    def build(self, heads: int, head_dim: int) -> MemoryNet:
-        return MemoryNet(
-            heads, self.widths(head_dim), activation=self.activation, residual=self.residual, norm=self.norm
-        )
+    def build(self, heads: int, head_dim: int, key_dim: int | None = None) -> MemoryNet:
+        widths = self.widths(head_dim, key_dim)
+        return MemoryNet(heads, widths, activation=self.activation, residual=self.residual, norm=self.norm)
 
 
 MemoryModelSpec = Annotated[MLPMemorySpec | LinearMemorySpec, Field(discriminator="kind")]
@@ -161,6 +162,9 @@ class NeuralMemorySpec(Spec):
     """Short causal convolution after the q/k/v projections; null = off."""
     qk_norm: Literal["l2", "none"] = "l2"
     """Normalisation of queries and keys per head (l2 keeps the inner loop stable)."""
+    feature_map: FeatureMapSpec | None = None
+    """phi on queries and keys after their norm, the memory learning f(phi(k)) -> v (ATLAS's
+    polynomial features); null = identity."""
     v_norm: Literal["l2", "none"] = "l2"
     """Normalisation of the values per head: l2 puts the targets on the unit sphere with the keys,
     so the outer model cannot rescale the inner problem (a deep memory's curvature grows with
@@ -195,6 +199,11 @@ class NeuralMemorySpec(Spec):
                 "read",
                 "granularity 'chunk' needs read 'chunk_start' (an in-chunk read would see the chunk's future gates)",
             )
+        if self.feature_map is not None and self.model.kind == "mlp" and self.model.residual:
+            raise SpecRuleError(
+                "feature_map",
+                "feature-mapped keys are wider than the values: no residual x + f(x) (set model.residual: false)",
+            )
         if self.objective.kind == "dot" and self.lr.curvature_cap is not None:
             raise SpecRuleError(
                 "lr.curvature_cap",
@@ -202,16 +211,19 @@ class NeuralMemorySpec(Spec):
                 " (set lr.curvature_cap: null)",
             )
         if self.backend == "triton":
-            m, widths = self.model, self.model.widths(dim // h)
+            m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
             reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
 
+    def _key_dim(self, head_dim: int) -> int | None:
+        return self.feature_map.features(head_dim) if self.feature_map is not None else None
+
     def build(self, dim: int, heads: int) -> NeuralMemory:
         h = self.heads or heads
-        net = self.model.build(h, dim // h)
+        net = self.model.build(h, dim // h, self._key_dim(dim // h))
         gates = Gates(
             dim,
             h,
@@ -230,6 +242,7 @@ class NeuralMemorySpec(Spec):
             qk_norm=self.qk_norm == "l2",
             v_norm=self.v_norm == "l2",
             out_gate=OutputGate(dim, h, self.gate.activation) if self.gate is not None else None,
+            feature_map=self.feature_map.build(dim // h) if self.feature_map is not None else None,
             rule=UpdateRule(
                 self.chunk_size,
                 self.read,
@@ -396,13 +409,14 @@ class NeuralMemory(nn.Module):
         v_norm: bool,
         out_gate: OutputGate | None,
         rule: UpdateRule,
+        feature_map: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.heads, self.qk_norm, self.v_norm, self.rule = heads, qk_norm, v_norm, rule
         self.compiled = False  # run the chunk step through torch.compile: see compile_memory()
         self.update = memory_update  # the op; benchmarks swap in naive_memory_update
         self.health: list[MemoryHealth] | None = None  # a list while `recording`: one entry per forward
-        self.net, self.gates, self.conv, self.out_gate = net, gates, conv, out_gate
+        self.net, self.gates, self.conv, self.out_gate, self.feature_map = net, gates, conv, out_gate, feature_map
         self.dim = dim
         self.qkv = QKVProjection(dim)
         self.out = nn.Linear(dim, dim, bias=False)
@@ -421,6 +435,8 @@ class NeuralMemory(nn.Module):
         q, k, v = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         if self.qk_norm:  # Titans §4.4: l2-normalised queries and keys
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.feature_map is not None:  # ATLAS: the memory learns f(phi(k)) -> v
+            q, k = self.feature_map(q), self.feature_map(k)
         if self.v_norm:
             v = F.normalize(v, dim=-1)
         lr, momentum, decay = self.gates(x)
@@ -482,6 +498,8 @@ class NeuralMemory(nn.Module):
         q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
+        if self.feature_map is not None:
+            q = self.feature_map(q)
         model, (q,) = in_state_dtype(weights[0].dtype, self.memory_model(), q)
         return self.readout(memory_read(q, weights, model).to(x.dtype), x), conv_state
 

@@ -100,6 +100,7 @@ def test_tiny_model_learns(kind):
 
 def _memory_options() -> dict[str, list[str]]:
     """Every non-default choice of the memory's design axes (MIRAS), as overrides of a tiny preset."""
+    from components.feature_map import FeatureMapSpec
     from components.objective import ObjectiveSpec
 
     options = {}
@@ -107,6 +108,8 @@ def _memory_options() -> dict[str, list[str]]:
         if kind != "l2":  # the default: every other test runs it
             cap = ["block.memory.lr.curvature_cap=null"] if kind == "dot" else []  # dot refuses the cap
             options[f"objective {kind}"] = [f"block.memory.objective.kind={kind}", *cap]
+    for kind in union_members(FeatureMapSpec):  # identity (null) is the default
+        options[f"feature map {kind}"] = [f"block.memory.feature_map.kind={kind}"]
     return options
 
 

@@ -423,3 +423,43 @@ def test_every_objective_fast_equals_naive_float64(name, base):
     for a, b in zip(g, g0):
         if a is not None:
             assert_rel_close(a, b, 1e-9, "gradient")
+
+
+@pytest.mark.parametrize(
+    "depth, norm, read", [(1, False, "after_update"), (2, False, "after_update"), (2, True, "chunk_start")]
+)
+def test_keys_wider_than_values_fast_equals_naive_float64(depth, norm, read):
+    """Feature-mapped keys (ATLAS's polynomial features) are wider than the values: the memory
+    maps d_k = 11 to d_v = 8; fast == naive, streamed in ragged pieces too."""
+    g = torch.Generator().manual_seed(5)
+    b, h, n, dk, dv = 2, 2, 23, 11, 8
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=torch.float64)).requires_grad_()  # noqa: E731
+    q, k, v = rnd(b, h, n, dk, scale=0.3), rnd(b, h, n, dk, scale=0.3), rnd(b, h, n, dv)
+    widths = [dk] + [16] * (depth - 1) + [dv]
+    weights = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:]))
+    lr = (0.2 * torch.rand(b, h, n, generator=g, dtype=torch.float64)).requires_grad_()
+    mom, dec = (0.5 * torch.rand(b, h, n, generator=g, dtype=torch.float64) for _ in range(2))
+    gain_bias = (rnd(h, dv, scale=0.1) + 1, rnd(h, dv, scale=0.1)) if norm else None
+    model = MemoryModel("gelu", False, gain_bias, step_cap=0.5)
+    leaves = [q, k, v, lr, *weights]
+    results = []
+    for fn in (memory_update, naive_memory_update):
+        state = init_memory_state(weights, b, True)
+        y, state = fn(q, k, v, lr, mom, dec, state, chunk_size=5, model=model, read=read)
+        assert y.shape == (b, h, n, dv)
+        grads = torch.autograd.grad((y * y).sum() + sum((w * w).sum() for w in state.weights), leaves)
+        results.append((y, state, grads))
+    (y, s, gr), (y0, s0, gr0) = results
+    assert_rel_close(y, y0, 1e-9, "outputs")
+    for a, c in zip((*s.weights, *gr), (*s0.weights, *gr0)):
+        assert_rel_close(a, c, 1e-9, "state or gradient")
+    state, outs, pos = init_memory_state(weights, b, True), [], 0
+    with torch.no_grad():
+        for size in [0, 3, 9, 1, 10]:
+            sl = slice(pos, pos + size)
+            part, state = memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], mom[:, :, sl],
+                                        dec[:, :, sl], state, chunk_size=5, model=model, read=read)  # fmt: skip
+            assert part.shape == (b, h, size, dv)
+            outs.append(part)
+            pos += size
+    assert_rel_close(torch.cat(outs, 2), y.detach(), 1e-10, "streamed")

@@ -185,3 +185,28 @@ def test_objective_combinations_the_memory_cannot_run_are_refused_at_validation(
     with pytest.raises(SpecError) as e:
         load_spec("lmm-tiny", overrides)
     assert e.value.path == path and all(w in e.value.reason for w in words), e.value.reason
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_polynomial_features_are_the_polynomial_kernel(degree, float64):
+    """<phi(x), phi(y)> = sum_{j <= p} (x . y)^j, with C(d + p, p) features."""
+    import math
+
+    from components.feature_map import PolynomialFeaturesSpec
+
+    spec = PolynomialFeaturesSpec(degree=degree)
+    phi = spec.build(6)
+    x, y = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    assert phi(x).shape == (3, 4, spec.features(6)) == (3, 4, math.comb(6 + degree, degree))
+    kernel = sum((x * y).sum(-1) ** j for j in range(degree + 1))
+    torch.testing.assert_close((phi(x) * phi(y)).sum(-1), kernel, atol=1e-12, rtol=0)
+
+
+def test_feature_mapped_keys_widen_the_memory_and_refuse_a_residual():
+    from titans_nas.config import SpecError, load_spec
+
+    mem = layer(feature_map={"kind": "polynomial", "degree": 2})
+    assert mem.net.initial[0].shape == (2, 45, 32) and mem.net.initial[-1].shape[-1] == 8  # C(8 + 2, 2) = 45
+    with pytest.raises(SpecError) as e:
+        load_spec("lmm-tiny", ["block.memory.feature_map.kind=polynomial", "block.memory.model.residual=true"])
+    assert e.value.path == "block.memory.feature_map" and "residual" in e.value.reason

@@ -54,8 +54,9 @@ class ChunkLoop(torch.autograd.Function):
         depth, has_S = len(M), S is not None
         P = setting.prior or ()
         out = ChunkLoop.apply(setting, depth, has_S, q, k, v, *co, *M, *(S or ()), *P)
-        B, K, c, d = q.shape
-        return out[0].reshape(B, K * c, d), tuple(out[1 : 1 + depth]), tuple(out[1 + depth :]) if has_S else None
+        B, K, c, _ = q.shape
+        y = out[0].reshape(B, K * c, v.shape[-1])  # reads have the values' width (keys may be wider)
+        return y, tuple(out[1 : 1 + depth]), tuple(out[1 + depth :]) if has_S else None
 
     @staticmethod
     def forward(ctx, setting, depth, has_S, q, k, v, *tensors):

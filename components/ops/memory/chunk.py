@@ -100,4 +100,4 @@ def memory_update_chunkwise(
     if left:
         tail = lambda t: None if t is None else t[:, :, total - left :]  # noqa: E731
         pending = (tail(k), tail(v), tail(lr), tail(momentum), tail(decay))
-    return unflat_outputs(outs, q), MemoryState(unflat_weights(W, b), unflat_weights(S, b), None, left, pending)
+    return unflat_outputs(outs, q, v), MemoryState(unflat_weights(W, b), unflat_weights(S, b), None, left, pending)

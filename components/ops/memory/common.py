@@ -312,8 +312,9 @@ def unflat_weights(ws: Weights | None, b: int) -> Weights | None:
     return None if ws is None else tuple(rearrange(w, "(b h) i o -> b h i o", b=b) for w in ws)
 
 
-def unflat_outputs(outs: list[Tensor], q: Tensor) -> Tensor:
-    b, d = q.shape[0], q.shape[-1]
+def unflat_outputs(outs: list[Tensor], q: Tensor, v: Tensor) -> Tensor:
+    """Reads per chunk (B, c, d_v) -> (b, h, n, d_v); q (b, h, n, d_k) and v give the shapes."""
+    b, d = q.shape[0], v.shape[-1]
     out = torch.cat(outs, 1) if outs else q.new_zeros(b * q.shape[1], 0, d)
     return rearrange(out, "(b h) n d -> b h n d", b=b)
 

@@ -56,7 +56,7 @@ def naive_memory_update(
             if i < len(ws) - 1:
                 y = act(model.activation, y)
         if model.norm is not None:
-            y = F.layer_norm(y, (d,), eps=model.eps) * model.norm[0] + model.norm[1]
+            y = F.layer_norm(y, y.shape[-1:], eps=model.eps) * model.norm[0] + model.norm[1]
         return x + y if model.residual else y
 
     outer = torch.is_grad_enabled()  # build the graph through the inner gradients only if needed
@@ -105,7 +105,7 @@ def naive_memory_update(
         if left:
             tail = lambda t: None if t is None else t[:, :, r + n - left :]  # noqa: E731
             pending = (tail(k), tail(v), tail(lr), tail(momentum), tail(decay))
-        out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, d)
+        out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
         return out, MemoryState(W, S, None, left, pending)
 
     anchor = state.anchor if state.anchor is not None else W
@@ -129,5 +129,5 @@ def naive_memory_update(
         W, S = tuple(new_W), tuple(new_S) if S is not None else None
         outs.append(f(anchor if read == "chunk_start" else W, q[:, :, t]))
         offset = (offset + 1) % chunk_size
-    out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, d)
+    out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
     return out, MemoryState(W, S, anchor if offset else None, offset)

@@ -132,7 +132,7 @@ def memory_update(
     new_state = MemoryState(
         unflat_weights(M, b), unflat_weights(S, b), unflat_weights(anchor, b) if offset else None, offset
     )
-    return unflat_outputs(outs, q), new_state
+    return unflat_outputs(outs, q, v), new_state
 
 
 def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):

@@ -1,0 +1,58 @@
+"""Feature maps on the memory's keys and queries (ATLAS, Behrouz et al., arXiv 2505.23735, §3.2):
+the memory learns f(phi(k)) -> v, and reads f(phi(q)). A richer phi raises what a memory of a
+given size can store (for a matrix memory, from O(d) independent pairs to O(d^p): ATLAS Prop. 2).
+Letters: b batch, h heads, n tokens, d head dim, D = C(d + p, p) features."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from components.base import Spec
+
+
+class PolynomialFeaturesSpec(Spec):
+    """phi_p(x) = [c_beta x^beta] over every monomial of degree <= p (the constant included), with
+    c_beta the square root of its multinomial coefficient, so that <phi(x), phi(y)> =
+    sum_{j <= p} (x . y)^j: the polynomial kernel. D = C(d + p, p) features per head (d = 16:
+    153 at p = 2, 969 at p = 3), so the memory's first layer grows to D rows."""
+
+    kind: Literal["polynomial"] = "polynomial"
+    degree: int = Field(2, ge=1, le=4)
+    """p, the largest degree."""
+
+    def features(self, head_dim: int) -> int:
+        return math.comb(head_dim + self.degree, self.degree)
+
+    def build(self, head_dim: int) -> PolynomialFeatures:
+        return PolynomialFeatures(head_dim, self.degree)
+
+
+FeatureMapSpec = Annotated[PolynomialFeaturesSpec, Field(discriminator="kind")]
+
+
+class PolynomialFeatures(nn.Module):
+    """(..., d) -> (..., D). Each feature is a product of p entries of [1, x_1, .., x_d] (index 0
+    is the constant): the multisets of size p of those d + 1 entries are exactly the monomials
+    of degree <= p."""
+
+    def __init__(self, head_dim: int, degree: int) -> None:
+        super().__init__()
+        combos = list(itertools.combinations_with_replacement(range(head_dim + 1), degree))
+        index = torch.tensor(combos, dtype=torch.long)  # (D, p)
+        scale = []
+        for combo in combos:  # multinomial coefficient of the monomial's degree j over its exponents
+            counts = [combo.count(i) for i in set(combo) if i]
+            j = sum(counts)
+            scale.append(math.factorial(j) / math.prod(math.factorial(c) for c in counts))
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64).sqrt(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padded = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # (..., d + 1)
+        return padded[..., self.index].prod(-1) * self.scale.to(x.dtype)
