@@ -177,23 +177,27 @@ def test_the_step_cap_bites_and_an_infinite_cap_is_off(name):
     assert torch.equal(huge, off)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_fast_equals_naive_float64(name):
-    case = CASES[name]
+def assert_fast_equals_naive(case: Case, rtol: float = 1e-9) -> None:
+    """Outputs, final state (weights, momentum, offset) and every input's gradient, float64."""
     inputs, weights, model, leaves = make(case)
     y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
     y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
-    assert_rel_close(y, y0, 1e-9, "outputs")
+    assert_rel_close(y, y0, rtol, "outputs")
     for a, b in zip(s.weights, s0.weights):
-        assert_rel_close(a, b, 1e-9, "final weights")
+        assert_rel_close(a, b, rtol, "final weights")
     if case.momentum:
         for a, b in zip(s.momentum, s0.momentum):
-            assert_rel_close(a, b, 1e-9, "final momentum")
+            assert_rel_close(a, b, rtol, "final momentum")
     assert s.offset == s0.offset == case.n % case.chunk
     for leaf, a, b in zip(leaves, g, g0):
         assert (a is None) == (b is None)
         if a is not None:
-            assert_rel_close(a, b, 1e-9, f"gradient of a {tuple(leaf.shape)} input")
+            assert_rel_close(a, b, rtol, f"gradient of a {tuple(leaf.shape)} input")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_equals_naive_float64(name):
+    assert_fast_equals_naive(CASES[name])
 
 
 @pytest.mark.parametrize(
@@ -413,16 +417,7 @@ def test_every_objective_fast_equals_naive_float64(name, base):
 
     objective = _objectives()[name]
     cap = None if objective.kind == "dot" else CASES[base].cap  # the cap needs a loss >= 0
-    case = dataclasses.replace(CASES[base], objective=objective, cap=cap)
-    inputs, weights, model, leaves = make(case)
-    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
-    y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
-    assert_rel_close(y, y0, 1e-9, "outputs")
-    for a, b in zip(s.weights, s0.weights):
-        assert_rel_close(a, b, 1e-9, "final weights")
-    for a, b in zip(g, g0):
-        if a is not None:
-            assert_rel_close(a, b, 1e-9, "gradient")
+    assert_fast_equals_naive(dataclasses.replace(CASES[base], objective=objective, cap=cap))
 
 
 @pytest.mark.parametrize(
