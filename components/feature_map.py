@@ -33,15 +33,32 @@ class PolynomialFeaturesSpec(Spec):
         return PolynomialFeatures(head_dim, self.degree)
 
 
-FeatureMapSpec = Annotated[PolynomialFeaturesSpec, Field(discriminator="kind")]
+class ExponentialFeaturesSpec(Spec):
+    """ATLAS's phi* (the exponential kernel's features), truncated at degree p: the polynomial
+    features with each degree-j monomial also divided by sqrt(j!), so that <phi(x), phi(y)> =
+    sum_{j <= p} (x . y)^j / j!, the Taylor polynomial of exp(x . y). A dot-objective memory over
+    it is DeepTransformers' unnormalised softmax attention, to that order (ATLAS eqs. 22-26)."""
+
+    kind: Literal["exponential"] = "exponential"
+    degree: int = Field(2, ge=1, le=4)
+    """p, where the Taylor series of exp is cut."""
+
+    def features(self, head_dim: int) -> int:
+        return math.comb(head_dim + self.degree, self.degree)
+
+    def build(self, head_dim: int) -> PolynomialFeatures:
+        return PolynomialFeatures(head_dim, self.degree, exponential=True)
+
+
+FeatureMapSpec = Annotated[PolynomialFeaturesSpec | ExponentialFeaturesSpec, Field(discriminator="kind")]
 
 
 class PolynomialFeatures(nn.Module):
     """(..., d) -> (..., D). Each feature is a product of p entries of [1, x_1, .., x_d] (index 0
     is the constant): the multisets of size p of those d + 1 entries are exactly the monomials
-    of degree <= p."""
+    of degree <= p. `exponential`: a degree-j monomial is also divided by sqrt(j!)."""
 
-    def __init__(self, head_dim: int, degree: int) -> None:
+    def __init__(self, head_dim: int, degree: int, exponential: bool = False) -> None:
         super().__init__()
         combos = list(itertools.combinations_with_replacement(range(head_dim + 1), degree))
         index = torch.tensor(combos, dtype=torch.long)  # (D, p)
@@ -49,7 +66,8 @@ class PolynomialFeatures(nn.Module):
         for combo in combos:  # multinomial coefficient of the monomial's degree j over its exponents
             counts = [combo.count(i) for i in set(combo) if i]
             j = sum(counts)
-            scale.append(math.factorial(j) / math.prod(math.factorial(c) for c in counts))
+            weight = math.factorial(j) / math.prod(math.factorial(c) for c in counts)
+            scale.append(weight / math.factorial(j) if exponential else weight)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64).sqrt(), persistent=False)
 

@@ -187,18 +187,22 @@ def test_objective_combinations_the_memory_cannot_run_are_refused_at_validation(
     assert e.value.path == path and all(w in e.value.reason for w in words), e.value.reason
 
 
+@pytest.mark.parametrize("kind", ["polynomial", "exponential"])
 @pytest.mark.parametrize("degree", [1, 2, 3])
-def test_polynomial_features_are_the_polynomial_kernel(degree, float64):
-    """<phi(x), phi(y)> = sum_{j <= p} (x . y)^j, with C(d + p, p) features."""
+def test_feature_maps_are_their_kernels(kind, degree, float64):
+    """<phi(x), phi(y)> = sum_{j <= p} (x . y)^j (polynomial) or sum_{j <= p} (x . y)^j / j!
+    (exponential: exp's Taylor polynomial), with C(d + p, p) features."""
     import math
 
-    from components.feature_map import PolynomialFeaturesSpec
+    from components.feature_map import FeatureMapSpec
+    from titans_nas.config import union_members
 
-    spec = PolynomialFeaturesSpec(degree=degree)
+    spec = union_members(FeatureMapSpec)[kind](degree=degree)
     phi = spec.build(6)
     x, y = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
     assert phi(x).shape == (3, 4, spec.features(6)) == (3, 4, math.comb(6 + degree, degree))
-    kernel = sum((x * y).sum(-1) ** j for j in range(degree + 1))
+    weight = (lambda j: 1 / math.factorial(j)) if kind == "exponential" else (lambda j: 1.0)
+    kernel = sum(weight(j) * (x * y).sum(-1) ** j for j in range(degree + 1))
     torch.testing.assert_close((phi(x) * phi(y)).sum(-1), kernel, atol=1e-12, rtol=0)
 
 
