@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -16,38 +16,38 @@ from torch import Tensor, nn
 from components.base import Spec
 
 
-class PolynomialFeaturesSpec(Spec):
-    """phi_p(x) = [c_beta x^beta] over every monomial of degree <= p (the constant included), with
-    c_beta the square root of its multinomial coefficient, so that <phi(x), phi(y)> =
-    sum_{j <= p} (x . y)^j: the polynomial kernel. D = C(d + p, p) features per head (d = 16:
-    153 at p = 2, 969 at p = 3), so the memory's first layer grows to D rows."""
+class _MonomialFeaturesSpec(Spec):
+    """Every monomial of degree <= p of the head's d entries (the constant included): D = C(d + p, p)
+    features per head (d = 16: 153 at p = 2, 969 at p = 3), so the memory's first layer grows to
+    D rows. The kinds differ in the monomials' weights."""
 
-    kind: Literal["polynomial"] = "polynomial"
     degree: int = Field(2, ge=1, le=4)
     """p, the largest degree."""
+    exponential: ClassVar[bool] = False
 
     def features(self, head_dim: int) -> int:
         return math.comb(head_dim + self.degree, self.degree)
 
     def build(self, head_dim: int) -> PolynomialFeatures:
-        return PolynomialFeatures(head_dim, self.degree)
+        return PolynomialFeatures(head_dim, self.degree, self.exponential)
 
 
-class ExponentialFeaturesSpec(Spec):
+class PolynomialFeaturesSpec(_MonomialFeaturesSpec):
+    """phi_p(x) = [c_beta x^beta] over the monomials of degree <= p, c_beta the square root of its
+    multinomial coefficient, so that <phi(x), phi(y)> = sum_{j <= p} (x . y)^j: the polynomial
+    kernel (ATLAS's phi_p)."""
+
+    kind: Literal["polynomial"] = "polynomial"
+
+
+class ExponentialFeaturesSpec(_MonomialFeaturesSpec):
     """ATLAS's phi* (the exponential kernel's features), truncated at degree p: the polynomial
     features with each degree-j monomial also divided by sqrt(j!), so that <phi(x), phi(y)> =
     sum_{j <= p} (x . y)^j / j!, the Taylor polynomial of exp(x . y). A dot-objective memory over
     it is DeepTransformers' unnormalised softmax attention, to that order (ATLAS eqs. 22-26)."""
 
     kind: Literal["exponential"] = "exponential"
-    degree: int = Field(2, ge=1, le=4)
-    """p, where the Taylor series of exp is cut."""
-
-    def features(self, head_dim: int) -> int:
-        return math.comb(head_dim + self.degree, self.degree)
-
-    def build(self, head_dim: int) -> PolynomialFeatures:
-        return PolynomialFeatures(head_dim, self.degree, exponential=True)
+    exponential: ClassVar[bool] = True
 
 
 FeatureMapSpec = Annotated[PolynomialFeaturesSpec | ExponentialFeaturesSpec, Field(discriminator="kind")]

@@ -276,12 +276,9 @@ class MemoryNet(nn.Module):
         self.gain = nn.Parameter(torch.full((heads, widths[-1]), widths[-1] ** -0.5)) if norm else None
         self.bias = nn.Parameter(torch.zeros(heads, widths[-1])) if norm else None
 
-    def model(
-        self, forget_to_prior: bool = False, step_cap: float | None = None, objective: Objective | None = None
-    ) -> MemoryModel:
+    def model(self, forget_to_prior: bool, step_cap: float | None, objective: Objective) -> MemoryModel:
         norm = (self.gain, self.bias) if self.gain is not None else None
         prior = tuple(self.initial) if forget_to_prior else None
-        objective = objective or Objective()
         return MemoryModel(self.activation, self.residual, norm, prior=prior, step_cap=step_cap, objective=objective)
 
 

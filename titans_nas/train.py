@@ -396,15 +396,16 @@ def train_step(
     with _autocast(device):
         logits, _ = model(inputs)
     loss = loss_fn(logits, targets)
-    if not math.isfinite(loss.item()):
-        return loss.item(), math.nan, {}
+    value = loss.item()  # one device sync for the loss
+    if not math.isfinite(value):
+        return value, math.nan, {}
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norms = _block_grad_norms(model) if block_norms else {}  # before clipping rescales them
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")))
     if math.isfinite(gnorm):
         opt.step()
-    return loss.item(), gnorm, norms
+    return value, gnorm, norms
 
 
 def evaluation_record(

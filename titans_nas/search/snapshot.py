@@ -32,10 +32,11 @@ def reconcile(experiment: Path) -> list[str]:
     trial_list = _newest(experiment, "experiment_state-*.json")
     if trial_list is None:
         return []
-    trials = [json.loads(state) for state, _ in json.loads(trial_list.read_text())["trial_data"]]
+    saved = json.loads(trial_list.read_text())
+    trials = [json.loads(state) for state, _ in saved["trial_data"]]
     ids = [t["trial_id"] for t in trials]
     live = {t["trial_id"] for t in trials if t["status"] in UNFINISHED}
-    changed = _checkpoints(trial_list, live)
+    changed = _checkpoints(trial_list, saved, live)
     if (path := _newest(experiment, "search_gen_state-*.json")) is not None:
         changed += _search_generator(path, len(ids), live)
         if (searcher := _newest(experiment, "searcher-state-*.pkl")) is not None:
@@ -66,11 +67,12 @@ def _save(path: Path, state: Any) -> None:
     tmp.replace(path)
 
 
-def _checkpoints(trial_list: Path, live: set[str]) -> list[str]:
-    """An unfinished trial whose recorded checkpoint is no longer on disk restarts without one."""
+def _checkpoints(trial_list: Path, state: dict[str, Any], live: set[str]) -> list[str]:
+    """An unfinished trial whose recorded checkpoint is no longer on disk restarts without one
+    (`state`: the trial list as read; rewritten in place when a reference is dropped)."""
     from ray.tune.utils.serialization import TuneFunctionDecoder, TuneFunctionEncoder
 
-    state, changed = json.loads(trial_list.read_text()), []
+    changed = []
     for entry in state["trial_data"]:  # pickled parts: the same trust as Tune's own restore of this file
         trial, metadata = json.loads(entry[0]), json.loads(entry[1], cls=TuneFunctionDecoder, allow_cloudpickle=True)
         manager = metadata["checkpoint_manager"]

@@ -54,47 +54,45 @@ class Objective:
         dot    -<f_W(k), v>                          (linear attention's bias: with a linear
                                                      memory and no decay, M_t = M_{t-1} + theta k^T v)
 
-    `grad` is d l / d f_W(k), the delta the inner backward starts from; `jacobians` are its
-    derivatives by f_W(k) and by v (diagonal: per coordinate), which the hand-written outer
-    backward needs."""
+    `terms` gives, from one error, d l / d f_W(k) (the delta the inner backward starts from),
+    the loss (for the step cap) and the gradient's derivatives by f_W(k) and by v (diagonal:
+    per coordinate), which the hand-written outer backward needs; `loss`, `grad` and
+    `jacobians` are each of them alone."""
 
     kind: Literal["l2", "lp", "huber", "dot"] = "l2"
     p: float = 2.0
     delta: float = 1.0
 
-    def loss(self, pred: Tensor, v: Tensor) -> Tensor:
+    def terms(
+        self, pred: Tensor, v: Tensor, loss: bool = False, jacobians: bool = False
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | float, Tensor | float] | None]:
+        """(d l / d pred, the loss per token if asked, the jacobians (d grad / d pred, d grad / d v)
+        per coordinate if asked), from one error e = pred - v: the inner backward takes all three
+        at once on the hot path."""
         if self.kind == "dot":
-            return -(pred * v).sum(-1)
+            return -v, (-(pred * v).sum(-1) if loss else None), ((0.0, -1.0) if jacobians else None)
         e = pred - v
+        a = e.abs() if self.kind != "l2" else None
         if self.kind == "lp":
-            return e.abs().pow(self.p).sum(-1)
-        if self.kind == "huber":
-            a = e.abs()
-            return torch.where(a <= self.delta, e * e, 2 * self.delta * a - self.delta**2).sum(-1)
-        return e.pow(2).sum(-1)
+            grad = self.p * a.pow(self.p - 1) * e.sign()
+            value = a.pow(self.p).sum(-1) if loss else None
+            slope = (self.p * (self.p - 1) * a.pow(self.p - 2) if self.p != 1 else 0.0) if jacobians else None
+        elif self.kind == "huber":
+            grad = 2 * e.clamp(-self.delta, self.delta)
+            value = torch.where(a <= self.delta, e * e, 2 * self.delta * a - self.delta**2).sum(-1) if loss else None
+            slope = 2.0 * (a <= self.delta).to(e.dtype) if jacobians else None
+        else:
+            grad, value, slope = 2 * e, e.pow(2).sum(-1) if loss else None, 2.0
+        return grad, value, ((slope, -slope) if jacobians else None)
+
+    def loss(self, pred: Tensor, v: Tensor) -> Tensor:
+        return self.terms(pred, v, loss=True)[1]
 
     def grad(self, pred: Tensor, v: Tensor) -> Tensor:
-        if self.kind == "dot":
-            return -v
-        e = pred - v
-        if self.kind == "lp":
-            return self.p * e.abs().pow(self.p - 1) * e.sign()
-        if self.kind == "huber":
-            return 2 * e.clamp(-self.delta, self.delta)
-        return 2 * e
+        return self.terms(pred, v)[0]
 
     def jacobians(self, pred: Tensor, v: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """(d grad / d pred, d grad / d v), per coordinate."""
-        if self.kind == "dot":
-            return 0.0, -1.0
-        if self.kind == "l2":
-            return 2.0, -2.0
-        e = pred - v
-        if self.kind == "lp":
-            slope = self.p * (self.p - 1) * e.abs().pow(self.p - 2) if self.p != 1 else torch.zeros_like(e)
-        else:
-            slope = 2.0 * (e.abs() <= self.delta).to(e.dtype)
-        return slope, -slope
+        return self.terms(pred, v, jacobians=True)[2]
 
 
 @dataclass(frozen=True)
@@ -227,7 +225,7 @@ class Keys(NamedTuple):
     deltas: list[Tensor]
     carried: list[Tensor]  # deltas[l + 1] W_{l+1}^T, before act'(z_l): what the outer backward needs
     r: Tensor | None  # (B, c, 1) the cap's scale; None without a cap
-    jacobians: tuple[Tensor | float, Tensor | float]  # the objective's d delta / d pred, d delta / d v
+    jacobians: tuple[Tensor | float, Tensor | float] | None  # the objective's d delta / d pred, / d v (no LN)
     q_inputs: list[Tensor]  # the queries riding along: their input and pre-activation per layer
     q_pre: list[Tensor]
     q_out: Tensor | None
@@ -258,7 +256,10 @@ def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm,
         if i < depth - 1:
             x = act(model.activation, z)
     pred, cache = finish(k, pre[-1], model, norm)
-    delta = model.objective.grad(pred, v)  # eq. 12's gradient (l2: 2 (pred - v))
+    capping = model.step_cap is not None and theta is not None
+    # eq. 12's gradient (l2: 2 (pred - v)); the loss for the cap; the jacobians for the hand
+    # backward (a LayerNorm'd memory keeps autograd: none needed)
+    delta, loss, jacobians = model.objective.terms(pred, v, loss=capping, jacobians=cache is None)
     if cache is not None:
         delta = ln_backward(delta, *cache, norm[0])
     deltas, carried = [delta], []
@@ -266,12 +267,11 @@ def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm,
         carried.insert(0, deltas[0] @ ws[i].transpose(-1, -2))
         deltas.insert(0, act_backward(model.activation, carried[0], pre[i - 1]))
     r = None
-    if model.step_cap is not None and theta is not None:
+    if capping:
         sq = [a.pow(2).sum(-1) * g.pow(2).sum(-1) for a, g in zip(inputs, deltas)]  # |grad_l l_j|^2
-        r = capped(model.step_cap, model.objective.loss(pred, v), sq, theta)[..., None]
+        r = capped(model.step_cap, loss, sq, theta)[..., None]
         deltas = [g * r for g in deltas]
         carried = [g * r for g in carried]
-    jacobians = model.objective.jacobians(pred, v) if cache is None else (0.0, 0.0)  # LayerNorm: autograd
     return Keys(inputs, pre, deltas, carried, r, jacobians, q_inputs, q_pre, q_out)
 
 
