@@ -35,8 +35,10 @@ def test_resume_continues_exactly(tmp_path):
     straight = train(spec, task, cfg, tmp_path / "straight")
     first = train(spec, task, cfg, tmp_path / "resumed", stop_after=6)
     assert first.status == "stopped" and first.step == 6
-    second = train(spec, task, cfg, tmp_path / "resumed", resume=True)
+    logged = []
+    second = train(spec, task, cfg, tmp_path / "resumed", resume=True, on_log=lambda r: logged.append(r["step"]))
     assert second.status == "completed" and second.step == 12
+    assert min(logged) > 6  # continued from the checkpoint: no step of the first session trained again
     assert second.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-6, abs=1e-7)
     import json
 
@@ -175,3 +177,15 @@ def test_a_curriculum_that_cannot_apply_is_refused_with_its_path(tmp_path, curri
         with pytest.raises(SpecError) as err:
             load_study(write_study(tmp_path / str(i), **fields))
         assert err.value.path == prefix + path.removeprefix("train.") and reason in err.value.reason, str(err.value)
+
+
+def test_records_carry_the_measured_throughput(tmp_path):
+    """tokens/s (what studies and benchmarks compare) is measured, not a constant, in the train
+    and eval records and the result."""
+    cfg = TrainSpec(steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_batches=1, log_every=1)
+    result = train(load_spec("lmm-tiny"), CopySpec(length=8, symbols=8), cfg, tmp_path / "run")
+    import json
+
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "eval"}
+    assert all(r["tokens_per_s"] > 0 for r in records) and result.metrics["tokens_per_s"] > 0

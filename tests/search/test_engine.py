@@ -5,7 +5,7 @@ import json
 import optuna
 import pytest
 
-from tests.search.conftest import write_study
+from tests.search.conftest import TINY_TRAIN, write_study
 from titans_nas.evaluate import evaluate_task
 from titans_nas.export import export, load_export
 from titans_nas.search import engine
@@ -46,6 +46,9 @@ def test_search_with_a_conditional_space_and_asha(tmp_path):
     states = [t.state for t in optuna_trials(run)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == list(by_status.values()).count("completed")
     assert states.count(optuna.trial.TrialState.PRUNED) == list(by_status.values()).count("stopped early")
+    # ASHA's clock: evaluations done, counted from the step (a restarted trial keeps it)
+    summary = json.loads((run / "trials.json").read_text())
+    assert all(t["metrics"]["evals"] == t["metrics"]["step"] // TINY_TRAIN["eval_every"] for t in summary)
     text = report(run).read_text()
     assert "## Best" in text and (run / "trials.csv").is_file() and (run / "curves.png").is_file()
     assert "## Parameter importance" in text and (run / "importance.png").is_file()  # stopped trials count too
