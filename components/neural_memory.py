@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
 from components.feature_map import FeatureMapSpec
 from components.objective import L2ObjectiveSpec, ObjectiveSpec
+from components.omega import OmegaSpec
 from components.ops.memory import (
     Granularity,
     MemoryModel,
@@ -34,6 +35,7 @@ from components.ops.memory import (
     memory_update,
 )
 from components.ops.memory.common import Objective, in_state_dtype, triton_reach
+from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
 
 
 class LinearMemorySpec(Spec):
@@ -152,8 +154,14 @@ class NeuralMemorySpec(Spec):
     objective: ObjectiveSpec = L2ObjectiveSpec()
     """The inner loss each token's write descends (MIRAS's attentional bias): l2 (Titans), lp,
     huber or dot (linear attention's)."""
+    omega: OmegaSpec | None = None
+    """ATLAS's Omega rule: each write descends the gated losses of the last `window` tokens;
+    null = eq. 12 (the token's own loss)."""
     lr: LRSpec = LRSpec()
     """Inner learning rate theta."""
+    optimizer: InnerOptimizerSpec = GDOptimizerSpec()
+    """How a gradient becomes a write: gd (eqs. 13-14, Titans) or muon (its momentum
+    orthogonalised by Newton-Schulz steps, ATLAS)."""
     momentum: MomentumSpec | None = MomentumSpec()
     """Momentum (past surprise); null = off (eta = 0, no momentum state)."""
     decay: DecaySpec | None = DecaySpec()
@@ -186,9 +194,14 @@ class NeuralMemorySpec(Spec):
     >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
     torch otherwise."""
 
+    def window(self) -> int:
+        """The Omega rule's c (1 without it)."""
+        return self.omega.window if self.omega is not None else 1
+
     def theta_max(self) -> float:
-        """The inner step's bound: `lr.theta_max`, or 1 / chunk_size when that is null."""
-        return self.lr.theta_max if self.lr.theta_max is not None else 1.0 / self.chunk_size
+        """The inner step's bound: `lr.theta_max`, or 1 / (chunk_size c) when that is null (c the
+        Omega window: a chunk's c tokens each count up to c gradients at the same weights)."""
+        return self.lr.theta_max if self.lr.theta_max is not None else 1.0 / (self.chunk_size * self.window())
 
     def check(self, dim: int, heads: int) -> None:
         h = self.heads or heads
@@ -204,6 +217,14 @@ class NeuralMemorySpec(Spec):
                 "feature_map",
                 "feature-mapped keys are wider than the values: no residual x + f(x) (set model.residual: false)",
             )
+        if self.omega is not None and self.granularity == "chunk":
+            raise SpecRuleError("omega", "the Omega rule needs granularity 'token' (its windows are per token)")
+        if self.optimizer.kind == "muon" and self.lr.curvature_cap is not None:
+            raise SpecRuleError(
+                "lr.curvature_cap",
+                "Muon orthogonalises the momentum, so a cap that scales the gradient does not bound the step"
+                " (set lr.curvature_cap: null)",
+            )
         if self.objective.kind == "dot" and self.lr.curvature_cap is not None:
             raise SpecRuleError(
                 "lr.curvature_cap",
@@ -214,7 +235,8 @@ class NeuralMemorySpec(Spec):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
-            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind)
+            rule = (self.window(), self.optimizer.steps())
+            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, rule)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
 
@@ -232,6 +254,7 @@ class NeuralMemorySpec(Spec):
             theta_layers=len(net.initial) if self.lr.per_layer else 1,
             eta_init=self.momentum.init if self.momentum is not None else None,
             alpha_init=self.decay.init if self.decay is not None else None,
+            gamma_init=self.omega.gate_init if self.omega is not None and self.window() > 1 else None,
         )
         return NeuralMemory(
             dim,
@@ -251,8 +274,13 @@ class NeuralMemorySpec(Spec):
                 backend=self.backend,
                 forget_to_prior=self.decay is not None and self.decay.toward == "initial",
                 # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
-                step_cap=4.0 * self.lr.curvature_cap / self.chunk_size if self.lr.curvature_cap else None,
+                # (c = chunk_size times the Omega window: each row counts in that many writes)
+                step_cap=4.0 * self.lr.curvature_cap / (self.chunk_size * self.window())
+                if self.lr.curvature_cap
+                else None,
                 objective=self.objective.build(),
+                omega_window=self.window(),
+                muon_steps=self.optimizer.steps(),
             ),  # fmt: skip
         )
 
@@ -276,17 +304,30 @@ class MemoryNet(nn.Module):
         self.gain = nn.Parameter(torch.full((heads, widths[-1]), widths[-1] ** -0.5)) if norm else None
         self.bias = nn.Parameter(torch.zeros(heads, widths[-1])) if norm else None
 
-    def model(self, forget_to_prior: bool, step_cap: float | None, objective: Objective) -> MemoryModel:
+    def model(self, rule: UpdateRule) -> MemoryModel:
+        """The op's view of this memory under `rule` (its norm, prior, cap, objective, Omega window, optimiser)."""
         norm = (self.gain, self.bias) if self.gain is not None else None
-        prior = tuple(self.initial) if forget_to_prior else None
-        return MemoryModel(self.activation, self.residual, norm, prior=prior, step_cap=step_cap, objective=objective)
+        prior = tuple(self.initial) if rule.forget_to_prior else None
+        return MemoryModel(
+            self.activation, self.residual, norm, prior=prior, step_cap=rule.step_cap, objective=rule.objective,
+            omega_window=rule.omega_window, muon_steps=rule.muon_steps,
+        )  # fmt: skip
+
+
+class GateValues(NamedTuple):
+    """The gates of one forward: lr (b, h, n[, L]), momentum / decay / omega (b, h, n) or None."""
+
+    lr: Tensor
+    momentum: Tensor | None
+    decay: Tensor | None
+    omega: Tensor | None
 
 
 class Gates(nn.Module):
-    """theta, eta, alpha per token and head from the mixer input x (log-space friendly: the
-    op takes eta and alpha and works with log eta and log1p(-alpha)). Each gate starts at its
-    init value everywhere (zero weights, bias = logit(init)); eta_init / alpha_init None = that
-    gate is off."""
+    """theta, eta, alpha (and the Omega rule's gamma) per token and head from the mixer input x
+    (log-space friendly: the op takes eta and alpha and works with log eta and log1p(-alpha)).
+    Each gate starts at its init value everywhere (zero weights, bias = logit(init));
+    eta_init / alpha_init / gamma_init None = that gate is off."""
 
     def __init__(
         self,
@@ -298,27 +339,29 @@ class Gates(nn.Module):
         theta_layers: int,
         eta_init: float | None,
         alpha_init: float | None,
+        gamma_init: float | None = None,
     ) -> None:
         super().__init__()
         self.heads, self.theta_max = heads, theta_max
         self.theta_layers = theta_layers
         self.momentum, self.decay = eta_init is not None, alpha_init is not None
-        self.sizes = [heads * theta_layers, heads if self.momentum else 0, heads if self.decay else 0]
+        on = lambda init: heads if init is not None else 0  # noqa: E731
+        self.sizes = [heads * theta_layers, on(eta_init), on(alpha_init), on(gamma_init)]
         self.proj = nn.Linear(dim, sum(self.sizes))
         nn.init.zeros_(self.proj.weight)
-        inits = [theta_init, eta_init or 0.5, alpha_init or 0.5]
+        inits = [theta_init, eta_init or 0.5, alpha_init or 0.5, gamma_init or 0.5]
         with torch.no_grad():
             self.proj.bias.copy_(
                 torch.cat([torch.full((s,), math.log(p / (1 - p))) for s, p in zip(self.sizes, inits)])
             )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x (b, n, dim) -> lr (b, h, n[, L]), momentum (b, h, n) | None, decay (b, h, n) | None."""
+    def forward(self, x: Tensor) -> GateValues:
+        """x (b, n, dim) -> lr (b, h, n[, L]), momentum, decay and omega (b, h, n) | None."""
         # gates in float32 even under autocast: their logs are summed over whole chunks
         # logits clamped to +-15: sigmoid stays strictly inside (0, 1) in float32
         logits = self.proj(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).clamp(-15.0, 15.0)
-        lr, mom, dec = logits.split(self.sizes, dim=-1)
+        lr, mom, dec, gamma = logits.split(self.sizes, dim=-1)
         lr = self.theta_max * torch.sigmoid(lr)
         lr = (
             rearrange(lr, "b n (h l) -> b h n l", h=self.heads)
@@ -327,9 +370,10 @@ class Gates(nn.Module):
         )
         mom = rearrange(torch.sigmoid(mom), "b n h -> b h n") if self.sizes[1] else None
         dec = rearrange(torch.sigmoid(dec), "b n h -> b h n") if self.sizes[2] else None
+        gamma = rearrange(torch.sigmoid(gamma), "b n h -> b h n") if self.sizes[3] else None
         if mom is not None:  # theta_t (1 - eta_t): momentum averages surprise (LRSpec)
             lr = lr * (1 - (mom[..., None] if lr.ndim == 4 else mom))
-        return lr, mom, dec
+        return GateValues(lr, mom, dec, gamma)
 
 
 class QKVProjection(nn.Linear):
@@ -369,6 +413,8 @@ class UpdateRule:
     forget_to_prior: bool = False
     step_cap: float | None = None
     objective: Objective = Objective()
+    omega_window: int = 1
+    muon_steps: int | None = None
 
 
 @dataclass
@@ -436,7 +482,7 @@ class NeuralMemory(nn.Module):
             q, k = self.feature_map(q), self.feature_map(k)
         if self.v_norm:
             v = F.normalize(v, dim=-1)
-        lr, momentum, decay = self.gates(x)
+        lr, momentum, decay, omega = self.gates(x)
         memory = (
             state.memory
             if state is not None
@@ -460,24 +506,25 @@ class NeuralMemory(nn.Module):
             checkpoint_chunks=rule.checkpoint_chunks,
             compiled=self.compiled,
             backend=rule.backend,
+            omega=omega,
         )
         if self.health is not None:
-            self.health.append(self._health(k, v, lr, momentum, decay, before, memory))
+            self.health.append(self._health(k, v, lr, momentum, decay, omega, before, memory))
         return self.readout(y.to(x.dtype), x), (NeuralMemoryState(conv_state, memory) if state is not None else None)
 
     @torch.no_grad()
-    def _health(self, k, v, lr, momentum, decay, before: MemoryState, after: MemoryState) -> MemoryHealth:
+    def _health(self, k, v, lr, momentum, decay, omega, before: MemoryState, after: MemoryState) -> MemoryHealth:
         rule = self.rule
         surprise = chunk_surprise(
             k, v, lr, momentum, decay, before, chunk_size=rule.chunk_size, model=self.memory_model(),
-            granularity=rule.granularity,
+            granularity=rule.granularity, omega=omega,
         )  # fmt: skip
         w_norm = torch.stack([w.pow(2).sum((-2, -1)) for w in after.weights]).sum(0).sqrt()
         mean = lambda g: None if g is None else float(g.mean())  # noqa: E731
         return MemoryHealth(surprise.mean((0, 1)), float(lr.mean()), mean(momentum), mean(decay), float(w_norm.mean()))
 
     def memory_model(self) -> MemoryModel:
-        return self.net.model(self.rule.forget_to_prior, self.rule.step_cap, self.rule.objective)
+        return self.net.model(self.rule)
 
     def readout(self, y: Tensor, x: Tensor) -> Tensor:
         """Memory output per head (b, h, n, d) -> (b, n, dim): output norm and gate from the

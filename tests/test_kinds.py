@@ -102,6 +102,7 @@ def _memory_options() -> dict[str, list[str]]:
     """Every non-default choice of the memory's design axes (MIRAS), as overrides of a tiny preset."""
     from components.feature_map import FeatureMapSpec
     from components.objective import ObjectiveSpec
+    from components.optimizer import InnerOptimizerSpec
 
     options = {}
     for kind in union_members(ObjectiveSpec):
@@ -110,6 +111,10 @@ def _memory_options() -> dict[str, list[str]]:
             options[f"objective {kind}"] = [f"block.memory.objective.kind={kind}", *cap]
     for kind in union_members(FeatureMapSpec):  # identity (null) is the default
         options[f"feature map {kind}"] = [f"block.memory.feature_map.kind={kind}"]
+    for kind in union_members(InnerOptimizerSpec):
+        if kind != "gd":  # Muon refuses the step cap
+            options[f"optimizer {kind}"] = [f"block.memory.optimizer.kind={kind}", "block.memory.lr.curvature_cap=null"]
+    options["omega window 3"] = ["block.memory.omega.window=3"]
     return options
 
 

@@ -1,7 +1,7 @@
 """memory_update (fast, chunked) against naive_memory_update (token loop + autograd) and an
 independent gated-delta-rule oracle; streaming; checkpointing; stability at 16K tokens."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -33,6 +33,9 @@ class Case:
     prior: bool = False
     cap: float | None = None
     objective: Objective = Objective()
+    omega: int = 1  # the Omega rule's window
+    gated: bool = True  # with gamma gates (the window's tokens weighted)
+    muon: int | None = None  # Newton-Schulz steps (the inner optimiser is Muon)
 
 
 CASES = {
@@ -103,6 +106,30 @@ CASES = {
         residual=False,
         objective=Objective("dot"),
     ),  # fmt: skip
+    # the Omega rule (ATLAS eq. 9): windows of key rows, through autograd
+    "omega 3, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, omega=3),
+    "omega 4, mlp plain, prior, step cap, chunk 16": Case(
+        norm=False, residual=False, prior=True, per_layer_lr=True, cap=0.5, omega=4
+    ),
+    "omega 2, mlp x+LN, chunk 1": Case(chunk=1, n=19, omega=2),
+    "omega 3 ungated, linear, all off, chunk 5": Case(
+        depth=1, momentum=False, decay=False, chunk=5, n=23, norm=False, residual=False, omega=3, gated=False
+    ),
+    "omega 3, read chunk_start, chunk 5": Case(read="chunk_start", chunk=5, n=23, omega=3),
+    "omega 5, huber, mlp plain residual, chunk 8": Case(
+        norm=False, chunk=8, n=29, omega=5, objective=Objective("huber", delta=0.3)
+    ),
+    # Muon (ATLAS eqs. 32-33): per-token momenta orthogonalised, through autograd
+    "muon 5, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, muon=5),
+    "muon 2, mlp plain, prior, per-layer lr, chunk 16": Case(
+        norm=False, residual=False, prior=True, per_layer_lr=True, muon=2
+    ),
+    "muon 3, mlp x+LN, chunk 1": Case(chunk=1, n=19, muon=3),
+    "muon 2, no momentum, read chunk_start, chunk 5": Case(momentum=False, read="chunk_start", chunk=5, n=23, muon=2),
+    "muon 2, granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=5, n=23, muon=2),
+    "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8": Case(
+        norm=False, residual=False, chunk=8, n=29, prior=True, omega=3, muon=3
+    ),
 }
 
 
@@ -121,13 +148,19 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     dec = uni(b, h, n, scale=0.1) if case.decay else None
     norm = (rnd(h, d, scale=0.1) + 1, rnd(h, d, scale=0.1)) if case.norm else None
     prior = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:])) if case.prior else None
-    model = MemoryModel(case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective)
-    leaves = [t for t in (q, k, v, lr, mom, dec, *weights, *(norm or ()), *(prior or ())) if t is not None]
-    return (q, k, v, lr, mom, dec), weights, model, leaves
+    gamma = uni(b, h, n) if case.omega > 1 and case.gated else None
+    model = MemoryModel(
+        case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective,
+        omega_window=case.omega, muon_steps=case.muon,
+    )  # fmt: skip
+    leaves = [t for t in (q, k, v, lr, mom, dec, gamma, *weights, *(norm or ()), *(prior or ())) if t is not None]
+    return (q, k, v, lr, mom, dec, *([gamma] if gamma is not None else [])), weights, model, leaves
 
 
 def run(fn, case: Case, inputs, weights, model, **kw):
-    q, k, v, lr, mom, dec = inputs
+    q, k, v, lr, mom, dec, *gamma = inputs
+    if gamma:
+        kw["omega"] = gamma[0]
     state = init_memory_state(weights, q.shape[0], case.momentum)
     return fn(
         q,
@@ -210,6 +243,9 @@ def test_fast_equals_naive_float64(name):
         "lp 3, mlp plain, momentum+decay, chunk 16",
         "huber 0.3, mlp plain, step cap, chunk 16",
         "dot, mlp plain residual, prior, chunk 8",
+        "omega 3, linear, momentum+decay, chunk 16",
+        "muon 2, mlp plain, prior, per-layer lr, chunk 16",
+        "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
     ],
 )
 def test_fast_equals_naive_float32(name):
@@ -248,31 +284,31 @@ def test_linear_online_without_momentum_is_the_gated_delta_rule():
 
 @pytest.mark.parametrize(
     "name",
-    ["mlp x+LN, momentum+decay, chunk 16", "read chunk_start", "granularity chunk", "linear online, momentum+decay"],
+    [
+        "mlp x+LN, momentum+decay, chunk 16",
+        "read chunk_start",
+        "granularity chunk",
+        "linear online, momentum+decay",
+        "omega 4, mlp plain, prior, step cap, chunk 16",
+        "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
+        "muon 2, granularity chunk",
+    ],
 )
 @pytest.mark.parametrize("pieces", [[1, 3, 7, 2, 11, 13], [37], [16, 16, 5], [1] * 37])
 def test_streaming_in_pieces_equals_one_pass(name, pieces):
-    case = CASES[name]
-    (q, k, v, lr, mom, dec), weights, model, _ = make(case)
-    whole, final = run(memory_update, case, (q, k, v, lr, mom, dec), weights, model)
-    state = init_memory_state(weights, q.shape[0], case.momentum)
+    case = replace(CASES[name], n=37)
+    inputs, weights, model, _ = make(case)
+    whole, final = run(memory_update, case, inputs, weights, model)
+    state = init_memory_state(weights, inputs[0].shape[0], case.momentum)
     outs, pos = [], 0
     for size in pieces:
         sl = slice(pos, pos + size)
         cut = lambda t: None if t is None else t[:, :, sl]  # noqa: E731
+        q, k, v, lr, mom, dec, *gamma = (cut(t) for t in inputs)
         y, state = memory_update(
-            cut(q),
-            cut(k),
-            cut(v),
-            cut(lr),
-            cut(mom),
-            cut(dec),
-            state,
-            chunk_size=case.chunk,
-            model=model,
-            read=case.read,
-            granularity=case.granularity,
-        )
+            q, k, v, lr, mom, dec, state, chunk_size=case.chunk, model=model, read=case.read,
+            granularity=case.granularity, omega=gamma[0] if gamma else None,
+        )  # fmt: skip
         outs.append(y)
         pos += size
     torch.testing.assert_close(torch.cat(outs, 2), whole, atol=1e-12, rtol=0)
@@ -458,3 +494,72 @@ def test_keys_wider_than_values_fast_equals_naive_float64(depth, norm, read):
             outs.append(part)
             pos += size
     assert_rel_close(torch.cat(outs, 2), y.detach(), 1e-10, "streamed")
+
+
+def test_the_omega_window_sums_each_tokens_last_w_gradients():
+    """Independent of the band: with one chunk over the whole sequence every gradient u_i is at
+    W_0, so an ungated window w with steps theta writes the same final memory as eq. 12's rule
+    with theta'_i = sum of theta_t over the tokens t whose window holds i (t = i .. i + w - 1)."""
+    w, n = 4, 13
+    case = Case(depth=2, momentum=False, decay=False, chunk=16, n=n, norm=False, residual=False, omega=w, gated=False)
+    (q, k, v, lr, *_), weights, model, _ = make(case)
+    with torch.no_grad():
+        _, windowed = run(memory_update, case, (q, k, v, lr, None, None), weights, model)
+        summed = torch.stack([lr[:, :, i : i + w].sum(-1) for i in range(n)], -1)
+        one = replace(case, omega=1)
+        _, plain = run(memory_update, one, (q, k, v, summed, None, None), weights, replace(model, omega_window=1))
+        _, unsummed = run(memory_update, one, (q, k, v, lr, None, None), weights, replace(model, omega_window=1))
+    for a, b, c in zip(windowed.weights, plain.weights, unsummed.weights):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        assert (a - c).abs().max() > 1e-3 * c.abs().max()  # the window is not eq. 12's rule
+
+
+def test_omega_gates_weigh_the_window():
+    """gamma picks which of a window's tokens count: w = 2 with gamma 1 on odd tokens only, one
+    chunk, so every token's gradient is its odd neighbour's u_{2j+1} at W_0; the final memory is
+    then eq. 12's rule with step theta_{2j+1} + theta_{2j+2} on odd tokens and 0 on even ones."""
+    n = 12
+    case = Case(depth=1, momentum=False, decay=False, chunk=n, n=n, norm=False, residual=False, omega=2)
+    (q, k, v, lr, _, _, gamma), weights, model, _ = make(case)
+    with torch.no_grad():
+        gamma = torch.zeros_like(gamma)
+        gamma[:, :, 1::2] = 1.0  # only odd tokens write; token 2j+1's window is {2j, 2j+1}, token 2j+2's {2j+1, 2j+2}
+        _, windowed = run(memory_update, case, (q, k, v, lr, None, None, gamma), weights, model)
+        steps = torch.zeros_like(lr)
+        steps[:, :, 1::2] = lr[:, :, 1::2] + F.pad(lr[:, :, 2::2], (0, 1))  # theta_{2j+1} + theta_{2j+2}
+        one = replace(case, omega=1)
+        _, plain = run(memory_update, one, (q, k, v, steps, None, None), weights, replace(model, omega_window=1))
+    torch.testing.assert_close(windowed.weights[0], plain.weights[0], atol=1e-12, rtol=0)
+
+
+def test_newton_schulz_keeps_the_singular_vectors_and_pulls_the_values_toward_one():
+    """NS_k(G) = U g(Sigma / |G|_F) V^T with g the quintic iterated k times: the singular
+    vectors are G's (checked against the SVD in float64), the values land in about [0.68, 1.13]."""
+    from components.ops.memory.muon import _NS, newton_schulz
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(8, 16), (16, 8), (12, 12)]:
+        G = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+        U, sig, Vh = torch.linalg.svd(G, full_matrices=False)
+        x = sig / G.pow(2).sum((-2, -1), keepdim=True).add(1e-12).sqrt()[..., 0]
+        for _ in range(5):
+            x = _NS[0] * x + _NS[1] * x**3 + _NS[2] * x**5
+        torch.testing.assert_close(newton_schulz(G, 5), U @ torch.diag_embed(x) @ Vh, atol=1e-10, rtol=0)
+        assert x.min() > 0.6 and x.max() < 1.2
+
+
+def test_muon_moves_every_direction_of_a_write_by_theta():
+    """Scale-free writes: two tokens whose gradients differ 1000x in size move a linear memory
+    by the same amount under Muon (NS of a rank-1 momentum is its unit direction, up to g(1)),
+    by 1000x different amounts under gradient descent."""
+    case = Case(depth=1, momentum=False, decay=False, chunk=1, n=1, norm=False, residual=False, muon=5)
+    (q, k, v, lr, _, _), weights, model, _ = make(case)
+    moves = {}
+    with torch.no_grad():
+        for scale in (1.0, 1e-3):
+            w0 = tuple(w * 0 for w in weights)  # error = -v: the gradient scales with v
+            for m in (model, replace(model, muon_steps=None)):
+                _, s = run(memory_update, case, (q, k, v * scale, lr, None, None), w0, m)
+                moves[scale, m.muon_steps] = s.weights[0].norm()
+    torch.testing.assert_close(moves[1.0, 5], moves[1e-3, 5], rtol=1e-6, atol=0)
+    torch.testing.assert_close(moves[1.0, None] * 1e-3, moves[1e-3, None], rtol=1e-9, atol=0)

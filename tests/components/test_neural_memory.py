@@ -92,7 +92,7 @@ def test_every_optional_mechanism_switched_off_is_truly_off(name, float64):
 
 def test_per_layer_lr_shapes():
     mem = layer()
-    lr, mom, dec = mem.gates(torch.randn(2, 5, 16))
+    lr, mom, dec, _ = mem.gates(torch.randn(2, 5, 16))
     assert lr.shape == (2, 2, 5, 2) and mom.shape == dec.shape == (2, 2, 5)
     assert (lr > 0).all() and (lr < 0.1).all()
     shared = layer(lr={"per_layer": False})
@@ -177,9 +177,22 @@ def test_recorded_surprise_falls_on_a_sequence_the_memory_learns():
         (["block.memory.objective.kind=dot"], "block.memory.lr.curvature_cap", ["dot objective", "cap: null"]),
         (["block.memory.objective.kind=huber", "block.memory.backend=triton"], "block.memory.backend", ["l2"]),
         (["block.memory.objective.kind=lp", "block.memory.objective.p=5"], "block.memory.objective.p", ["less than"]),
+        (["block.memory.optimizer.kind=muon"], "block.memory.lr.curvature_cap", ["Muon", "cap: null"]),
+        (
+            ["block.memory.omega.window=3", "block.memory.granularity=chunk", "block.memory.read=chunk_start"],
+            "block.memory.omega",
+            ["granularity 'token'"],
+        ),
+        (["block.memory.omega.window=3", "block.memory.backend=triton"], "block.memory.backend", ["Omega"]),
+        (
+            ["block.memory.optimizer.kind=muon", "block.memory.lr.curvature_cap=null", "block.memory.backend=triton"],
+            "block.memory.backend",
+            ["gradient descent"],
+        ),
+        (["block.memory.omega.window=0"], "block.memory.omega.window", ["greater than"]),
     ],
 )
-def test_objective_combinations_the_memory_cannot_run_are_refused_at_validation(overrides, path, words):
+def test_combinations_the_memory_cannot_run_are_refused_at_validation(overrides, path, words):
     from titans_nas.config import SpecError, load_spec
 
     with pytest.raises(SpecError) as e:
@@ -227,3 +240,18 @@ def test_retrieval_reads_through_the_memorys_own_query_path(float64):
         weights = mem.init_state(2).memory.weights
         retrieved, _ = mem.retrieve(x, weights, mem.init_retrieval_state(2))
         torch.testing.assert_close(retrieved, y, atol=1e-12, rtol=0)
+
+
+def test_an_omega_window_of_one_is_eq_12s_rule_and_wider_windows_write_more(float64):
+    """window 1 builds the null model (no gate, same outputs); window 3 changes the output and
+    its gate gamma learns (it gets a gradient); the default step bound shrinks with the window."""
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    off, one = layer().double(), layer(omega={"window": 1}).double()
+    assert [p.shape for p in one.parameters()] == [p.shape for p in off.parameters()]
+    torch.testing.assert_close(one(x)[0], off(x)[0], atol=0, rtol=0)
+    three = layer(omega={"window": 3}).double()
+    assert three.gates.sizes[3] == 2  # one gamma per head
+    three(x)[0].square().sum().backward()
+    assert three.gates.proj.weight.grad[-2:].abs().sum() > 0  # gamma's rows of the gate projection
+    spec = NeuralMemorySpec(omega={"window": 3}, chunk_size=8)
+    assert spec.theta_max() == pytest.approx(1 / 24)

@@ -39,6 +39,8 @@ One file per algorithm, its reference beside it:
     token.py         the fast chunked loop, per-token gates (the paper's rule)
     backward.py      its outer backward written by hand (autograd.Function over whole chunks)
     chunk.py         granularity "chunk" (one step per chunk with mean gates)
+    omega.py         the Omega rule's windows of key rows (ATLAS eq. 9)
+    muon.py          Muon as the inner optimiser: Newton-Schulz on per-token momenta (ATLAS eqs. 32-33)
     naive.py         the reference token loop, both granularities
     surprise.py      the inner loss along a sequence (a diagnostic)
     triton_*.py      Triton kernels of the whole chunk loop, forward and backward (GPU; tested

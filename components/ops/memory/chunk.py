@@ -3,7 +3,8 @@ chunk means of theta, eta, alpha,
 
     S_k = eta S_{k-1} - theta sum_{t in k} grad l_t(W_{k-1}),   W_k = (1 - alpha) W_{k-1} + S_k,
 
-read at the chunk start (an in-chunk read would see the chunk's future gates). Autograd
+read at the chunk start (an in-chunk read would see the chunk's future gates). With Muon
+(`model.muon_steps`) S sums raw gradients and the step is -theta NS(S_k). Autograd
 differentiates it: each chunk is a handful of large bmm calls.
 """
 
@@ -27,6 +28,7 @@ from components.ops.memory.common import (
     unflat_weights,
     with_pending,
 )
+from components.ops.memory.muon import newton_schulz
 
 
 def _layer(t: Tensor | None, i: int) -> Tensor | None:
@@ -44,10 +46,17 @@ def chunkwise_step(W, S, q, k, v, gates: tuple[Tensor, Tensor | None, Tensor | N
     for i in range(len(W)):
         # the sum over the chunk's tokens of theta * grad is one matmul: -theta A^T delta
         a_t, delta = keys.inputs[i].transpose(-1, -2), keys.deltas[i]
-        step = torch.bmm(a_t, delta * -_layer(theta, i)[..., None, None]).to(W[i].dtype)
-        if S is not None:
-            step = torch.addcmul(step, _layer(eta, i)[..., None, None], S[i])
-            new_S.append(step)
+        if model.muon_steps:  # ATLAS eqs. 32-33: S = eta S + sum grad, step -theta NS(S)
+            sigma = torch.bmm(a_t, delta).to(W[i].dtype)
+            if S is not None:
+                sigma = torch.addcmul(sigma, _layer(eta, i)[..., None, None], S[i])
+                new_S.append(sigma)
+            step = newton_schulz(sigma, model.muon_steps) * -_layer(theta, i)[..., None, None]
+        else:
+            step = torch.bmm(a_t, delta * -_layer(theta, i)[..., None, None]).to(W[i].dtype)
+            if S is not None:
+                step = torch.addcmul(step, _layer(eta, i)[..., None, None], S[i])
+                new_S.append(step)
         if keep is None:
             new_W.append(W[i] + step)
             continue

@@ -23,10 +23,12 @@ class Coefficients(NamedTuple):
     unrolling eqs. 13-14 inside the chunk gives (u_j = grad l_j at the anchor, f_t = sum_s
     (beta_t / beta_s) m_s)
         S_t = m_t S_0 - sum_j N[t, j] u_j,   M_t = beta_t M_0 + f_t S_0 - sum_j G[t, j] u_j.
-    G and N are stored negated, so the chunk step only accumulates.
+    G and N are stored negated, so the chunk step only accumulates. Under the Omega rule
+    (`omega`) u_j is the windowed gradient sum_i band[j, i] u_i over R = c + w - 1 key rows:
+    G and N are multiplied by the band on the right, their columns are key rows (c -> R).
     """
 
-    theta: Tensor  # (B, c): the gate itself (for the step cap)
+    theta: Tensor  # (B, R): each key row's own step (for the step cap)
     beta: Tensor  # (B, c, 1)
     f: Tensor | None  # (B, c, 1); None without momentum
     neg_G: Tensor  # (B, c, c)
@@ -37,23 +39,27 @@ class Coefficients(NamedTuple):
     neg_n_last: Tensor | None  # (B, c, 1): the last row of -N, as a column
 
 
-def coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
+def coefficients(
+    lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window: tuple[Tensor, Tensor] | None = None
+) -> Coefficients:
     """lr, log_eta, log_keep: (B, K, L', c) -> Coefficients of (B, K, L', ...) tensors, in the
-    gates' precision (float32 at least) also under autocast: these products span whole chunks."""
+    gates' precision (float32 at least) also under autocast: these products span whole chunks.
+    window: the Omega rule's band (B, K, 1, c, R) (`omega.band`) and the key rows' steps (B, K, L', R)."""
     if not autocast_on(lr):
-        return _coefficients(lr, log_eta, log_keep)
+        return _coefficients(lr, log_eta, log_keep, window)
     with torch.autocast(lr.device.type, enabled=False):
-        return _coefficients(lr, log_eta, log_keep)
+        return _coefficients(lr, log_eta, log_keep, window)
 
 
-def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
-    c = lr.shape[-1]
-    causal = torch.ones(c, c, dtype=torch.bool, device=lr.device).tril()
+def decay_matrix(log_cum: Tensor) -> Tensor:
+    """Cumulative log gates (..., c) -> (..., c, c): [t, i] = exp(cum_t - cum_i) for i <= t, else 0."""
+    c = log_cum.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=log_cum.device).tril()
+    diff = log_cum[..., :, None] - log_cum[..., None, :]
+    return diff.masked_fill(~causal, float("-inf")).exp()
 
-    def decay_matrix(log_cum: Tensor) -> Tensor:  # [t, i] = exp(cum_t - cum_i) for i <= t, else 0
-        diff = log_cum[..., :, None] - log_cum[..., None, :]
-        return diff.masked_fill(~causal, float("-inf")).exp()
 
+def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window) -> Coefficients:
     lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
     l_beta = decay_matrix(lam)  # (B, K, L', c, c)
     beta = lam.exp()
@@ -66,9 +72,13 @@ def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -
         m = mu.exp()
         f = (l_beta @ m[..., None])[..., 0]
         neg_G = l_beta @ neg_N
+        if window is not None:
+            neg_N = neg_N @ window[0]
         m_last, neg_n_last = m[..., -1, None, None], neg_N[..., -1, :, None]
+    if window is not None:
+        neg_G = neg_G @ window[0]
     return Coefficients(
-        theta=lr,
+        theta=lr if window is None else window[1],
         beta=beta[..., None],
         f=None if f is None else f[..., None],
         neg_G=neg_G,
@@ -80,10 +90,10 @@ def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -
     )
 
 
-def per_chunk(co: Coefficients, layers: int) -> list[tuple[Coefficients, ...]]:
+def per_chunk(co: NamedTuple, layers: int) -> list[tuple[NamedTuple, ...]]:
     """(B, K, L', ...) -> per chunk, per memory layer (slot min(l, L' - 1); L' may differ between
     fields: without decay beta has one slot whatever theta has). unbind, not
     indexing: the backward pass then stacks once instead of a full-size zero tensor per chunk."""
     split = [None if t is None else [s.unbind(1) for s in t.unbind(1)] for t in co]  # [field][chunk][slot]
-    pick = lambda k, i: Coefficients(*[None if t is None else t[k][min(i, len(t[k]) - 1)] for t in split])  # noqa: E731
+    pick = lambda k, i: type(co)(*[None if t is None else t[k][min(i, len(t[k]) - 1)] for t in split])  # noqa: E731
     return [tuple(pick(k, i) for i in range(layers)) for k in range(co.theta.shape[1])]

@@ -33,6 +33,9 @@ class MemoryState:
     offset:   tokens of the current chunk already seen (0 at a boundary).
     pending:  granularity "chunk" only: (k, v, lr, momentum, decay) of the unfinished chunk's
               tokens, applied when the chunk completes.
+    history:  the Omega rule only (window w > 1): (k, v, gamma, lr) of the last w - 1 tokens,
+              (b, h, w - 1, ...); rows before the sequence start are zeros with gamma 0. None =
+              the sequence starts here.
     """
 
     weights: Weights
@@ -40,6 +43,7 @@ class MemoryState:
     anchor: Weights | None = None
     offset: int = 0
     pending: tuple[Tensor | None, ...] | None = None
+    history: tuple[Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,11 @@ class MemoryModel:
 
     step_cap: c of the per-token step cap (package docstring; None: no cap).
     objective: the inner loss (`Objective`; l2 by default).
+    omega_window: w of the Omega rule (ATLAS eq. 9): token t's gradient is the gamma-weighted
+        sum of the last w tokens' gradients, all at t's chunk-start weights; 1 = eq. 12's rule.
+    muon_steps: the inner optimiser is Muon (ATLAS eqs. 32-33) with this many Newton-Schulz
+        steps: M_t = (1 - alpha_t) M_{t-1} + alpha_t P - theta_t NS(S_t), S_t = eta_t S_{t-1} + u_t
+        (S holds raw gradients, theta scales the orthogonalised step); None = gradient descent.
     """
 
     activation: Activation = "gelu"
@@ -115,6 +124,8 @@ class MemoryModel:
     prior: Weights | None = None
     step_cap: float | None = None
     objective: Objective = Objective()
+    omega_window: int = 1
+    muon_steps: int | None = None
 
     def to(self, dtype: torch.dtype) -> MemoryModel:
         """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
@@ -344,23 +355,35 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
 
 
 def triton_reach(
-    depth: int, norm: bool, granularity: str, read: str, dims: tuple[int, ...], objective: str = "l2"
+    depth: int,
+    norm: bool,
+    granularity: str,
+    read: str,
+    dims: tuple[int, ...],
+    objective: str = "l2",
+    rule: tuple[int, int | None] = (1, None),
 ) -> str | None:
     """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
-    and the hidden widths. The one statement of what the kernels cover: the spec refuses
-    `backend: triton` with it, and the op picks its backend with it."""
-    if depth > 2 or norm or granularity != "token" or read != "after_update" or objective != "l2":
+    and the hidden widths; rule: the Omega window and Muon's steps (None: gradient descent). The
+    one statement of what the kernels cover: the spec refuses `backend: triton` with it, and
+    the op picks its backend with it."""
+    plain = granularity == "token" and read == "after_update" and objective == "l2" and rule == (1, None)
+    if depth > 2 or norm or not plain:
         return (
             "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
-            "with granularity 'token', read 'after_update' and the l2 objective"
+            "with granularity 'token', read 'after_update', the l2 objective, gradient descent and no Omega window"
         )
     if any(x < 16 or x & (x - 1) for x in dims):
         return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"
     return None
 
 
-def check(q, k, v, lr, momentum, decay, state: MemoryState) -> int:
+def check(q, k, v, lr, momentum, decay, state: MemoryState, model: MemoryModel, omega: Tensor | None = None) -> int:
     b, h, n, d = k.shape
+    if omega is not None and (omega.shape != (b, h, n) or model.omega_window == 1):
+        raise ValueError(f"omega gates must be (b, h, n) = {(b, h, n)} with an Omega window > 1")
+    if model.muon_steps is not None and model.step_cap is not None:
+        raise ValueError("Muon's step is orthogonalised (scale-free): a step cap does not bound it")
     layers = len(state.weights)
     for name, g in (("lr", lr), ("momentum", momentum), ("decay", decay)):
         if g is not None and (

@@ -20,6 +20,7 @@ from components.ops.memory.common import (
     check,
     with_pending,
 )
+from components.ops.memory.muon import newton_schulz
 
 
 def naive_memory_update(
@@ -39,12 +40,13 @@ def naive_memory_update(
     checkpoint_chunks: int | None = None,
     compiled: bool = False,
     backend: str = "auto",
+    omega: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Reference: the equations token by token; inner gradients by autograd at W_{t'}
     (create_graph=True, so outer gradients flow through them). Same signature as memory_update
     (checkpoint_chunks, compiled and backend do not apply to the reference)."""
     model = model or MemoryModel(activation=activation)
-    layers = check(q, k, v, lr, momentum, decay, state)
+    layers = check(q, k, v, lr, momentum, decay, state, model, omega)
     b, h, n, d = q.shape
     gate = lambda g, t, i: None if g is None else (g[:, :, t, i] if g.ndim == 4 else g[:, :, t])  # noqa: E731
     scalar = lambda x: x[..., None, None]  # noqa: E731
@@ -77,6 +79,8 @@ def naive_memory_update(
     if granularity == "chunk":
         if read != "chunk_start":
             raise ValueError('granularity "chunk" needs read="chunk_start"')
+        if model.omega_window > 1:
+            raise ValueError('the Omega rule needs granularity "token"')
         r = state.offset
         k, v, lr, momentum, decay = with_pending(state, k, v, lr, momentum, decay)
         outs = []
@@ -91,10 +95,16 @@ def naive_memory_update(
                 new_W, new_S = [], []
                 for i in range(layers):
                     mean = lambda g: torch.stack([gate(g, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
-                    step = -scalar(mean(lr)) * total[i]
-                    if S is not None:
-                        step = scalar(mean(momentum)) * S[i] + step
-                        new_S.append(step)
+                    if model.muon_steps:  # ATLAS eqs. 32-33 with the chunk's summed gradient
+                        sigma = total[i] if S is None else scalar(mean(momentum)) * S[i] + total[i]
+                        step = -scalar(mean(lr)) * newton_schulz(sigma, model.muon_steps)
+                        if S is not None:
+                            new_S.append(sigma)
+                    else:
+                        step = -scalar(mean(lr)) * total[i]
+                        if S is not None:
+                            step = scalar(mean(momentum)) * S[i] + step
+                            new_S.append(step)
                     if decay is not None and model.prior is not None:
                         step = step + scalar(mean(decay)) * model.prior[i]
                     keep = scalar(1 - mean(decay)) if decay is not None else 1.0
@@ -108,20 +118,40 @@ def naive_memory_update(
         out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
         return out, MemoryState(W, S, None, left, pending)
 
+    # the Omega rule's window (ATLAS eq. 9): the w - 1 tokens before this call in front, rows
+    # before the sequence start zeros with gamma 0; gamma = 1 without gates
+    P = model.omega_window - 1
+    hk, hv, hg, hlr = state.history if state.history is not None else (
+        k.new_zeros(b, h, P, k.shape[-1]), v.new_zeros(b, h, P, v.shape[-1]),
+        k.new_zeros(b, h, P), lr.new_zeros(b, h, P, *lr.shape[3:]),
+    )  # fmt: skip
+    gamma = omega if omega is not None else torch.ones_like(k[..., 0])
+    kx, vx, gx, lrx = torch.cat([hk, k], 2), torch.cat([hv, v], 2), torch.cat([hg, gamma], 2), torch.cat([hlr, lr], 2)
     anchor = state.anchor if state.anchor is not None else W
     offset = state.offset
     outs = []
     for t in range(n):
         if offset == 0:
             anchor = W  # a new chunk starts: gradients at its start state W_{t'}
-        with torch.enable_grad():
-            u = grads(anchor, k[:, :, t], v[:, :, t], lambda i, t=t: gate(lr, t, i))
+        with torch.enable_grad():  # sum_{j = t-w+1}^{t} gamma_j grad l_j(W_{t'}) (row t + P is token t)
+            u = None
+            for j in range(t, t + P + 1):
+                g = grads(anchor, kx[:, :, j], vx[:, :, j], lambda i, j=j: gate(lrx, j, i))
+                g = g if P == 0 else tuple(scalar(gx[:, :, j]) * x for x in g)
+                u = g if u is None else tuple(a + x for a, x in zip(u, g))
         new_W, new_S = [], []
         for i in range(layers):
-            step = -scalar(gate(lr, t, i)) * u[i]  # eq. 14 (momentary surprise)
-            if S is not None:
-                step = scalar(gate(momentum, t, i)) * S[i] + step
-                new_S.append(step)
+            if model.muon_steps:  # ATLAS eqs. 32-33
+                # S_t = eta_t S_{t-1} + u_t: momentum of raw gradients (u_t alone without momentum)
+                sigma = u[i] if S is None else scalar(gate(momentum, t, i)) * S[i] + u[i]
+                step = -scalar(gate(lr, t, i)) * newton_schulz(sigma, model.muon_steps)
+                if S is not None:
+                    new_S.append(sigma)
+            else:
+                step = -scalar(gate(lr, t, i)) * u[i]  # eq. 14 (momentary surprise)
+                if S is not None:
+                    step = scalar(gate(momentum, t, i)) * S[i] + step
+                    new_S.append(step)
             if decay is not None and model.prior is not None:  # forget toward the prior
                 step = step + scalar(gate(decay, t, i)) * model.prior[i]
             keep = scalar(1 - gate(decay, t, i)) if decay is not None else 1.0
@@ -130,4 +160,6 @@ def naive_memory_update(
         outs.append(f(anchor if read == "chunk_start" else W, q[:, :, t]))
         offset = (offset + 1) % chunk_size
     out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
-    return out, MemoryState(W, S, anchor if offset else None, offset)
+    tail = lambda t: t[:, :, t.shape[2] - P :]  # noqa: E731
+    history = (tail(kx), tail(vx), tail(gx), tail(lrx)) if P else None
+    return out, MemoryState(W, S, anchor if offset else None, offset, history=history)

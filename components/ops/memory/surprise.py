@@ -21,12 +21,13 @@ def chunk_surprise(
     chunk_size: int,
     model: MemoryModel,
     granularity: Granularity = "token",
+    omega: Tensor | None = None,
 ) -> Tensor:
     """The inner loss (eq. 12) of every whole chunk's tokens at the weights the chunk starts from,
     i.e. the momentary surprise the chunk's gradients are taken at: (b, h, chunks), the mean
     over the chunk's tokens of ||f_{W_{t'}}(k_t) - v_t||^2. A diagnostic (no gradients): a memory
     that learns the sequence shows it falling along the chunks. Tokens before the first chunk
-    boundary (a stream cut mid-chunk) are fed but not measured."""
+    boundary (a stream cut mid-chunk) are fed but not measured. omega: the Omega rule's gates."""
     b, h, n, _ = k.shape
     norm = norm_params(model, b)
     cut = lambda g, sl: None if g is None else g[:, :, sl]  # noqa: E731
@@ -37,7 +38,7 @@ def chunk_surprise(
             sl = slice(0, min(pos, n))
             _, state = memory_update(
                 k[:, :, sl], k[:, :, sl], v[:, :, sl], cut(lr, sl), cut(momentum, sl), cut(decay, sl), state,
-                chunk_size=chunk_size, model=model, read=read, granularity=granularity,
+                chunk_size=chunk_size, model=model, read=read, granularity=granularity, omega=cut(omega, sl),
             )  # fmt: skip
         while pos + chunk_size <= n:
             sl = slice(pos, pos + chunk_size)
@@ -45,7 +46,7 @@ def chunk_surprise(
             losses.append(model.objective.loss(pred, flat(v[:, :, sl])).mean(-1))
             _, state = memory_update(
                 k[:, :, sl], k[:, :, sl], v[:, :, sl], cut(lr, sl), cut(momentum, sl), cut(decay, sl), state,
-                chunk_size=chunk_size, model=model, read=read, granularity=granularity,
+                chunk_size=chunk_size, model=model, read=read, granularity=granularity, omega=cut(omega, sl),
             )  # fmt: skip
             pos += chunk_size
     if not losses:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from components.ops.memory.backward import ChunkLoop, hand_backward_applies
 from components.ops.memory.chunk import memory_update_chunkwise
-from components.ops.memory.coefficients import Coefficients, coefficients, per_chunk
+from components.ops.memory.coefficients import coefficients, per_chunk
 from components.ops.memory.common import (
     Activation,
     Granularity,
@@ -35,6 +35,8 @@ from components.ops.memory.common import (
     unflat_outputs,
     unflat_weights,
 )
+from components.ops.memory.muon import muon_coefficients, muon_step
+from components.ops.memory.omega import Rows, band
 from components.ops.memory.step import Backend, Setting, chunk_step
 
 
@@ -53,13 +55,20 @@ _compiled: dict[str, object] = {}
 
 
 def _step(setting: Setting):
-    """The chunk step itself, or its torch.compile'd version (compiled once; the step, not the
-    loop, is compiled, so compile time does not grow with the sequence)."""
+    """The chunk step (Muon's when the inner optimiser is Muon), or its torch.compile'd version
+    (compiled once; the step, not the loop, is compiled, so compile time does not grow with the
+    sequence)."""
+    step = muon_step if setting.model.muon_steps else chunk_step
     if not setting.compiled:
-        return chunk_step
-    if "chunk_step" not in _compiled:
-        _compiled["chunk_step"] = torch.compile(chunk_step, dynamic=False)
-    return _compiled["chunk_step"]
+        return step
+    if step.__name__ not in _compiled:
+        _compiled[step.__name__] = torch.compile(step, dynamic=False)
+    return _compiled[step.__name__]
+
+
+def _coefficients(setting: Setting):
+    """The chunk step's coefficients from the gates (`coefficients`, or Muon's)."""
+    return muon_coefficients if setting.model.muon_steps else coefficients
 
 
 def memory_update(
@@ -79,6 +88,7 @@ def memory_update(
     checkpoint_chunks: int | None = None,
     compiled: bool = False,
     backend: Backend = "auto",
+    omega: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over n tokens from `state`: outputs (b, h, n, d) and the state after them.
 
@@ -88,9 +98,10 @@ def memory_update(
     compiled: run the chunk step through torch.compile (GPU, or CPU with a C++ compiler).
     backend: whole chunks through the Triton kernel ("triton"; `common.triton_reach` says
     what it covers), through torch ("torch"), or Triton where it covers the call on CUDA ("auto").
+    omega: the Omega rule's gates gamma (b, h, n) in [0, 1] (`model.omega_window` > 1; None = 1).
     """
     model = model or MemoryModel(activation=activation)
-    check(q, k, v, lr, momentum, decay, state)
+    check(q, k, v, lr, momentum, decay, state, model, omega)
     if granularity == "chunk":
         if read != "chunk_start":
             raise ValueError('granularity "chunk" needs read="chunk_start"')
@@ -100,6 +111,8 @@ def memory_update(
         model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled, backend
     )
     inputs = Inputs(flat(q), flat(k), flat(v), *gate_logs(lr, momentum, decay, b, h))
+    w = model.omega_window
+    rows = Rows(state, k, v, omega if omega is not None else torch.ones_like(k[..., 0]), lr, w) if w > 1 else None
     M, S = flat_weights(state.weights), flat_weights(state.momentum)
     anchor = flat_weights(state.anchor) if state.anchor is not None else M
     offset, outs, pos = state.offset, [], 0
@@ -107,8 +120,12 @@ def memory_update(
     def piece(M, S, anchor, start: int, c: int):
         """Tokens [start, start + c) of one chunk, gradients at `anchor`."""
         sl = slice(start, start + c)
-        co = coefficients(*[None if t is None else t[..., sl][:, None] for t in inputs[3:]])
+        gates, window = [None if t is None else t[..., sl][:, None] for t in inputs[3:]], None
         chunk = [t[:, sl] for t in inputs[:3]]
+        if rows is not None:  # the keys of the chunk and of the w - 1 tokens before it
+            k_rows, v_rows, gamma, lr_rows = rows.piece(start, c)
+            chunk[1:], window = [k_rows, v_rows], (band(gamma[:, None], c), lr_rows[:, None])
+        co = _coefficients(setting)(*gates, window)
         return _step(setting)(anchor, M, S, *chunk, per_chunk(co, len(M))[0], setting)[:3]
 
     # the unfinished chunk of the previous call, with gradients still at its anchor
@@ -121,7 +138,7 @@ def memory_update(
     if pos < n:
         full = (n - pos) // chunk_size
         if full:
-            y, M, S = _full_chunks(inputs, M, S, pos, full, setting)
+            y, M, S = _full_chunks(inputs, rows, M, S, pos, full, setting)
             outs.append(y)
             pos += full * chunk_size
         anchor = M
@@ -130,12 +147,16 @@ def memory_update(
             outs.append(y)
             offset = n - pos
     new_state = MemoryState(
-        unflat_weights(M, b), unflat_weights(S, b), unflat_weights(anchor, b) if offset else None, offset
+        unflat_weights(M, b),
+        unflat_weights(S, b),
+        unflat_weights(anchor, b) if offset else None,
+        offset,
+        history=rows.history() if rows is not None else None,
     )
     return unflat_outputs(outs, q, v), new_state
 
 
-def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
+def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, setting: Setting):
     """`count` whole chunks from `pos`: coefficients for all of them at once, then the loop,
     in checkpointed groups of `setting.group` chunks if asked."""
     C = setting.chunk_size
@@ -143,13 +164,18 @@ def _full_chunks(inputs: Inputs, M, S, pos: int, count: int, setting: Setting):
     whole = pos == 0 and end == inputs.q.shape[1]  # no slicing then: a slice's backward is a full-size copy
     cut = lambda t, dim: t if whole else t.narrow(dim, pos, end - pos)  # noqa: E731
     split = lambda t: None if t is None else rearrange(cut(t, -1), "B l (k c) -> B k l c", c=C)  # noqa: E731
-    co = coefficients(*[split(t) for t in inputs[3:]])
     q, k, v = (rearrange(cut(t, 1), "B (k c) d -> B k c d", c=C) for t in inputs[:3])
+    window = None
+    if rows is not None:  # each chunk's keys with the w - 1 before it (overlapping windows)
+        k, v, gamma, lr_rows = rows.chunks(pos, count, C)
+        window = (band(gamma, C), lr_rows)
+    co = _coefficients(setting)(*[split(t) for t in inputs[3:]], window)
+    bundle = type(co)
     hand = hand_backward_applies(q, setting)
     triton_loop = _triton_loop(setting, q, M)
 
     def steps(M, S, q, k, v, *co):
-        co = Coefficients(*co)
+        co = bundle(*co)
         if triton_loop is not None:
             return triton_loop.run(setting, q, k, v, co, M, S)
         if hand:
