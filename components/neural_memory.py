@@ -36,6 +36,7 @@ from components.ops.memory import (
 )
 from components.ops.memory.common import Objective, in_state_dtype, triton_reach
 from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
+from components.retention import ElasticNetRetentionSpec
 
 
 class LinearMemorySpec(Spec):
@@ -165,7 +166,10 @@ class NeuralMemorySpec(Spec):
     momentum: MomentumSpec | None = MomentumSpec()
     """Momentum (past surprise); null = off (eta = 0, no momentum state)."""
     decay: DecaySpec | None = DecaySpec()
-    """Forget gate / weight decay; null = off (alpha = 0)."""
+    """Forget gate / weight decay (MIRAS's l2 retention); null = off (alpha = 0)."""
+    retention: ElasticNetRetentionSpec | None = None
+    """Retention beyond the forget gate: elastic_net (an l1 soft threshold at every chunk's end,
+    MIRAS); null = the forget gate alone."""
     conv: ShortConvSpec | None = ShortConvSpec()
     """Short causal convolution after the q/k/v projections; null = off."""
     qk_norm: Literal["l2", "none"] = "l2"
@@ -193,6 +197,10 @@ class NeuralMemorySpec(Spec):
     norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
     >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
     torch otherwise."""
+
+    def l1(self) -> float | None:
+        """The elastic-net retention's threshold per token (None without it)."""
+        return self.retention.l1 if self.retention is not None else None
 
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""
@@ -235,7 +243,7 @@ class NeuralMemorySpec(Spec):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
-            rule = (self.window(), self.optimizer.steps())
+            rule = (self.window(), self.optimizer.steps(), self.l1())
             reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, rule)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
@@ -281,6 +289,7 @@ class NeuralMemorySpec(Spec):
                 objective=self.objective.build(),
                 omega_window=self.window(),
                 muon_steps=self.optimizer.steps(),
+                l1=self.l1(),
             ),  # fmt: skip
         )
 
@@ -310,7 +319,7 @@ class MemoryNet(nn.Module):
         prior = tuple(self.initial) if rule.forget_to_prior else None
         return MemoryModel(
             self.activation, self.residual, norm, prior=prior, step_cap=rule.step_cap, objective=rule.objective,
-            omega_window=rule.omega_window, muon_steps=rule.muon_steps,
+            omega_window=rule.omega_window, muon_steps=rule.muon_steps, l1=rule.l1,
         )  # fmt: skip
 
 
@@ -415,6 +424,7 @@ class UpdateRule:
     objective: Objective = Objective()
     omega_window: int = 1
     muon_steps: int | None = None
+    l1: float | None = None
 
 
 @dataclass

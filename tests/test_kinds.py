@@ -115,6 +115,7 @@ def _memory_options() -> dict[str, list[str]]:
         if kind != "gd":  # Muon refuses the step cap
             options[f"optimizer {kind}"] = [f"block.memory.optimizer.kind={kind}", "block.memory.lr.curvature_cap=null"]
     options["omega window 3"] = ["block.memory.omega.window=3"]
+    options["retention elastic_net"] = ["block.memory.retention.kind=elastic_net", "block.memory.retention.l1=0.01"]
     return options
 
 

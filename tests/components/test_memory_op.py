@@ -36,6 +36,7 @@ class Case:
     omega: int = 1  # the Omega rule's window
     gated: bool = True  # with gamma gates (the window's tokens weighted)
     muon: int | None = None  # Newton-Schulz steps (the inner optimiser is Muon)
+    l1: float | None = None  # the elastic-net retention's soft threshold per token
 
 
 CASES = {
@@ -130,6 +131,17 @@ CASES = {
     "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8": Case(
         norm=False, residual=False, chunk=8, n=29, prior=True, omega=3, muon=3
     ),
+    # the elastic-net retention (MIRAS eqs. 22-23): a soft threshold at every chunk's end
+    "l1, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, l1=2e-3),
+    "l1, mlp plain, prior, step cap, chunk 5": Case(
+        norm=False, residual=False, prior=True, chunk=5, n=23, cap=0.5, l1=1e-3
+    ),
+    "l1, mlp x+LN, chunk 1": Case(chunk=1, n=19, l1=1e-2),
+    "l1, read chunk_start, chunk 5": Case(norm=False, read="chunk_start", chunk=5, n=23, l1=1e-3),
+    "l1, granularity chunk, prior": Case(read="chunk_start", granularity="chunk", chunk=5, n=23, prior=True, l1=2e-3),
+    "l1 + omega 2 + muon 2, mlp plain, chunk 8": Case(
+        norm=False, residual=False, chunk=8, n=29, omega=2, muon=2, l1=1e-3
+    ),
 }
 
 
@@ -151,7 +163,7 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     gamma = uni(b, h, n) if case.omega > 1 and case.gated else None
     model = MemoryModel(
         case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective,
-        omega_window=case.omega, muon_steps=case.muon,
+        omega_window=case.omega, muon_steps=case.muon, l1=case.l1,
     )  # fmt: skip
     leaves = [t for t in (q, k, v, lr, mom, dec, gamma, *weights, *(norm or ()), *(prior or ())) if t is not None]
     return (q, k, v, lr, mom, dec, *([gamma] if gamma is not None else [])), weights, model, leaves
@@ -246,6 +258,7 @@ def test_fast_equals_naive_float64(name):
         "omega 3, linear, momentum+decay, chunk 16",
         "muon 2, mlp plain, prior, per-layer lr, chunk 16",
         "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
+        "l1, mlp plain, prior, step cap, chunk 5",
     ],
 )
 def test_fast_equals_naive_float32(name):
@@ -292,6 +305,7 @@ def test_linear_online_without_momentum_is_the_gated_delta_rule():
         "omega 4, mlp plain, prior, step cap, chunk 16",
         "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
         "muon 2, granularity chunk",
+        "l1, mlp plain, prior, step cap, chunk 5",
     ],
 )
 @pytest.mark.parametrize("pieces", [[1, 3, 7, 2, 11, 13], [37], [16, 16, 5], [1] * 37])
@@ -563,3 +577,20 @@ def test_muon_moves_every_direction_of_a_write_by_theta():
                 moves[scale, m.muon_steps] = s.weights[0].norm()
     torch.testing.assert_close(moves[1.0, 5], moves[1e-3, 5], rtol=1e-6, atol=0)
     torch.testing.assert_close(moves[1.0, None] * 1e-3, moves[1e-3, None], rtol=1e-9, atol=0)
+
+
+def test_the_l1_retention_sets_small_deviations_exactly_to_the_prior():
+    """Elastic net's function, not only its form: after a sequence, a share of the memory's
+    entries equals its prior exactly (none does without l1), and a threshold too small to bite
+    is the plain rule."""
+    case = Case(depth=2, norm=False, residual=False, prior=True, chunk=4, n=32, l1=2e-2)
+    inputs, _, model, _ = make(case)
+    weights = model.prior  # a memory starting at its prior: every deviation is a write
+    with torch.no_grad():
+        _, sparse = run(memory_update, case, inputs, weights, model)
+        _, dense = run(memory_update, case, inputs, weights, replace(model, l1=None))
+        _, tiny = run(memory_update, case, inputs, weights, replace(model, l1=1e-300))
+    for w, d, t, p in zip(sparse.weights, dense.weights, tiny.weights, model.prior):
+        assert ((w - p) == 0).float().mean() > 0.2
+        assert ((d - p) == 0).float().mean() == 0
+        torch.testing.assert_close(t, d, atol=1e-15, rtol=0)

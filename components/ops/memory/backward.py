@@ -32,9 +32,10 @@ from components.ops.memory.step import Setting, chunk_step
 
 def hand_backward_applies(q: Tensor, setting) -> bool:
     """The chunk loop's backward is written for eq. 12's one-token rule with gradient descent:
-    the Omega rule's windows and Muon's step keep autograd, as a LayerNorm'd memory does."""
+    the Omega rule's windows, Muon's step and the l1 retention keep autograd, as a LayerNorm'd
+    memory does."""
     model = setting.model
-    plain = model.norm is None and model.omega_window == 1 and model.muon_steps is None
+    plain = model.norm is None and model.omega_window == 1 and model.muon_steps is None and model.l1 is None
     return plain and not setting.compiled and not autocast_on(q) and torch.is_grad_enabled()
 
 

@@ -24,6 +24,7 @@ from components.ops.memory.common import (
     norm_params,
     per_layer,
     prior_weights,
+    retained,
     unflat_outputs,
     unflat_weights,
     with_pending,
@@ -100,6 +101,7 @@ def memory_update_chunkwise(
         q_rows = qf[:, q_lo:q_hi] if q_hi > q_lo else None
         if end - start == C:  # a whole chunk: one inner step with the chunk-mean gates
             y, W, S = step(W, S, q_rows, kf[:, start:end], vf[:, start:end], next(gates), model, norm, prior)
+            W = retained(W, model, prior, C)
         else:
             y = forward(W, q_rows, model, norm) if q_rows is not None else None
         if y is not None:

@@ -115,6 +115,8 @@ class MemoryModel:
     muon_steps: the inner optimiser is Muon (ATLAS eqs. 32-33) with this many Newton-Schulz
         steps: M_t = (1 - alpha_t) M_{t-1} + alpha_t P - theta_t NS(S_t), S_t = eta_t S_{t-1} + u_t
         (S holds raw gradients, theta scales the orthogonalised step); None = gradient descent.
+    l1: elastic-net retention (MIRAS eqs. 22-23): when a chunk completes, the deviation of each
+        weight from its prior (or zero) is soft-thresholded by l1 * chunk_size (`retained`); None = off.
     """
 
     activation: Activation = "gelu"
@@ -126,6 +128,7 @@ class MemoryModel:
     objective: Objective = Objective()
     omega_window: int = 1
     muon_steps: int | None = None
+    l1: float | None = None
 
     def to(self, dtype: torch.dtype) -> MemoryModel:
         """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
@@ -299,6 +302,17 @@ def capped(cap: float, loss: Tensor, sq: list[Tensor], theta) -> Tensor:
 # layouts and checks
 
 
+def retained(ws: Weights, model: MemoryModel, prior: Weights | None, chunk_size: int) -> Weights:
+    """The elastic-net retention at a chunk's end (MIRAS eqs. 22-23): P + S_g(W - P) per layer,
+    S_g the soft threshold at g = l1 * chunk_size, P the prior (or zero). The identity without l1."""
+    if model.l1 is None:
+        return ws
+    g = model.l1 * chunk_size
+    if prior is None:
+        return tuple(F.softshrink(w, g) for w in ws)
+    return tuple(p + F.softshrink(w - p, g) for w, p in zip(ws, prior))
+
+
 def autocast_on(t: Tensor) -> bool:
     return t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type)
 
@@ -361,17 +375,18 @@ def triton_reach(
     read: str,
     dims: tuple[int, ...],
     objective: str = "l2",
-    rule: tuple[int, int | None] = (1, None),
+    rule: tuple[int, int | None, float | None] = (1, None, None),
 ) -> str | None:
     """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
-    and the hidden widths; rule: the Omega window and Muon's steps (None: gradient descent). The
-    one statement of what the kernels cover: the spec refuses `backend: triton` with it, and
-    the op picks its backend with it."""
-    plain = granularity == "token" and read == "after_update" and objective == "l2" and rule == (1, None)
+    and the hidden widths; rule: the Omega window, Muon's steps and the l1 retention (None:
+    gradient descent, no l1). The one statement of what the kernels cover: the spec refuses
+    `backend: triton` with it, and the op picks its backend with it."""
+    plain = granularity == "token" and read == "after_update" and objective == "l2" and rule == (1, None, None)
     if depth > 2 or norm or not plain:
         return (
             "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
-            "with granularity 'token', read 'after_update', the l2 objective, gradient descent and no Omega window"
+            "with granularity 'token', read 'after_update', the l2 objective, gradient descent, no Omega window"
+            " and no l1 retention"
         )
     if any(x < 16 or x & (x - 1) for x in dims):
         return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"

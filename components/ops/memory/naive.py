@@ -18,6 +18,7 @@ from components.ops.memory.common import (
     Weights,
     act,
     check,
+    retained,
     with_pending,
 )
 from components.ops.memory.muon import newton_schulz
@@ -110,6 +111,7 @@ def naive_memory_update(
                     keep = scalar(1 - mean(decay)) if decay is not None else 1.0
                     new_W.append(keep * W[i] + step)
                 W, S = tuple(new_W), tuple(new_S) if S is not None else None
+                W = retained(W, model, model.prior, chunk_size)  # MIRAS eqs. 22-23, at the chunk's end
         left = (r + n) % chunk_size
         pending = None
         if left:
@@ -159,6 +161,8 @@ def naive_memory_update(
         W, S = tuple(new_W), tuple(new_S) if S is not None else None
         outs.append(f(anchor if read == "chunk_start" else W, q[:, :, t]))
         offset = (offset + 1) % chunk_size
+        if offset == 0:  # the chunk is complete: the elastic-net retention (MIRAS eqs. 22-23)
+            W = retained(W, model, model.prior, chunk_size)
     out = torch.stack(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
     tail = lambda t: t[:, :, t.shape[2] - P :]  # noqa: E731
     history = (tail(kx), tail(vx), tail(gx), tail(lrx)) if P else None

@@ -32,6 +32,7 @@ from components.ops.memory.common import (
     gate_logs,
     norm_params,
     prior_weights,
+    retained,
     unflat_outputs,
     unflat_weights,
 )
@@ -134,7 +135,9 @@ def memory_update(
         y, M, S = piece(M, S, anchor, 0, c)  # anchor is not M here: no shared bmm
         outs.append(y)
         pos, offset = c, (offset + c) % chunk_size
-        anchor = M if offset == 0 else anchor
+        if offset == 0:  # the chunk is complete
+            M = retained(M, model, setting.prior, chunk_size)
+            anchor = M
     if pos < n:
         full = (n - pos) // chunk_size
         if full:
@@ -184,6 +187,7 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
         # unbind: one stack in the backward pass instead of a full-size zero tensor per chunk
         for args in zip(q.unbind(1), k.unbind(1), v.unbind(1), per_chunk(co, len(M))):
             y, M, S, _ = step(M, M, S, *args, setting)
+            M = retained(M, setting.model, setting.prior, C)
             ys.append(y)
         return torch.cat(ys, 1), M, S
 

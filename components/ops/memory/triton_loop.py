@@ -30,7 +30,7 @@ def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | No
     """Why the kernels cannot run whole chunks q (B, K, c, d) from states M (None: they can)."""
     dims = (q.shape[-2], q.shape[-1], *(w.shape[-1] for w in M[:-1]))
     model = setting.model
-    rule = (model.omega_window, model.muon_steps)
+    rule = (model.omega_window, model.muon_steps, model.l1)
     return triton_reach(len(M), model.norm is not None, "token", setting.read, dims, model.objective.kind, rule)
 
 

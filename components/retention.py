@@ -1,0 +1,27 @@
+"""The memory's retention beyond the forget gate, MIRAS's third choice (Behrouz et al., arXiv
+2504.13173, §3.3): what a write keeps of the memory besides the learning step. The forget gate
+(`decay`) is the l2 retention, W <- (1 - alpha) W; elastic net adds l1 (MIRAS eqs. 22-23), a
+soft threshold S_g(x) = sign(x) max(|x| - g, 0) that sets small entries of the memory exactly to
+its prior. The math is `components.ops.memory.common.retained`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from components.base import Spec
+
+
+class ElasticNetRetentionSpec(Spec):
+    """l1 + l2: the forget gate (if `decay` is on) and a soft threshold of the memory's deviation
+    from what the decay returns to (its prior, or zero), g = l1 per token, applied once per chunk
+    (g = l1 * chunk_size) when the chunk completes: MIRAS's nonlinear retentions act at chunk
+    boundaries (§5.3), so the chunk's reads stay the dual form's (the chunk's last token reads
+    before the threshold). Chunk size 1 is the per-token proximal rule
+    W_t = S_g((1 - alpha_t) W_{t-1} - theta_t grad), y_t read before S_g (docs/decisions/0013)."""
+
+    kind: Literal["elastic_net"] = "elastic_net"
+    l1: float = Field(1e-4, gt=0.0, le=1.0)
+    """The soft threshold per token (the l1 weight times the step). A fresh memory's entries are
+    ~1 / sqrt(head dim) (0.25 at 16) and one write moves an entry by ~theta / head dim."""
