@@ -34,9 +34,9 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import Objective, in_state_dtype, triton_reach
+from components.ops.memory.common import Objective, beyond_triton, in_state_dtype, triton_reach
 from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
-from components.retention import ElasticNetRetentionSpec
+from components.retention import RetentionSpec
 
 
 class LinearMemorySpec(Spec):
@@ -133,6 +133,10 @@ class DecaySpec(Spec):
     """P, what forgetting returns to: the learned initial weights W_0 (the memory's prior), or zero
     (eq. 13 as written; a deep memory decayed toward zero loses both layers at once and stops
     learning: docs/decisions/0006)."""
+    per: Literal["token", "channel"] = "token"
+    """The retention's strength: one alpha per token and head (Titans eq. 13), or one per output
+    channel of every memory layer (hidden units, value channels), M_t = M_{t-1} diag(1 - alpha_t)
+    + ... (Titans T2's channel-wise alpha, MIRAS's channel-wise gates; GLA's diagonal decay)."""
 
 
 class OutputGateSpec(Spec):
@@ -167,9 +171,10 @@ class NeuralMemorySpec(Spec):
     """Momentum (past surprise); null = off (eta = 0, no momentum state)."""
     decay: DecaySpec | None = DecaySpec()
     """Forget gate / weight decay (MIRAS's l2 retention); null = off (alpha = 0)."""
-    retention: ElasticNetRetentionSpec | None = None
-    """Retention beyond the forget gate: elastic_net (an l1 soft threshold at every chunk's end,
-    MIRAS); null = the forget gate alone."""
+    retention: RetentionSpec | None = None
+    """Retention beyond the forget gate (MIRAS): elastic_net (an l1 soft threshold at every
+    chunk's end) or kl (softmax weights written by mirror descent, Memora's); null = the forget
+    gate alone."""
     conv: ShortConvSpec | None = ShortConvSpec()
     """Short causal convolution after the q/k/v projections; null = off."""
     qk_norm: Literal["l2", "none"] = "l2"
@@ -200,7 +205,11 @@ class NeuralMemorySpec(Spec):
 
     def l1(self) -> float | None:
         """The elastic-net retention's threshold per token (None without it)."""
-        return self.retention.l1 if self.retention is not None else None
+        return self.retention.l1 if self.retention is not None and self.retention.kind == "elastic_net" else None
+
+    def kl_scale(self) -> float | None:
+        """The KL retention's c (None without it)."""
+        return self.retention.scale if self.retention is not None and self.retention.kind == "kl" else None
 
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""
@@ -243,8 +252,11 @@ class NeuralMemorySpec(Spec):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
-            rule = (self.window(), self.optimizer.steps(), self.l1())
-            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, rule)
+            rule = MemoryModel(
+                omega_window=self.window(), muon_steps=self.optimizer.steps(), l1=self.l1(), kl_scale=self.kl_scale()
+            )
+            beyond = beyond_triton(rule, channelwise=self.decay is not None and self.decay.per == "channel")
+            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
 
@@ -262,6 +274,9 @@ class NeuralMemorySpec(Spec):
             theta_layers=len(net.initial) if self.lr.per_layer else 1,
             eta_init=self.momentum.init if self.momentum is not None else None,
             alpha_init=self.decay.init if self.decay is not None else None,
+            alpha_channels=tuple(w.shape[-1] for w in net.initial)
+            if self.decay is not None and self.decay.per == "channel"
+            else None,
             gamma_init=self.omega.gate_init if self.omega is not None and self.window() > 1 else None,
         )
         return NeuralMemory(
@@ -290,6 +305,7 @@ class NeuralMemorySpec(Spec):
                 omega_window=self.window(),
                 muon_steps=self.optimizer.steps(),
                 l1=self.l1(),
+                kl_scale=self.kl_scale(),
             ),  # fmt: skip
         )
 
@@ -319,7 +335,7 @@ class MemoryNet(nn.Module):
         prior = tuple(self.initial) if rule.forget_to_prior else None
         return MemoryModel(
             self.activation, self.residual, norm, prior=prior, step_cap=rule.step_cap, objective=rule.objective,
-            omega_window=rule.omega_window, muon_steps=rule.muon_steps, l1=rule.l1,
+            omega_window=rule.omega_window, muon_steps=rule.muon_steps, l1=rule.l1, kl_scale=rule.kl_scale,
         )  # fmt: skip
 
 
@@ -348,6 +364,7 @@ class Gates(nn.Module):
         theta_layers: int,
         eta_init: float | None,
         alpha_init: float | None,
+        alpha_channels: tuple[int, ...] | None = None,
         gamma_init: float | None = None,
     ) -> None:
         super().__init__()
@@ -355,7 +372,9 @@ class Gates(nn.Module):
         self.theta_layers = theta_layers
         self.momentum, self.decay = eta_init is not None, alpha_init is not None
         on = lambda init: heads if init is not None else 0  # noqa: E731
-        self.sizes = [heads * theta_layers, on(eta_init), on(alpha_init), on(gamma_init)]
+        self.alpha_channels = alpha_channels  # per channel: each layer's output widths
+        alphas = heads * sum(alpha_channels) if alpha_channels and alpha_init is not None else on(alpha_init)
+        self.sizes = [heads * theta_layers, on(eta_init), alphas, on(gamma_init)]
         self.proj = nn.Linear(dim, sum(self.sizes))
         nn.init.zeros_(self.proj.weight)
         inits = [theta_init, eta_init or 0.5, alpha_init or 0.5, gamma_init or 0.5]
@@ -378,11 +397,21 @@ class Gates(nn.Module):
             else rearrange(lr, "b n h -> b h n")
         )
         mom = rearrange(torch.sigmoid(mom), "b n h -> b h n") if self.sizes[1] else None
-        dec = rearrange(torch.sigmoid(dec), "b n h -> b h n") if self.sizes[2] else None
+        dec = self._decay(torch.sigmoid(dec)) if self.sizes[2] else None
         gamma = rearrange(torch.sigmoid(gamma), "b n h -> b h n") if self.sizes[3] else None
         if mom is not None:  # theta_t (1 - eta_t): momentum averages surprise (LRSpec)
             lr = lr * (1 - (mom[..., None] if lr.ndim == 4 else mom))
         return GateValues(lr, mom, dec, gamma)
+
+    def _decay(self, alpha: Tensor) -> Tensor:
+        """(b, n, h) -> (b, h, n); per channel (b, n, h sum_l o_l) -> (b, h, n, L, O), each layer's
+        o_l channels first and zeros after them (O the widest layer's width; the op reads o_l)."""
+        if self.alpha_channels is None:
+            return rearrange(alpha, "b n h -> b h n")
+        alpha = rearrange(alpha, "b n (h s) -> b h n s", h=self.heads)
+        widest = max(self.alpha_channels)
+        layers = alpha.split(list(self.alpha_channels), dim=-1)
+        return torch.stack([F.pad(a, (0, widest - a.shape[-1])) for a in layers], 3)
 
 
 class QKVProjection(nn.Linear):
@@ -425,6 +454,7 @@ class UpdateRule:
     omega_window: int = 1
     muon_steps: int | None = None
     l1: float | None = None
+    kl_scale: float | None = None
 
 
 @dataclass
@@ -531,6 +561,8 @@ class NeuralMemory(nn.Module):
         )  # fmt: skip
         w_norm = torch.stack([w.pow(2).sum((-2, -1)) for w in after.weights]).sum(0).sqrt()
         mean = lambda g: None if g is None else float(g.mean())  # noqa: E731
+        if decay is not None and decay.ndim == 5:  # per channel: the layers' own channels, not the padding
+            decay = torch.cat([decay[..., i, : w.shape[-1]].flatten() for i, w in enumerate(after.weights)])
         return MemoryHealth(surprise.mean((0, 1)), float(lr.mean()), mean(momentum), mean(decay), float(w_norm.mean()))
 
     def memory_model(self) -> MemoryModel:

@@ -2,11 +2,13 @@
 2504.13173, §3.3): what a write keeps of the memory besides the learning step. The forget gate
 (`decay`) is the l2 retention, W <- (1 - alpha) W; elastic net adds l1 (MIRAS eqs. 22-23), a
 soft threshold S_g(x) = sign(x) max(|x| - g, 0) that sets small entries of the memory exactly to
-its prior. The math is `components.ops.memory.common.retained`."""
+its prior (`components.ops.memory.common.retained`); the KL retention (MIRAS eqs. 19-21, Memora)
+keeps the memory's weights on scaled simplices, W = c softmax(A), and writes by mirror descent
+(`components.ops.memory.mirror`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -25,3 +27,21 @@ class ElasticNetRetentionSpec(Spec):
     l1: float = Field(1e-4, gt=0.0, le=1.0)
     """The soft threshold per token (the l1 weight times the step). A fresh memory's entries are
     ~1 / sqrt(head dim) (0.25 at 16) and one write moves an entry by ~theta / head dim."""
+
+
+class KLRetentionSpec(Spec):
+    """The KL divergence as the local retention (MIRAS eqs. 19-21; Memora eq. 27): the state holds
+    logits A and the memory computes with W = c softmax(A) over each weight column (its input
+    axis: every output is c times a convex combination of the layer's inputs); a write is
+    eqs. 13-14 on A with the gradient taken by W, i.e. W_t = c softmax((1 - alpha_t) log W_{t-1}
+    - theta_t grad) up to each column's constant. The forget gate (`decay`) is the (1 - alpha_t)
+    on log W. Reads after the update go through softmax(A_t) per token (materialised: c matrices
+    per layer and chunk); `read: chunk_start` reads W_{t'} only."""
+
+    kind: Literal["kl"] = "kl"
+    scale: float = Field(1.0, gt=0.0, le=1e3)
+    """c, each column's total weight. With nonnegative weights a layer cannot flip a sign, so a
+    memory that must fit signed values needs the x + LN(f(x)) form (Memora's)."""
+
+
+RetentionSpec = Annotated[ElasticNetRetentionSpec | KLRetentionSpec, Field(discriminator="kind")]

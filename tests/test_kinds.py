@@ -115,7 +115,12 @@ def _memory_options() -> dict[str, list[str]]:
         if kind != "gd":  # Muon refuses the step cap
             options[f"optimizer {kind}"] = [f"block.memory.optimizer.kind={kind}", "block.memory.lr.curvature_cap=null"]
     options["omega window 3"] = ["block.memory.omega.window=3"]
-    options["retention elastic_net"] = ["block.memory.retention.kind=elastic_net", "block.memory.retention.l1=0.01"]
+    options["decay per channel"] = ["block.memory.decay.per=channel"]
+    from components.retention import RetentionSpec
+
+    for kind in union_members(RetentionSpec):  # the forget gate alone (null) is the default
+        options[f"retention {kind}"] = [f"block.memory.retention.kind={kind}"]
+    options["retention elastic_net"].append("block.memory.retention.l1=0.01")  # the default 1e-4 is too small to see
     return options
 
 

@@ -37,6 +37,8 @@ class Case:
     gated: bool = True  # with gamma gates (the window's tokens weighted)
     muon: int | None = None  # Newton-Schulz steps (the inner optimiser is Muon)
     l1: float | None = None  # the elastic-net retention's soft threshold per token
+    channel_decay: bool = False  # one forget gate per output channel of each layer
+    kl: float | None = None  # the KL retention's scale c: W = c softmax(A)
 
 
 CASES = {
@@ -142,6 +144,31 @@ CASES = {
     "l1 + omega 2 + muon 2, mlp plain, chunk 8": Case(
         norm=False, residual=False, chunk=8, n=29, omega=2, muon=2, l1=1e-3
     ),
+    # a forget gate per output channel (Titans T2's channel-wise alpha; MIRAS's channel-wise gates)
+    "channel decay, linear, momentum, chunk 16": Case(depth=1, norm=False, residual=False, channel_decay=True),
+    "channel decay, mlp plain, prior, cap, chunk 5": Case(
+        norm=False, residual=False, prior=True, cap=0.5, chunk=5, n=23, per_layer_lr=True, channel_decay=True
+    ),
+    "channel decay, mlp x+LN, no momentum, chunk 1": Case(momentum=False, chunk=1, n=19, channel_decay=True),
+    "channel decay, omega 3, read chunk_start, chunk 5": Case(
+        read="chunk_start", chunk=5, n=23, omega=3, channel_decay=True
+    ),
+    "channel decay, muon 2, prior, chunk 8": Case(
+        norm=False, residual=False, prior=True, chunk=8, n=29, muon=2, channel_decay=True
+    ),
+    "channel decay, granularity chunk, prior": Case(
+        read="chunk_start", granularity="chunk", chunk=5, n=23, prior=True, channel_decay=True
+    ),
+    # the KL retention (MIRAS eqs. 19-21, Memora): W = c softmax(A), mirror descent on A
+    "kl 1, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, kl=1.0),
+    "kl 2, mlp x+LN, prior, chunk 5": Case(prior=True, chunk=5, n=23, kl=2.0),
+    "kl 1, mlp plain, step cap, chunk 1": Case(norm=False, residual=False, chunk=1, n=19, cap=0.05, kl=1.0),
+    "kl 1, read chunk_start, prior, chunk 5": Case(norm=False, read="chunk_start", prior=True, chunk=5, n=23, kl=1.0),
+    "kl 1, granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=5, n=23, kl=1.0),
+    "kl 1 + muon 2, mlp plain, chunk 8": Case(norm=False, residual=False, chunk=8, n=29, muon=2, kl=1.0),
+    "kl 1 + channel decay + omega 2, chunk 8": Case(
+        norm=False, residual=False, chunk=8, n=29, omega=2, channel_decay=True, per_layer_lr=True, kl=1.0
+    ),
 }
 
 
@@ -157,13 +184,15 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     weights = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:]))
     lr = uni(b, h, n, case.depth, scale=0.2) if case.per_layer_lr else uni(b, h, n, scale=0.2)
     mom = uni(b, h, n, scale=0.6) if case.momentum else None
-    dec = uni(b, h, n, scale=0.1) if case.decay else None
+    dec = None
+    if case.decay:  # per channel: (b, h, n, L, widest layer's outputs); narrower layers read their first o
+        dec = uni(b, h, n, case.depth, max(widths[1:]), scale=0.1) if case.channel_decay else uni(b, h, n, scale=0.1)
     norm = (rnd(h, d, scale=0.1) + 1, rnd(h, d, scale=0.1)) if case.norm else None
     prior = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:])) if case.prior else None
     gamma = uni(b, h, n) if case.omega > 1 and case.gated else None
     model = MemoryModel(
         case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective,
-        omega_window=case.omega, muon_steps=case.muon, l1=case.l1,
+        omega_window=case.omega, muon_steps=case.muon, l1=case.l1, kl_scale=case.kl,
     )  # fmt: skip
     leaves = [t for t in (q, k, v, lr, mom, dec, gamma, *weights, *(norm or ()), *(prior or ())) if t is not None]
     return (q, k, v, lr, mom, dec, *([gamma] if gamma is not None else [])), weights, model, leaves
@@ -259,6 +288,8 @@ def test_fast_equals_naive_float64(name):
         "muon 2, mlp plain, prior, per-layer lr, chunk 16",
         "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
         "l1, mlp plain, prior, step cap, chunk 5",
+        "channel decay, mlp plain, prior, cap, chunk 5",
+        "kl 1 + channel decay + omega 2, chunk 8",
     ],
 )
 def test_fast_equals_naive_float32(name):
@@ -306,6 +337,8 @@ def test_linear_online_without_momentum_is_the_gated_delta_rule():
         "atlas: omega 3 + muon 3, mlp plain, prior, chunk 8",
         "muon 2, granularity chunk",
         "l1, mlp plain, prior, step cap, chunk 5",
+        "channel decay, mlp plain, prior, cap, chunk 5",
+        "kl 2, mlp x+LN, prior, chunk 5",
     ],
 )
 @pytest.mark.parametrize("pieces", [[1, 3, 7, 2, 11, 13], [37], [16, 16, 5], [1] * 37])
@@ -594,3 +627,55 @@ def test_the_l1_retention_sets_small_deviations_exactly_to_the_prior():
         assert ((w - p) == 0).float().mean() > 0.2
         assert ((d - p) == 0).float().mean() == 0
         torch.testing.assert_close(t, d, atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "channel decay, mlp plain, prior, cap, chunk 5",
+        "channel decay, muon 2, prior, chunk 8",
+        "channel decay, linear, momentum, chunk 16",
+        "channel decay, granularity chunk, prior",
+    ],
+)  # fmt: skip
+def test_a_decay_equal_in_every_channel_is_the_decay_per_token(name):
+    """The identity of the per-channel forget gate: every channel at the token's alpha gives the
+    per-token rule exactly; another value in one channel of one layer changes that column only."""
+    case = CASES[name]
+    (q, k, v, lr, mom, dec), weights, model, _ = make(case)
+    token = dec[..., 0, 0].detach()  # (b, h, n)
+    with torch.no_grad():
+        same = token[..., None, None].expand(*dec.shape).clone()
+        y_c, s_c = run(memory_update, case, (q, k, v, lr, mom, same), weights, model)
+        y_t, s_t = run(memory_update, replace(case, channel_decay=False), (q, k, v, lr, mom, token), weights, model)
+        torch.testing.assert_close(y_c, y_t, atol=1e-12, rtol=0)
+        for a, b in zip(s_c.weights, s_t.weights):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        one = same.clone()
+        one[..., -1, 3] = 0.5  # the last layer's output channel 3 forgets half per token
+        _, s_1 = run(memory_update, case, (q, k, v, lr, mom, one), weights, model)
+    last, ref = s_1.weights[-1], s_t.weights[-1]
+    assert (last[..., 3] - ref[..., 3]).abs().max() > 1e-2
+    others = [j for j in range(last.shape[-1]) if j != 3]
+    if len(weights) == 1:  # a linear memory: the other columns do not see channel 3 at all
+        torch.testing.assert_close(last[..., others], ref[..., others], atol=1e-12, rtol=0)
+
+
+def test_the_kl_retention_is_mirror_descent_on_softmax_weights():
+    """Memora's rule written out (MIRAS eq. 27) for a linear memory at chunk 1, no momentum: W_t
+    = c softmax((1 - alpha_t) log W_{t-1} - theta_t grad_W l_t(W_{t-1})) over each column, from
+    W_0 = c softmax(A_0); the op's reads are f_{W_t}(q_t) and its state's softmax is W_t."""
+    case = Case(depth=1, momentum=False, chunk=1, n=17, norm=False, residual=False, kl=2.0)
+    (q, k, v, lr, _, dec), weights, model, _ = make(case)
+    with torch.no_grad():
+        y, state = run(memory_update, case, (q, k, v, lr, None, dec), weights, model)
+        W = 2.0 * torch.softmax(weights[0].expand(q.shape[0], -1, -1, -1), dim=-2)
+        outs = []
+        for t in range(case.n):
+            err = torch.einsum("bhi,bhio->bho", k[:, :, t], W) - v[:, :, t]
+            grad = 2 * k[:, :, t, :, None] * err[..., None, :]  # grad_W ||k W - v||^2
+            logits = (1 - dec[:, :, t, None, None]) * W.log() - lr[:, :, t, None, None] * grad
+            W = 2.0 * torch.softmax(logits, dim=-2)
+            outs.append(torch.einsum("bhi,bhio->bho", q[:, :, t], W))
+    torch.testing.assert_close(y, torch.stack(outs, 2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(2.0 * torch.softmax(state.weights[0], dim=-2), W, atol=1e-12, rtol=0)

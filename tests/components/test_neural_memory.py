@@ -183,12 +183,14 @@ def test_recorded_surprise_falls_on_a_sequence_the_memory_learns():
             "block.memory.omega",
             ["granularity 'token'"],
         ),
-        (["block.memory.omega.window=3", "block.memory.backend=triton"], "block.memory.backend", ["Omega"]),
+        (["block.memory.omega.window=3", "block.memory.backend=triton"], "block.memory.backend", ["Omega rule"]),
         (
             ["block.memory.optimizer.kind=muon", "block.memory.lr.curvature_cap=null", "block.memory.backend=triton"],
             "block.memory.backend",
-            ["gradient descent"],
+            ["Muon"],
         ),
+        (["block.memory.retention.kind=kl", "block.memory.backend=triton"], "block.memory.backend", ["KL retention"]),
+        (["block.memory.decay.per=channel", "block.memory.backend=triton"], "block.memory.backend", ["per channel"]),
         (["block.memory.omega.window=0"], "block.memory.omega.window", ["greater than"]),
     ],
 )

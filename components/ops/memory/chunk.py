@@ -61,7 +61,8 @@ def chunkwise_step(W, S, q, k, v, gates: tuple[Tensor, Tensor | None, Tensor | N
         if keep is None:
             new_W.append(W[i] + step)
             continue
-        keep_i = _layer(keep, i)[..., None, None]
+        keep_i = _layer(keep, i)  # (B,), or (B, O) per channel: column o of W_i
+        keep_i = keep_i[:, None, : W[i].shape[-1]] if keep_i.ndim == 2 else keep_i[..., None, None]
         if prior is not None:
             step = torch.addcmul(step, 1 - keep_i, prior[i])
         new_W.append(torch.addcmul(step, keep_i, W[i]))
@@ -87,8 +88,8 @@ def memory_update_chunkwise(
         """(b, h, total[, L]) -> one (B, L') mean per whole chunk (eta, 1 - alpha as values)."""
         if g is None:
             return [None] * whole
-        g = per_layer(g, b, h)[..., : whole * C]
-        return list(rearrange(g, "B l (k c) -> k B l c", c=C).mean(-1).unbind(0))
+        g = per_layer(g, b, h).narrow(2, 0, whole * C)
+        return list(rearrange(g, "B l (k c) ... -> k B l ... c", c=C).mean(-1).unbind(0))
 
     gates = zip(chunk_means(lr), chunk_means(momentum), chunk_means(None if decay is None else 1 - decay))
     if compiled and "step" not in _compiled:

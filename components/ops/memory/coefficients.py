@@ -23,7 +23,10 @@ class Coefficients(NamedTuple):
     unrolling eqs. 13-14 inside the chunk gives (u_j = grad l_j at the anchor, f_t = sum_s
     (beta_t / beta_s) m_s)
         S_t = m_t S_0 - sum_j N[t, j] u_j,   M_t = beta_t M_0 + f_t S_0 - sum_j G[t, j] u_j.
-    G and N are stored negated, so the chunk step only accumulates. Under the Omega rule
+    G and N are stored negated, so the chunk step only accumulates. With a decay per channel
+    (one alpha per output channel o of each layer: M_t = M_{t-1} diag(1 - alpha_t) + ...) beta,
+    f and G carry a last channel axis O (the widest layer's; a layer reads its first o): beta
+    (B, c, O), G (B, c, R, O), and the reads' G o x a^T becomes a sum over j per channel. Under the Omega rule
     (`omega`) u_j is the windowed gradient sum_i band[j, i] u_i over R = c + w - 1 key rows:
     G and N are multiplied by the band on the right, their columns are key rows (c -> R).
     """
@@ -60,6 +63,8 @@ def decay_matrix(log_cum: Tensor) -> Tensor:
 
 
 def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window) -> Coefficients:
+    if log_keep is not None and log_keep.ndim == lr.ndim + 1:
+        return _channel_coefficients(lr, log_eta, log_keep, window)
     lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
     l_beta = decay_matrix(lam)  # (B, K, L', c, c)
     beta = lam.exp()
@@ -85,6 +90,39 @@ def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, w
         beta_last=beta[..., -1, None, None],
         f_last=None if f is None else f[..., -1, None, None],
         neg_g_last=neg_G[..., -1, :, None],
+        m_last=m_last,
+        neg_n_last=neg_n_last,
+    )
+
+
+def _channel_coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor, window) -> Coefficients:
+    """`_coefficients` with log_keep (B, K, L', c, O): every decay-dependent matrix per channel."""
+    lam = torch.cumsum(log_keep, -2)  # (..., c, O)
+    l_beta = decay_matrix(lam.transpose(-1, -2))  # (..., O, c, c)
+    beta = lam.exp()
+    f = m_last = neg_n_last = None
+    if log_eta is None:
+        neg_G = l_beta * -lr[..., None, None, :]
+    else:
+        mu = torch.cumsum(log_eta, -1)
+        neg_N = decay_matrix(mu) * -lr[..., None, :]
+        m = mu.exp()
+        f = (l_beta @ m[..., None, :, None])[..., 0].transpose(-1, -2)  # (..., c, O)
+        neg_G = l_beta @ neg_N[..., None, :, :]
+        if window is not None:
+            neg_N = neg_N @ window[0]
+        m_last, neg_n_last = m[..., -1, None, None], neg_N[..., -1, :, None]
+    if window is not None:
+        neg_G = neg_G @ window[0][..., None, :, :]
+    neg_G = neg_G.movedim(-3, -1)  # (..., c, R, O)
+    return Coefficients(
+        theta=lr if window is None else window[1],
+        beta=beta,
+        f=f,
+        neg_G=neg_G,
+        beta_last=beta[..., -1:, :],
+        f_last=None if f is None else f[..., -1:, :],
+        neg_g_last=neg_G[..., -1, :, :],
         m_last=m_last,
         neg_n_last=neg_n_last,
     )

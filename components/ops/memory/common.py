@@ -117,6 +117,10 @@ class MemoryModel:
         (S holds raw gradients, theta scales the orthogonalised step); None = gradient descent.
     l1: elastic-net retention (MIRAS eqs. 22-23): when a chunk completes, the deviation of each
         weight from its prior (or zero) is soft-thresholded by l1 * chunk_size (`retained`); None = off.
+    kl_scale: KL retention (MIRAS eqs. 19-21, Memora eq. 27): the state holds logits A and the
+        memory's weights are W = c softmax(A) over each column (the input axis), c = kl_scale
+        (`primal`); the update is eqs. 13-14 on A with the gradient taken by W (mirror descent),
+        W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t grad) up to the column's constant; None = off.
     """
 
     activation: Activation = "gelu"
@@ -129,6 +133,7 @@ class MemoryModel:
     omega_window: int = 1
     muon_steps: int | None = None
     l1: float | None = None
+    kl_scale: float | None = None
 
     def to(self, dtype: torch.dtype) -> MemoryModel:
         """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
@@ -218,14 +223,34 @@ def ln_backward(g: Tensor, xhat: Tensor, rstd: Tensor, gain: Tensor) -> Tensor:
     return rstd * (gh - gh.mean(-1, keepdim=True) - xhat * (gh * xhat).mean(-1, keepdim=True))
 
 
+def primal(ws: Weights, model: MemoryModel) -> Weights:
+    """The weights f_W uses from the state's: W = c softmax(A) over the input axis (dim -2) under
+    the KL retention, the state itself otherwise. Any leading dims (B, i, o), (B, c, i, o)."""
+    if model.kl_scale is None:
+        return ws
+    return tuple(model.kl_scale * torch.softmax(w, dim=-2) for w in ws)
+
+
 def forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
-    """f_W(x) for x (B, c, d)."""
+    """f_W(x) for x (B, c, d), ws the state's weights (`primal` maps them)."""
+    ws = primal(ws, model)
     z = x
     for i, w in enumerate(ws):
         z = z @ w
         if i < len(ws) - 1:
             z = act(model.activation, z)
     return finish(x, z, model, norm)[0]
+
+
+def read_per_token(q: Tensor, Ms: list[Tensor], model: MemoryModel, norm) -> Tensor:
+    """f_{M_t}(q_t) for q (B, c, d) and per-token state weights (B, c or 1, i, o) per layer (the
+    materialised steps: Muon's, the KL retention's)."""
+    x = q
+    for i, w in enumerate(primal(tuple(Ms), model)):
+        x = torch.einsum("bti,btio->bto", x, w.expand(-1, q.shape[1], -1, -1))
+        if i < len(Ms) - 1:
+            x = act(model.activation, x)
+    return finish(q, x, model, norm)[0]
 
 
 class Keys(NamedTuple):
@@ -253,6 +278,7 @@ def keys_and_errors(ws: Weights, k: Tensor, v: Tensor, model: MemoryModel, norm,
     or f_W(q) when q_layers is the whole depth. theta(l): layer l's step (B, c), for the cap.
     """
     c, depth = k.shape[1], len(ws)
+    ws = primal(ws, model)  # the gradients are by W (by the logits' softmax under the KL retention)
     x = torch.cat([k, q], 1) if q is not None and q_layers else k
     inputs, pre, q_inputs, q_pre, q_out = [], [], [], [], None
     for i, w in enumerate(ws):
@@ -345,10 +371,18 @@ def unflat_outputs(outs: list[Tensor], q: Tensor, v: Tensor) -> Tensor:
 
 
 def per_layer(g: Tensor | None, b: int, h: int) -> Tensor | None:
-    """Gate (b, h, n) or (b, h, n, L) -> (b h, L', n) with L' = 1 or L."""
+    """Gate (b, h, n), (b, h, n, L) or per channel (b, h, n, L, O) -> (b h, L', n[, O]) with
+    L' = 1 or L (the token axis is always dim 2)."""
     if g is None:
         return None
+    if g.ndim == 5:
+        return rearrange(g, "b h n l o -> (b h) l n o")
     return rearrange(g if g.ndim == 4 else g[..., None], "b h n l -> (b h) l n")
+
+
+def channel_slice(t: Tensor, width: int) -> Tensor:
+    """A per-channel coefficient (..., O) of the widest layer -> this layer's first `width` channels."""
+    return t[..., :width]
 
 
 def gate_logs(lr, momentum, decay, b, h):
@@ -368,6 +402,19 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
     return join(pk, k), join(pv, v), join(plr, lr), join(pm, momentum), join(pd, decay)
 
 
+def beyond_triton(model: MemoryModel, channelwise: bool = False) -> list[str]:
+    """The mechanisms of a memory the Triton kernels do not cover (the kernels run eq. 12's
+    one-token rule with gradient descent and the forget gate per token as the only retention)."""
+    named = [
+        (model.omega_window > 1, "the Omega rule"),
+        (model.muon_steps is not None, "Muon"),
+        (model.l1 is not None, "the elastic-net retention"),
+        (model.kl_scale is not None, "the KL retention"),
+        (channelwise, "a decay per channel"),
+    ]
+    return [name for used, name in named if used]
+
+
 def triton_reach(
     depth: int,
     norm: bool,
@@ -375,19 +422,19 @@ def triton_reach(
     read: str,
     dims: tuple[int, ...],
     objective: str = "l2",
-    rule: tuple[int, int | None, float | None] = (1, None, None),
+    beyond: list[str] | None = None,
 ) -> str | None:
     """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
-    and the hidden widths; rule: the Omega window, Muon's steps and the l1 retention (None:
-    gradient descent, no l1). The one statement of what the kernels cover: the spec refuses
-    `backend: triton` with it, and the op picks its backend with it."""
-    plain = granularity == "token" and read == "after_update" and objective == "l2" and rule == (1, None, None)
-    if depth > 2 or norm or not plain:
+    and the hidden widths; beyond: the memory's mechanisms outside them (`beyond_triton`). The
+    one statement of what the kernels cover: the spec refuses `backend: triton` with it, and the
+    op picks its backend with it."""
+    if depth > 2 or norm or granularity != "token" or read != "after_update" or objective != "l2":
         return (
             "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
-            "with granularity 'token', read 'after_update', the l2 objective, gradient descent, no Omega window"
-            " and no l1 retention"
+            "with granularity 'token', read 'after_update' and the l2 objective"
         )
+    if beyond:
+        return f"the Triton kernels do not cover {', '.join(beyond)}"
     if any(x < 16 or x & (x - 1) for x in dims):
         return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"
     return None
@@ -395,6 +442,12 @@ def triton_reach(
 
 def check(q, k, v, lr, momentum, decay, state: MemoryState, model: MemoryModel, omega: Tensor | None = None) -> int:
     b, h, n, d = k.shape
+    if decay is not None and decay.ndim == 5:  # per channel: (b, h, n, L, widest layer's outputs)
+        widths = (len(state.weights), max(w.shape[-1] for w in state.weights))
+        if decay.shape[:3] != (b, h, n) or decay.shape[3:] != widths:
+            want = (b, h, n, *widths)
+            raise ValueError(f"per-channel decay must be (b, h, n, L, O) = {want}, got {tuple(decay.shape)}")
+        decay = decay[..., 0]
     if omega is not None and (omega.shape != (b, h, n) or model.omega_window == 1):
         raise ValueError(f"omega gates must be (b, h, n) = {(b, h, n)} with an Omega window > 1")
     if model.muon_steps is not None and model.step_cap is not None:

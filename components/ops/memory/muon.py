@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from components.ops.memory.coefficients import decay_matrix
-from components.ops.memory.common import act, finish, keys_and_errors
+from components.ops.memory.common import keys_and_errors, read_per_token
 
 # the quintic iteration's coefficients (Jordan et al.'s Muon): it pushes every singular value of
 # a Frobenius-normalised matrix into about [0.7, 1.2] within 5 steps
@@ -52,16 +52,21 @@ class MuonCoefficients(NamedTuple):
     layer, (B, K, L', c, ...) for all (as `Coefficients`; `per_chunk` splits them)."""
 
     theta: Tensor  # (B, c)
-    beta: Tensor  # (B, c, 1): prod_{s<=t} (1 - alpha_s)
-    neg_T: Tensor  # (B, c, c): -theta_s beta_t / beta_s, s <= t
+    beta: Tensor  # (B, c, 1): prod_{s<=t} (1 - alpha_s); (B, c, O) with a decay per channel
+    neg_T: Tensor  # (B, c, c): -theta_s beta_t / beta_s, s <= t; (B, c, c, O) per channel
     mix: Tensor | None  # (B, c, R): N_eta band, or the band alone; None: the identity (S_t = u_t)
     m: Tensor | None  # (B, c, 1): prod_{s<=t} eta_s; None without momentum
 
 
 def muon_coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window) -> MuonCoefficients:
     """lr, log_eta, log_keep (B, K, L', c); window: the Omega rule's (band, key rows' steps) or None."""
-    lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
-    neg_T = decay_matrix(lam) * -lr[..., None, :]
+    if log_keep is not None and log_keep.ndim == lr.ndim + 1:  # per channel (..., c, O)
+        lam = torch.cumsum(log_keep, -2)
+        neg_T = (decay_matrix(lam.transpose(-1, -2)) * -lr[..., None, None, :]).movedim(-3, -1)
+        beta = lam.exp()
+    else:
+        lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
+        neg_T, beta = decay_matrix(lam) * -lr[..., None, :], lam.exp()[..., None]
     band = window[0] if window is not None else None
     mix = m = None
     if log_eta is not None:
@@ -70,7 +75,7 @@ def muon_coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | Non
         m = mu.exp()[..., None]
     elif band is not None:
         mix = band
-    return MuonCoefficients(lr, lam.exp()[..., None], neg_T, mix, m)
+    return MuonCoefficients(lr, beta, neg_T, mix, m)
 
 
 def muon_step(anchor, M, S, q, k, v, coef: tuple[MuonCoefficients, ...], setting):
@@ -86,25 +91,21 @@ def muon_step(anchor, M, S, q, k, v, coef: tuple[MuonCoefficients, ...], setting
         if S is not None:
             sigma = sigma + co.m[..., None] * S[i][:, None]
             new_S.append(sigma[:, -1])
-        step = torch.einsum("bts,bsio->btio", co.neg_T.to(U.dtype), newton_schulz(sigma, model.muon_steps))
-        Mt = co.beta[..., None] * M[i][:, None] + step
+        o = M[i].shape[-1]
+        ns = newton_schulz(sigma, model.muon_steps)
+        if co.neg_T.ndim == 4:  # a decay per channel: T[t, s, o] scales column o
+            step = torch.einsum("btso,bsio->btio", co.neg_T[..., :o].to(U.dtype), ns)
+        else:
+            step = torch.einsum("bts,bsio->btio", co.neg_T.to(U.dtype), ns)
+        beta = co.beta[..., :o].unsqueeze(-2)  # (B, c, 1, 1 or o)
+        Mt = beta * M[i][:, None] + step
         if prior is not None:
-            Mt = Mt + (1 - co.beta[..., None]) * prior[i][:, None]
+            Mt = Mt + (1 - beta) * prior[i][:, None]
         Ms.append(Mt)
         new_M.append(Mt[:, -1])
     y = None
     if q is not None and setting.read == "chunk_start":
-        y = _read(q, [w[:, None] for w in anchor], model, norm)
+        y = read_per_token(q, [w[:, None] for w in anchor], model, norm)
     elif q is not None:
-        y = _read(q, Ms, model, norm)
+        y = read_per_token(q, Ms, model, norm)
     return y, tuple(new_M), tuple(new_S) if S is not None else None, None
-
-
-def _read(q: Tensor, Ms: list[Tensor], model, norm) -> Tensor:
-    """f_{M_t}(q_t) for q (B, c, d) and per-token weights (B, c or 1, i, o) per layer."""
-    x = q
-    for i, w in enumerate(Ms):
-        x = torch.einsum("bti,btio->bto", x, w.expand(-1, q.shape[1], -1, -1))
-        if i < len(Ms) - 1:
-            x = act(model.activation, x)
-    return finish(q, x, model, norm)[0]

@@ -18,6 +18,7 @@ from components.ops.memory.common import (
     Weights,
     act,
     check,
+    primal,
     retained,
     with_pending,
 )
@@ -49,8 +50,13 @@ def naive_memory_update(
     model = model or MemoryModel(activation=activation)
     layers = check(q, k, v, lr, momentum, decay, state, model, omega)
     b, h, n, d = q.shape
-    gate = lambda g, t, i: None if g is None else (g[:, :, t, i] if g.ndim == 4 else g[:, :, t])  # noqa: E731
+    gate = lambda g, t, i: None if g is None else (g[:, :, t, i] if g.ndim >= 4 else g[:, :, t])  # noqa: E731
     scalar = lambda x: x[..., None, None]  # noqa: E731
+
+    def alpha(a: Tensor, i: int) -> Tensor:
+        """The forget gate of layer i shaped against its weights (b, h, d_in, d_out): one value
+        per token and head, or per output channel (a decay (b, h, n, L, O): column o of W_i)."""
+        return a[..., None, : state.weights[i].shape[-1]] if decay is not None and decay.ndim == 5 else scalar(a)
 
     def f(ws: Weights, x: Tensor) -> Tensor:  # x (b, h, d)
         y = x
@@ -66,6 +72,7 @@ def naive_memory_update(
 
     def grads(ws: Weights, kt: Tensor, vt: Tensor, theta) -> Weights:
         """grad l_t at ws, times the step cap r_t when there is one (theta(i): layer i's step)."""
+        ws = primal(ws, model)  # the KL retention: the gradient by W = c softmax(A), not by A
         ws = tuple(w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in ws)
         losses = model.objective.loss(f(ws, kt), vt)  # (b, h); autograd differentiates it
         u = torch.autograd.grad(losses.sum(), ws, create_graph=outer)
@@ -86,7 +93,7 @@ def naive_memory_update(
         k, v, lr, momentum, decay = with_pending(state, k, v, lr, momentum, decay)
         outs = []
         for t in range(r, r + n):
-            outs.append(f(W, q[:, :, t - r]))
+            outs.append(f(primal(W, model), q[:, :, t - r]))
             if (t + 1) % chunk_size == 0:  # the chunk is whole: one step with its mean gates
                 s0 = t + 1 - chunk_size
                 theta = lambda i: torch.stack([gate(lr, s, i) for s in range(s0, t + 1)]).mean(0)  # noqa: E731
@@ -107,8 +114,8 @@ def naive_memory_update(
                             step = scalar(mean(momentum)) * S[i] + step
                             new_S.append(step)
                     if decay is not None and model.prior is not None:
-                        step = step + scalar(mean(decay)) * model.prior[i]
-                    keep = scalar(1 - mean(decay)) if decay is not None else 1.0
+                        step = step + alpha(mean(decay), i) * model.prior[i]
+                    keep = 1 - alpha(mean(decay), i) if decay is not None else 1.0
                     new_W.append(keep * W[i] + step)
                 W, S = tuple(new_W), tuple(new_S) if S is not None else None
                 W = retained(W, model, model.prior, chunk_size)  # MIRAS eqs. 22-23, at the chunk's end
@@ -155,11 +162,11 @@ def naive_memory_update(
                     step = scalar(gate(momentum, t, i)) * S[i] + step
                     new_S.append(step)
             if decay is not None and model.prior is not None:  # forget toward the prior
-                step = step + scalar(gate(decay, t, i)) * model.prior[i]
-            keep = scalar(1 - gate(decay, t, i)) if decay is not None else 1.0
+                step = step + alpha(gate(decay, t, i), i) * model.prior[i]
+            keep = 1 - alpha(gate(decay, t, i), i) if decay is not None else 1.0
             new_W.append(keep * W[i] + step)  # eq. 13
         W, S = tuple(new_W), tuple(new_S) if S is not None else None
-        outs.append(f(anchor if read == "chunk_start" else W, q[:, :, t]))
+        outs.append(f(primal(anchor if read == "chunk_start" else W, model), q[:, :, t]))
         offset = (offset + 1) % chunk_size
         if offset == 0:  # the chunk is complete: the elastic-net retention (MIRAS eqs. 22-23)
             W = retained(W, model, model.prior, chunk_size)

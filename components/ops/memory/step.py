@@ -39,6 +39,7 @@ class Setting(NamedTuple):
     group: int | None  # checkpoint groups of this many chunks (None: store everything)
     compiled: bool
     backend: Backend = "auto"
+    channelwise: bool = False  # the decay has one gate per output channel (autograd then)
 
 
 class Saved(NamedTuple):
@@ -73,29 +74,35 @@ def chunk_step(anchor, M, S, q, k, v, coef: tuple[Coefficients, ...], setting: S
     if q is not None and read == "after_update":  # TTT dual form: row t is x_t M_t, M_t never built
         x = q
         for i, co in enumerate(coef):
+            o = M[i].shape[-1]  # a per-channel decay's coefficients: this layer's first o channels
             xm = keys.q_pre[0] if (i == 0 and keys.q_pre) else x @ M[i]
             t = x @ inputs[i].transpose(-1, -2)
-            z = torch.bmm(co.neg_G * t, deltas[i])
-            z = torch.addcmul(z, co.beta, xm)
+            if co.neg_G.ndim == 4:  # per channel: z[t, o] = sum_j t[t, j] G[t, j, o] delta[j, o]
+                z = torch.einsum("btj,btjo,bjo->bto", t, co.neg_G[..., :o], deltas[i])
+            else:
+                z = torch.bmm(co.neg_G * t, deltas[i])
+            beta = co.beta[..., :o]
+            z = torch.addcmul(z, beta, xm)
             xp = xs_ = None
             if prior is not None:  # the share 1 - beta_t of the prior that decay brought back
                 xp = x @ prior[i]
-                z = torch.addcmul(z, 1 - co.beta, xp)
+                z = torch.addcmul(z, 1 - beta, xp)
             if S is not None:
                 xs_ = x @ S[i]
-                z = torch.addcmul(z, co.f, xs_)
+                z = torch.addcmul(z, co.f[..., :o], xs_)
             xs.append(x), zs.append(z), ts.append(t), xms.append(xm), xps.append(xp), xss.append(xs_)
             x = act(model.activation, z) if i < depth - 1 else z
         y = finish(q, x, model, norm)[0]
     new_M, new_S = [], []
     for i, co in enumerate(coef):
-        a_t = inputs[i].transpose(-1, -2)
-        base = M[i] * co.beta_last
+        a_t, o = inputs[i].transpose(-1, -2), M[i].shape[-1]
+        beta_last = co.beta_last[..., :o]  # (B, 1, 1), or (B, 1, o) per channel: scales M's columns
+        base = M[i] * beta_last
         if prior is not None:
-            base = torch.addcmul(base, 1 - co.beta_last, prior[i])
+            base = torch.addcmul(base, 1 - beta_last, prior[i])
         if S is not None:
-            base = torch.addcmul(base, co.f_last, S[i])
+            base = torch.addcmul(base, co.f_last[..., :o], S[i])
             new_S.append(accumulate(S[i] * co.m_last, a_t, co.neg_n_last * deltas[i]))
-        new_M.append(accumulate(base, a_t, co.neg_g_last * deltas[i]))
+        new_M.append(accumulate(base, a_t, co.neg_g_last[..., :o] * deltas[i]))
     saved = Saved(keys, xs, zs, ts, xms, xps, xss)
     return y, tuple(new_M), tuple(new_S) if S is not None else None, saved

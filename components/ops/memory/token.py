@@ -36,6 +36,7 @@ from components.ops.memory.common import (
     unflat_outputs,
     unflat_weights,
 )
+from components.ops.memory.mirror import materialized_step
 from components.ops.memory.muon import muon_coefficients, muon_step
 from components.ops.memory.omega import Rows, band
 from components.ops.memory.step import Backend, Setting, chunk_step
@@ -56,10 +57,15 @@ _compiled: dict[str, object] = {}
 
 
 def _step(setting: Setting):
-    """The chunk step (Muon's when the inner optimiser is Muon), or its torch.compile'd version
+    """The chunk step (Muon's when the inner optimiser is Muon, the materialised one for the KL
+    retention's per-token reads), or its torch.compile'd version
     (compiled once; the step, not the loop, is compiled, so compile time does not grow with the
     sequence)."""
-    step = muon_step if setting.model.muon_steps else chunk_step
+    step = chunk_step
+    if setting.model.muon_steps:
+        step = muon_step
+    elif setting.model.kl_scale is not None and setting.read == "after_update":  # reads through softmax(A_t)
+        step = materialized_step
     if not setting.compiled:
         return step
     if step.__name__ not in _compiled:
@@ -109,8 +115,9 @@ def memory_update(
         return memory_update_chunkwise(q, k, v, lr, momentum, decay, state, chunk_size, model, compiled)
     b, h, n, _ = q.shape
     setting = Setting(
-        model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled, backend
-    )
+        model, norm_params(model, b), prior_weights(model, b), read, chunk_size, checkpoint_chunks, compiled, backend,
+        channelwise=decay is not None and decay.ndim == 5,
+    )  # fmt: skip
     inputs = Inputs(flat(q), flat(k), flat(v), *gate_logs(lr, momentum, decay, b, h))
     w = model.omega_window
     rows = Rows(state, k, v, omega if omega is not None else torch.ones_like(k[..., 0]), lr, w) if w > 1 else None
@@ -121,7 +128,7 @@ def memory_update(
     def piece(M, S, anchor, start: int, c: int):
         """Tokens [start, start + c) of one chunk, gradients at `anchor`."""
         sl = slice(start, start + c)
-        gates, window = [None if t is None else t[..., sl][:, None] for t in inputs[3:]], None
+        gates, window = [None if t is None else t[:, :, sl][:, None] for t in inputs[3:]], None
         chunk = [t[:, sl] for t in inputs[:3]]
         if rows is not None:  # the keys of the chunk and of the w - 1 tokens before it
             k_rows, v_rows, gamma, lr_rows = rows.piece(start, c)
@@ -166,7 +173,7 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
     end = pos + count * C
     whole = pos == 0 and end == inputs.q.shape[1]  # no slicing then: a slice's backward is a full-size copy
     cut = lambda t, dim: t if whole else t.narrow(dim, pos, end - pos)  # noqa: E731
-    split = lambda t: None if t is None else rearrange(cut(t, -1), "B l (k c) -> B k l c", c=C)  # noqa: E731
+    split = lambda t: None if t is None else rearrange(cut(t, 2), "B l (k c) ... -> B k l c ...", c=C)  # noqa: E731
     q, k, v = (rearrange(cut(t, 1), "B (k c) d -> B k c d", c=C) for t in inputs[:3])
     window = None
     if rows is not None:  # each chunk's keys with the w - 1 before it (overlapping windows)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from components.ops.memory.common import triton_reach
+from components.ops.memory.common import beyond_triton, triton_reach
 from components.ops.memory.triton_linear import _linear_bwd, _linear_fwd
 from components.ops.memory.triton_mlp import _mlp_bwd, _mlp_fwd
 
@@ -30,8 +30,8 @@ def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | No
     """Why the kernels cannot run whole chunks q (B, K, c, d) from states M (None: they can)."""
     dims = (q.shape[-2], q.shape[-1], *(w.shape[-1] for w in M[:-1]))
     model = setting.model
-    rule = (model.omega_window, model.muon_steps, model.l1)
-    return triton_reach(len(M), model.norm is not None, "token", setting.read, dims, model.objective.kind, rule)
+    beyond = beyond_triton(model, setting.channelwise)
+    return triton_reach(len(M), model.norm is not None, "token", setting.read, dims, model.objective.kind, beyond)
 
 
 def chosen_by_auto(M: tuple[torch.Tensor, ...]) -> bool:
