@@ -173,8 +173,8 @@ class NeuralMemorySpec(Spec):
     """Forget gate / weight decay (MIRAS's l2 retention); null = off (alpha = 0)."""
     retention: RetentionSpec | None = None
     """Retention beyond the forget gate (MIRAS): elastic_net (an l1 soft threshold at every
-    chunk's end) or kl (softmax weights written by mirror descent, Memora's); null = the forget
-    gate alone."""
+    chunk's end), kl (softmax weights written by mirror descent, Memora's) or lq (q-norm
+    normalised weights, Moneta's); null = the forget gate alone."""
     conv: ShortConvSpec | None = ShortConvSpec()
     """Short causal convolution after the q/k/v projections; null = off."""
     qk_norm: Literal["l2", "none"] = "l2"
@@ -210,6 +210,10 @@ class NeuralMemorySpec(Spec):
     def kl_scale(self) -> float | None:
         """The KL retention's c (None without it)."""
         return self.retention.scale if self.retention is not None and self.retention.kind == "kl" else None
+
+    def lq(self) -> float | None:
+        """The l_q retention's q (None without it)."""
+        return self.retention.q if self.retention is not None and self.retention.kind == "lq" else None
 
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""
@@ -253,7 +257,11 @@ class NeuralMemorySpec(Spec):
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
             rule = MemoryModel(
-                omega_window=self.window(), muon_steps=self.optimizer.steps(), l1=self.l1(), kl_scale=self.kl_scale()
+                omega_window=self.window(),
+                muon_steps=self.optimizer.steps(),
+                l1=self.l1(),
+                kl_scale=self.kl_scale(),
+                lq=self.lq(),
             )
             beyond = beyond_triton(rule, channelwise=self.decay is not None and self.decay.per == "channel")
             reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond)
@@ -306,6 +314,7 @@ class NeuralMemorySpec(Spec):
                 muon_steps=self.optimizer.steps(),
                 l1=self.l1(),
                 kl_scale=self.kl_scale(),
+                lq=self.lq(),
             ),  # fmt: skip
         )
 
@@ -336,6 +345,7 @@ class MemoryNet(nn.Module):
         return MemoryModel(
             self.activation, self.residual, norm, prior=prior, step_cap=rule.step_cap, objective=rule.objective,
             omega_window=rule.omega_window, muon_steps=rule.muon_steps, l1=rule.l1, kl_scale=rule.kl_scale,
+            lq=rule.lq,
         )  # fmt: skip
 
 
@@ -455,6 +465,7 @@ class UpdateRule:
     muon_steps: int | None = None
     l1: float | None = None
     kl_scale: float | None = None
+    lq: float | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@
 soft threshold S_g(x) = sign(x) max(|x| - g, 0) that sets small entries of the memory exactly to
 its prior (`components.ops.memory.common.retained`); the KL retention (MIRAS eqs. 19-21, Memora)
 keeps the memory's weights on scaled simplices, W = c softmax(A), and writes by mirror descent
-(`components.ops.memory.mirror`)."""
+(`components.ops.memory.mirror`); the l_q retention (MIRAS eqs. 24-25, Moneta) normalises them,
+W = A / ||A||_q^(q-2), by the same scheme."""
 
 from __future__ import annotations
 
@@ -44,4 +45,16 @@ class KLRetentionSpec(Spec):
     memory that must fit signed values needs the x + LN(f(x)) form (Memora's)."""
 
 
-RetentionSpec = Annotated[ElasticNetRetentionSpec | KLRetentionSpec, Field(discriminator="kind")]
+class LqRetentionSpec(Spec):
+    """The l_q norm as the retention (MIRAS eqs. 24-25; Moneta): the state holds A and the memory
+    computes with W = A / ||A||_q^(q-2) per layer (the entrywise q-norm of each head's matrix), a
+    write being eqs. 13-14 on A with the gradient taken by W. q = 2 is the plain rule; for q > 2
+    the normalisation bounds the weights' scale, ||W||_q = ||A||_q^(3-q). Reads after the update
+    go through the map per token (materialised), as the KL retention's."""
+
+    kind: Literal["lq"] = "lq"
+    q: float = Field(4.0, ge=2.0, le=8.0)
+    """The norm's exponent (Moneta: 4)."""
+
+
+RetentionSpec = Annotated[ElasticNetRetentionSpec | KLRetentionSpec | LqRetentionSpec, Field(discriminator="kind")]

@@ -39,6 +39,7 @@ class Case:
     l1: float | None = None  # the elastic-net retention's soft threshold per token
     channel_decay: bool = False  # one forget gate per output channel of each layer
     kl: float | None = None  # the KL retention's scale c: W = c softmax(A)
+    lq: float | None = None  # the l_q retention's q: W = A / ||A||_q^(q-2)
 
 
 CASES = {
@@ -119,6 +120,9 @@ CASES = {
         depth=1, momentum=False, decay=False, chunk=5, n=23, norm=False, residual=False, omega=3, gated=False
     ),
     "omega 3, read chunk_start, chunk 5": Case(read="chunk_start", chunk=5, n=23, omega=3),
+    "omega 2, lp 1.5, mlp plain (padding rows have e = 0)": Case(
+        norm=False, residual=False, chunk=4, n=13, omega=2, objective=Objective("lp", p=1.5)
+    ),
     "omega 5, huber, mlp plain residual, chunk 8": Case(
         norm=False, chunk=8, n=29, omega=5, objective=Objective("huber", delta=0.3)
     ),
@@ -169,6 +173,13 @@ CASES = {
     "kl 1 + channel decay + omega 2, chunk 8": Case(
         norm=False, residual=False, chunk=8, n=29, omega=2, channel_decay=True, per_layer_lr=True, kl=1.0
     ),
+    # the l_q retention (MIRAS eqs. 24-25, Moneta): W = A / ||A||_q^(q-2)
+    "lq 4, linear, momentum+decay, chunk 16": Case(depth=1, norm=False, residual=False, lq=4.0),
+    "lq 4, lp 3, mlp x+LN, prior, chunk 5 (Moneta)": Case(
+        prior=True, chunk=5, n=23, momentum=False, objective=Objective("lp", p=3.0), lq=4.0
+    ),
+    "lq 3, mlp plain, cap, chunk 1": Case(norm=False, residual=False, chunk=1, n=19, cap=0.05, lq=3.0),
+    "lq 4, read chunk_start, granularity chunk": Case(read="chunk_start", granularity="chunk", chunk=5, n=23, lq=4.0),
 }
 
 
@@ -193,6 +204,7 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     model = MemoryModel(
         case.act, case.residual, norm, prior=prior, step_cap=case.cap, objective=case.objective,
         omega_window=case.omega, muon_steps=case.muon, l1=case.l1, kl_scale=case.kl,
+        lq=case.lq,
     )  # fmt: skip
     leaves = [t for t in (q, k, v, lr, mom, dec, gamma, *weights, *(norm or ()), *(prior or ())) if t is not None]
     return (q, k, v, lr, mom, dec, *([gamma] if gamma is not None else [])), weights, model, leaves
@@ -290,6 +302,7 @@ def test_fast_equals_naive_float64(name):
         "l1, mlp plain, prior, step cap, chunk 5",
         "channel decay, mlp plain, prior, cap, chunk 5",
         "kl 1 + channel decay + omega 2, chunk 8",
+        "lq 4, linear, momentum+decay, chunk 16",
     ],
 )
 def test_fast_equals_naive_float32(name):
@@ -679,3 +692,23 @@ def test_the_kl_retention_is_mirror_descent_on_softmax_weights():
             outs.append(torch.einsum("bhi,bhio->bho", q[:, :, t], W))
     torch.testing.assert_close(y, torch.stack(outs, 2), atol=1e-12, rtol=0)
     torch.testing.assert_close(2.0 * torch.softmax(state.weights[0], dim=-2), W, atol=1e-12, rtol=0)
+
+
+def test_the_lq_retention_normalises_the_weights_and_q_2_is_the_plain_rule():
+    """W = A / ||A||_q^(q-2): ||W||_q = ||A||_q^(3-q) for every head and layer (the scale Moneta
+    bounds), and q = 2 leaves the memory's weights as they are (the plain rule, exactly)."""
+    from components.ops.memory.common import primal
+
+    case = CASES["lq 4, linear, momentum+decay, chunk 16"]
+    inputs, weights, model, _ = make(case)
+    A = torch.randn(3, 8, 16, dtype=torch.float64)
+    (W,) = primal((A,), model)
+    norm = lambda t: t.abs().pow(4).sum((-2, -1)) ** 0.25  # noqa: E731
+    torch.testing.assert_close(norm(W), norm(A) ** (3 - 4), atol=0, rtol=1e-12)
+    with torch.no_grad():
+        y2, s2 = run(memory_update, case, inputs, weights, replace(model, lq=2.0))
+        y, s = run(memory_update, case, inputs, weights, replace(model, lq=None))
+        y4 = run(memory_update, case, inputs, weights, model)[0]
+    torch.testing.assert_close(y2, y, atol=1e-12, rtol=0)
+    torch.testing.assert_close(s2.weights[0], s.weights[0], atol=1e-12, rtol=0)
+    assert (y4 - y).abs().max() > 1e-2 * y.abs().max()

@@ -257,3 +257,28 @@ def test_an_omega_window_of_one_is_eq_12s_rule_and_wider_windows_write_more(floa
     assert three.gates.proj.weight.grad[-2:].abs().sum() > 0  # gamma's rows of the gate projection
     spec = NeuralMemorySpec(omega={"window": 3}, chunk_size=8)
     assert spec.theta_max() == pytest.approx(1 / 24)
+
+
+def test_a_decay_per_channel_gives_every_layer_its_own_gates():
+    """The gate projection's slots map to (layer, channel): raising one slot's bias moves that
+    layer's channel alone; channels past a layer's width are padding (zero)."""
+    mem = layer(decay={"per": "channel"})
+    widths = [w.shape[-1] for w in mem.net.initial]  # (32, 8) for a 2-layer memory at head dim 8
+    heads, start = 2, sum(mem.gates.sizes[:2])
+    with torch.no_grad():
+        slot = start + widths[0] + 1  # head 0's layer 1, channel 1 (per head: layer 0's channels, then layer 1's)
+        mem.gates.proj.bias[slot] = 10.0
+    dec = mem.gates(torch.randn(2, 5, 16)).decay
+    assert dec.shape == (2, heads, 5, len(widths), max(widths))
+    assert (dec[:, 0, :, 1, 1] > 0.99).all() and (dec[:, 0, :, 1, 0] < 0.01).all()
+    assert (dec[:, 0, :, 0] < 0.01).all() and (dec[:, 1] < 0.01).all()
+    assert (dec[..., 1, widths[1] :] == 0).all()
+
+
+def test_muons_newton_schulz_steps_are_the_specs():
+    """ns_steps reaches the op: 1 and 5 steps give other outputs (both orthogonalise, differently)."""
+    x = torch.randn(2, 21, 16)
+    spec = lambda k: {"optimizer": {"kind": "muon", "ns_steps": k}, "lr": {"curvature_cap": None}}  # noqa: E731
+    one, five = layer(**spec(1)), layer(**spec(5))
+    assert one.rule.muon_steps == 1 and five.rule.muon_steps == 5
+    assert (one(x)[0] - five(x)[0]).abs().max() > 1e-5

@@ -94,6 +94,7 @@ def test_failing_and_diverging_trials_are_recorded_and_the_study_completes(tmp_p
     assert optuna.trial.TrialState.FAIL in states
     diverged = [r for r in load_trials(run) if r.status == "diverged"]
     assert all(json.loads((r.dir / "result.json").read_text())["status"] == "diverged" for r in diverged)
+    assert all(r.steps == json.loads((r.dir / "result.json").read_text())["step"] for r in diverged)
 
 
 def test_ablation_reports_mean_std_and_deltas(tmp_path):

@@ -70,7 +70,9 @@ def load_trials(run_dir: Path) -> list[TrialRecord]:
         if status == "diverged":
             metrics = {k: math.nan for k in metrics} | {"step": metrics.get("step")}
         point = {k: v for k, v in info.items() if k not in ("trial_id", "node")}
-        records.append(TrialRecord(d.name, status, point, metrics, int(metrics.get("step") or 0), evals, d))
+        # the steps it trained: where it stopped (its result), else its last evaluation (a live run)
+        steps = result["step"] if result is not None and "step" in result else metrics.get("step")
+        records.append(TrialRecord(d.name, status, point, metrics, int(steps or 0), evals, d))
     known = {r.trial_id for r in records}
     for tid, t in summary.items():  # trials that failed before writing anything
         if tid not in known:

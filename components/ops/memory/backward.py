@@ -32,11 +32,11 @@ from components.ops.memory.step import Setting, chunk_step
 
 def hand_backward_applies(q: Tensor, setting) -> bool:
     """The chunk loop's backward is written for eq. 12's one-token rule with gradient descent:
-    the Omega rule's windows, Muon's step, the l1 and KL retentions and a decay per channel keep
+    the Omega rule's windows, Muon's step, the l1, KL and l_q retentions and a decay per channel keep
     autograd, as a LayerNorm'd memory does."""
     model = setting.model
     plain = model.norm is None and model.omega_window == 1 and model.muon_steps is None
-    plain = plain and model.l1 is None and model.kl_scale is None
+    plain = plain and model.l1 is None and not model.mirrored
     plain = plain and not setting.channelwise
     return plain and not setting.compiled and not autocast_on(q) and torch.is_grad_enabled()
 

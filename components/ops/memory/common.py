@@ -78,9 +78,13 @@ class Objective:
         e = pred - v
         a = e.abs() if self.kind != "l2" else None
         if self.kind == "lp":
-            grad = self.p * a.pow(self.p - 1) * e.sign()
+            # |e|^(p-1) from |e| >= 1e-30: the same value (sign(0) = 0 keeps grad(0) = 0), but for
+            # p < 2 its derivative at e = 0 is finite (autograd would give inf * 0 = nan there, and
+            # an Omega window's padding rows, zeros with gamma 0, have e = 0 exactly)
+            a_ = a.clamp_min(1e-30)
+            grad = self.p * a_.pow(self.p - 1) * e.sign()
             value = a.pow(self.p).sum(-1) if loss else None
-            slope = (self.p * (self.p - 1) * a.pow(self.p - 2) if self.p != 1 else 0.0) if jacobians else None
+            slope = (self.p * (self.p - 1) * a_.pow(self.p - 2) if self.p != 1 else 0.0) if jacobians else None
         elif self.kind == "huber":
             grad = 2 * e.clamp(-self.delta, self.delta)
             value = torch.where(a <= self.delta, e * e, 2 * self.delta * a - self.delta**2).sum(-1) if loss else None
@@ -121,6 +125,9 @@ class MemoryModel:
         memory's weights are W = c softmax(A) over each column (the input axis), c = kl_scale
         (`primal`); the update is eqs. 13-14 on A with the gradient taken by W (mirror descent),
         W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t grad) up to the column's constant; None = off.
+    lq: l_q retention (MIRAS eqs. 24-25, Moneta): the state holds A and the memory's weights are
+        W = A / ||A||_q^(q-2) per layer (the entrywise q-norm of the whole matrix), the update
+        eqs. 13-14 on A with the gradient taken by W; q = 2 is the plain rule; None = off.
     """
 
     activation: Activation = "gelu"
@@ -134,6 +141,12 @@ class MemoryModel:
     muon_steps: int | None = None
     l1: float | None = None
     kl_scale: float | None = None
+    lq: float | None = None
+
+    @property
+    def mirrored(self) -> bool:
+        """The state is not the weights f_W uses (`primal` maps it: the KL or l_q retention)."""
+        return self.kl_scale is not None or self.lq is not None
 
     def to(self, dtype: torch.dtype) -> MemoryModel:
         """The same structure with its tensors (norm gain / bias, prior) in `dtype`."""
@@ -225,10 +238,14 @@ def ln_backward(g: Tensor, xhat: Tensor, rstd: Tensor, gain: Tensor) -> Tensor:
 
 def primal(ws: Weights, model: MemoryModel) -> Weights:
     """The weights f_W uses from the state's: W = c softmax(A) over the input axis (dim -2) under
-    the KL retention, the state itself otherwise. Any leading dims (B, i, o), (B, c, i, o)."""
-    if model.kl_scale is None:
-        return ws
-    return tuple(model.kl_scale * torch.softmax(w, dim=-2) for w in ws)
+    the KL retention, W = A / ||A||_q^(q-2) under the l_q retention ((||A||_q^q + 1e-30)^((q-2)/q):
+    finite at A = 0), the state itself otherwise. Any leading dims (B, i, o), (B, c, i, o)."""
+    if model.kl_scale is not None:
+        return tuple(model.kl_scale * torch.softmax(w, dim=-2) for w in ws)
+    if model.lq is not None:
+        q = model.lq
+        return tuple(w * (w.abs().pow(q).sum((-2, -1), keepdim=True) + 1e-30).pow(-(q - 2) / q) for w in ws)
+    return ws
 
 
 def forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
@@ -410,6 +427,7 @@ def beyond_triton(model: MemoryModel, channelwise: bool = False) -> list[str]:
         (model.muon_steps is not None, "Muon"),
         (model.l1 is not None, "the elastic-net retention"),
         (model.kl_scale is not None, "the KL retention"),
+        (model.lq is not None, "the l_q retention"),
         (channelwise, "a decay per channel"),
     ]
     return [name for used, name in named if used]

@@ -1,4 +1,5 @@
-"""The KL retention's chunk step (MIRAS, arXiv 2504.13173, eqs. 19-21; Memora eq. 27): the state
+"""The mirrored retentions' chunk step: KL (MIRAS, arXiv 2504.13173, eqs. 19-21; Memora eq. 27),
+and l_q (eqs. 24-25, Moneta: W = A / ||A||_q^(q-2), the same scheme with another map). The state
 holds logits A, the memory uses W = c softmax(A) over each column (`common.primal`), and the
 update is eqs. 13-14 on A with the gradient taken by W,
 

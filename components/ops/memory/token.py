@@ -57,14 +57,14 @@ _compiled: dict[str, object] = {}
 
 
 def _step(setting: Setting):
-    """The chunk step (Muon's when the inner optimiser is Muon, the materialised one for the KL
-    retention's per-token reads), or its torch.compile'd version
+    """The chunk step (Muon's when the inner optimiser is Muon, the materialised one for the KL and
+    l_q retentions' per-token reads), or its torch.compile'd version
     (compiled once; the step, not the loop, is compiled, so compile time does not grow with the
     sequence)."""
     step = chunk_step
     if setting.model.muon_steps:
         step = muon_step
-    elif setting.model.kl_scale is not None and setting.read == "after_update":  # reads through softmax(A_t)
+    elif setting.model.mirrored and setting.read == "after_update":  # reads through primal(A_t)
         step = materialized_step
     if not setting.compiled:
         return step
