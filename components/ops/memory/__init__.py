@@ -41,6 +41,7 @@ One file per algorithm, its reference beside it:
     chunk.py         granularity "chunk" (one step per chunk with mean gates)
     omega.py         the Omega rule's windows of key rows (ATLAS eq. 9)
     muon.py          Muon as the inner optimiser: Newton-Schulz on per-token momenta (ATLAS eqs. 32-33)
+    mirror.py        the KL and l_q retentions' step: the state mapped to the weights, reads per token
     naive.py         the reference token loop, both granularities
     surprise.py      the inner loss along a sequence (a diagnostic)
     triton_*.py      Triton kernels of the whole chunk loop, forward and backward (GPU; tested

@@ -43,7 +43,8 @@ from components.ops.memory.step import Backend, Setting, chunk_step
 
 
 class Inputs(NamedTuple):
-    """One call's per-token tensors in bmm layout: q, k, v (B, n, d), gates (B, L', n)."""
+    """One call's per-token tensors in bmm layout: q, k, v (B, n, d), gates (B, L', n), a decay per
+    channel (B, L', n, O)."""
 
     q: Tensor
     k: Tensor
