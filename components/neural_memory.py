@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal, NamedTuple
 
 import torch
@@ -34,7 +34,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import Objective, beyond_triton, in_state_dtype, triton_reach
+from components.ops.memory.common import beyond_triton, in_state_dtype, triton_reach
 from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
 from components.retention import RetentionSpec
 
@@ -203,18 +203,6 @@ class NeuralMemorySpec(Spec):
     >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
     torch otherwise."""
 
-    def l1(self) -> float | None:
-        """The elastic-net retention's threshold per token (None without it)."""
-        return self.retention.l1 if self.retention is not None and self.retention.kind == "elastic_net" else None
-
-    def kl_scale(self) -> float | None:
-        """The KL retention's c (None without it)."""
-        return self.retention.scale if self.retention is not None and self.retention.kind == "kl" else None
-
-    def lq(self) -> float | None:
-        """The l_q retention's q (None without it)."""
-        return self.retention.q if self.retention is not None and self.retention.kind == "lq" else None
-
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""
         return self.omega.window if self.omega is not None else 1
@@ -223,6 +211,20 @@ class NeuralMemorySpec(Spec):
         """The inner step's bound: `lr.theta_max`, or 1 / (chunk_size c) when that is null (c the
         Omega window: a chunk's c tokens each count up to c gradients at the same weights)."""
         return self.lr.theta_max if self.lr.theta_max is not None else 1.0 / (self.chunk_size * self.window())
+
+    def inner_rule(self) -> MemoryModel:
+        """The op's update rule this spec asks for (step cap, objective, Omega window, optimiser,
+        retention), without the memory's structure, which `MemoryNet.model` fills in."""
+        cap = self.lr.curvature_cap
+        return MemoryModel(
+            # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
+            # (c = chunk_size times the Omega window: each row counts in that many writes)
+            step_cap=4.0 * cap / (self.chunk_size * self.window()) if cap else None,
+            objective=self.objective.build(),
+            omega_window=self.window(),
+            muon_steps=self.optimizer.steps(),
+            **(self.retention.fields() if self.retention is not None else {}),
+        )
 
     def check(self, dim: int, heads: int) -> None:
         h = self.heads or heads
@@ -256,14 +258,8 @@ class NeuralMemorySpec(Spec):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
-            rule = MemoryModel(
-                omega_window=self.window(),
-                muon_steps=self.optimizer.steps(),
-                l1=self.l1(),
-                kl_scale=self.kl_scale(),
-                lq=self.lq(),
-            )
-            beyond = beyond_triton(rule, channelwise=self.decay is not None and self.decay.per == "channel")
+            channelwise = self.decay is not None and self.decay.per == "channel"
+            beyond = beyond_triton(self.inner_rule(), channelwise)
             reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
@@ -304,18 +300,8 @@ class NeuralMemorySpec(Spec):
                 self.checkpoint_chunks,
                 backend=self.backend,
                 forget_to_prior=self.decay is not None and self.decay.toward == "initial",
-                # |grad l|^2 = 4 l kappa, so step <= cap / (c kappa) is the op's step_cap 4 cap / c
-                # (c = chunk_size times the Omega window: each row counts in that many writes)
-                step_cap=4.0 * self.lr.curvature_cap / (self.chunk_size * self.window())
-                if self.lr.curvature_cap
-                else None,
-                objective=self.objective.build(),
-                omega_window=self.window(),
-                muon_steps=self.optimizer.steps(),
-                l1=self.l1(),
-                kl_scale=self.kl_scale(),
-                lq=self.lq(),
-            ),  # fmt: skip
+                inner=self.inner_rule(),
+            ),
         )
 
 
@@ -339,14 +325,11 @@ class MemoryNet(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, widths[-1])) if norm else None
 
     def model(self, rule: UpdateRule) -> MemoryModel:
-        """The op's view of this memory under `rule` (its norm, prior, cap, objective, Omega window, optimiser)."""
+        """The op's view of this memory under `rule`: its inner rule with this net's structure
+        (activation, residual, norm, and the prior when forgetting returns to it)."""
         norm = (self.gain, self.bias) if self.gain is not None else None
         prior = tuple(self.initial) if rule.forget_to_prior else None
-        return MemoryModel(
-            self.activation, self.residual, norm, prior=prior, step_cap=rule.step_cap, objective=rule.objective,
-            omega_window=rule.omega_window, muon_steps=rule.muon_steps, l1=rule.l1, kl_scale=rule.kl_scale,
-            lq=rule.lq,
-        )  # fmt: skip
+        return replace(rule.inner, activation=self.activation, residual=self.residual, norm=norm, prior=prior)
 
 
 class GateValues(NamedTuple):
@@ -459,13 +442,7 @@ class UpdateRule:
     checkpoint_chunks: int | None
     backend: str = "auto"
     forget_to_prior: bool = False
-    step_cap: float | None = None
-    objective: Objective = Objective()
-    omega_window: int = 1
-    muon_steps: int | None = None
-    l1: float | None = None
-    kl_scale: float | None = None
-    lq: float | None = None
+    inner: MemoryModel = MemoryModel()  # the update rule's settings (`NeuralMemorySpec.inner_rule`)
 
 
 @dataclass

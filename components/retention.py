@@ -29,6 +29,10 @@ class ElasticNetRetentionSpec(Spec):
     """The soft threshold per token (the l1 weight times the step). A fresh memory's entries are
     ~1 / sqrt(head dim) (0.25 at 16) and one write moves an entry by ~theta / head dim."""
 
+    def fields(self) -> dict[str, float]:
+        """Its field of the op's `MemoryModel`."""
+        return {"l1": self.l1}
+
 
 class KLRetentionSpec(Spec):
     """The KL divergence as the local retention (MIRAS eqs. 19-21; Memora eq. 27): the state holds
@@ -44,6 +48,9 @@ class KLRetentionSpec(Spec):
     """c, each column's total weight. With nonnegative weights a layer cannot flip a sign, so a
     memory that must fit signed values needs the x + LN(f(x)) form (Memora's)."""
 
+    def fields(self) -> dict[str, float]:
+        return {"kl_scale": self.scale}
+
 
 class LqRetentionSpec(Spec):
     """The l_q norm as the retention (MIRAS eqs. 24-25; Moneta): the state holds A and the memory
@@ -55,6 +62,9 @@ class LqRetentionSpec(Spec):
     kind: Literal["lq"] = "lq"
     q: float = Field(4.0, ge=2.0, le=8.0)
     """The norm's exponent (Moneta: 4)."""
+
+    def fields(self) -> dict[str, float]:
+        return {"lq": self.q}
 
 
 RetentionSpec = Annotated[ElasticNetRetentionSpec | KLRetentionSpec | LqRetentionSpec, Field(discriminator="kind")]

@@ -280,5 +280,5 @@ def test_muons_newton_schulz_steps_are_the_specs():
     x = torch.randn(2, 21, 16)
     spec = lambda k: {"optimizer": {"kind": "muon", "ns_steps": k}, "lr": {"curvature_cap": None}}  # noqa: E731
     one, five = layer(**spec(1)), layer(**spec(5))
-    assert one.rule.muon_steps == 1 and five.rule.muon_steps == 5
+    assert one.rule.inner.muon_steps == 1 and five.rule.inner.muon_steps == 5
     assert (one(x)[0] - five(x)[0]).abs().max() > 1e-5

@@ -78,12 +78,12 @@ class Objective:
         e = pred - v
         a = e.abs() if self.kind != "l2" else None
         if self.kind == "lp":
-            # |e|^(p-1) from |e| >= 1e-30: the same value (sign(0) = 0 keeps grad(0) = 0), but for
-            # p < 2 its derivative at e = 0 is finite (autograd would give inf * 0 = nan there, and
-            # an Omega window's padding rows, zeros with gamma 0, have e = 0 exactly)
+            # |e| from 1e-30: the same values (sign(0) = 0 keeps grad(0) = 0), but for p < 2 the
+            # derivatives at e = 0 stay finite, for this gradient and for autograd through the loss
+            # (else inf * 0 = nan: an Omega window's padding rows, zeros with gamma 0, have e = 0)
             a_ = a.clamp_min(1e-30)
             grad = self.p * a_.pow(self.p - 1) * e.sign()
-            value = a.pow(self.p).sum(-1) if loss else None
+            value = a_.pow(self.p).sum(-1) if loss else None
             slope = (self.p * (self.p - 1) * a_.pow(self.p - 2) if self.p != 1 else 0.0) if jacobians else None
         elif self.kind == "huber":
             grad = 2 * e.clamp(-self.delta, self.delta)
@@ -257,6 +257,20 @@ def forward(ws: Weights, x: Tensor, model: MemoryModel, norm) -> Tensor:
         if i < len(ws) - 1:
             z = act(model.activation, z)
     return finish(x, z, model, norm)[0]
+
+
+def per_token_weights(T: Tensor, X: Tensor, beta: Tensor, M0: Tensor, P: Tensor | None) -> Tensor:
+    """The materialised steps' per-token state of one layer: M_t = beta_t M_0 + (1 - beta_t) P +
+    sum_s T[t, s] X_s, with X (B, R, i, o) per key row and T (B, c, R), or (B, c, R, O) with a
+    decay per channel (column o of X_s scaled by T[t, s, o]); beta (B, c, 1 or O) -> (B, c, i, o)."""
+    o = M0.shape[-1]
+    if T.ndim == 4:
+        Mt = torch.einsum("btso,bsio->btio", T[..., :o].to(X.dtype), X)
+    else:
+        Mt = torch.einsum("bts,bsio->btio", T.to(X.dtype), X)
+    b = beta[..., :o].unsqueeze(-2)  # (B, c, 1, 1 or o)
+    Mt = Mt + b * M0[:, None]
+    return Mt if P is None else Mt + (1 - b) * P[:, None]
 
 
 def read_per_token(q: Tensor, Ms: list[Tensor], model: MemoryModel, norm) -> Tensor:

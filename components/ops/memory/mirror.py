@@ -15,10 +15,8 @@ Reads at the chunk start need none of it and take `step.chunk_step`. Autograd di
 
 from __future__ import annotations
 
-import torch
-
 from components.ops.memory.coefficients import Coefficients
-from components.ops.memory.common import accumulate, keys_and_errors, read_per_token
+from components.ops.memory.common import accumulate, keys_and_errors, per_token_weights, read_per_token
 
 
 def materialized_step(anchor, M, S, q, k, v, coef: tuple[Coefficients, ...], setting):
@@ -30,14 +28,7 @@ def materialized_step(anchor, M, S, q, k, v, coef: tuple[Coefficients, ...], set
     for i, co in enumerate(coef):
         a, delta, o = keys.inputs[i], keys.deltas[i], M[i].shape[-1]
         U = a[..., :, None] * delta[..., None, :]  # (B, R, i, o): each key row's gradient
-        if co.neg_G.ndim == 4:  # a decay per channel: G[t, j, o] scales column o
-            Mt = torch.einsum("btjo,bjio->btio", co.neg_G[..., :o].to(U.dtype), U)
-        else:
-            Mt = torch.einsum("btj,bjio->btio", co.neg_G.to(U.dtype), U)
-        beta = co.beta[..., :o].unsqueeze(-2)  # (B, c, 1, 1 or o)
-        Mt = Mt + beta * M[i][:, None]
-        if prior is not None:
-            Mt = Mt + (1 - beta) * prior[i][:, None]
+        Mt = per_token_weights(co.neg_G, U, co.beta, M[i], None if prior is None else prior[i])
         if S is not None:
             Mt = Mt + co.f[..., :o].unsqueeze(-2) * S[i][:, None]
             new_S.append(accumulate(S[i] * co.m_last, a.transpose(-1, -2), co.neg_n_last * delta))

@@ -26,8 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from components.ops.memory.coefficients import decay_matrix
-from components.ops.memory.common import keys_and_errors, read_per_token
+from components.ops.memory.coefficients import coefficients, decay_matrix
+from components.ops.memory.common import forward, keys_and_errors, per_token_weights, read_per_token
 
 # the quintic iteration's coefficients (Jordan et al.'s Muon): it pushes every singular value of
 # a Frobenius-normalised matrix into about [0.7, 1.2] within 5 steps
@@ -59,14 +59,11 @@ class MuonCoefficients(NamedTuple):
 
 
 def muon_coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window) -> MuonCoefficients:
-    """lr, log_eta, log_keep (B, K, L', c); window: the Omega rule's (band, key rows' steps) or None."""
-    if log_keep is not None and log_keep.ndim == lr.ndim + 1:  # per channel (..., c, O)
-        lam = torch.cumsum(log_keep, -2)
-        neg_T = (decay_matrix(lam.transpose(-1, -2)) * -lr[..., None, None, :]).movedim(-3, -1)
-        beta = lam.exp()
-    else:
-        lam = torch.cumsum(log_keep, -1) if log_keep is not None else torch.zeros_like(lr[..., :1, :])
-        neg_T, beta = decay_matrix(lam) * -lr[..., None, :], lam.exp()[..., None]
+    """lr, log_eta, log_keep (B, K, L', c); window: the Omega rule's (band, key rows' steps) or None.
+    beta and T are gradient descent's coefficients without momentum (its G is then
+    theta_s beta_t / beta_s), per token or per channel."""
+    plain = coefficients(lr, None, log_keep)
+    beta, neg_T = plain.beta, plain.neg_G
     band = window[0] if window is not None else None
     mix = m = None
     if log_eta is not None:
@@ -83,6 +80,7 @@ def muon_step(anchor, M, S, q, k, v, coef: tuple[MuonCoefficients, ...], setting
     and the end state. Same contract as `step.chunk_step` (its fourth output, the saved
     tensors of the hand backward, is None: autograd differentiates this step)."""
     model, norm, prior = setting.model, setting.norm, setting.prior
+    prior_of = lambda i: None if prior is None else prior[i]  # noqa: E731
     keys = keys_and_errors(anchor, k, v, model, norm)
     Ms, new_M, new_S = [], [], []
     for i, co in enumerate(coef):
@@ -91,21 +89,12 @@ def muon_step(anchor, M, S, q, k, v, coef: tuple[MuonCoefficients, ...], setting
         if S is not None:
             sigma = sigma + co.m[..., None] * S[i][:, None]
             new_S.append(sigma[:, -1])
-        o = M[i].shape[-1]
-        ns = newton_schulz(sigma, model.muon_steps)
-        if co.neg_T.ndim == 4:  # a decay per channel: T[t, s, o] scales column o
-            step = torch.einsum("btso,bsio->btio", co.neg_T[..., :o].to(U.dtype), ns)
-        else:
-            step = torch.einsum("bts,bsio->btio", co.neg_T.to(U.dtype), ns)
-        beta = co.beta[..., :o].unsqueeze(-2)  # (B, c, 1, 1 or o)
-        Mt = beta * M[i][:, None] + step
-        if prior is not None:
-            Mt = Mt + (1 - beta) * prior[i][:, None]
+        Mt = per_token_weights(co.neg_T, newton_schulz(sigma, model.muon_steps), co.beta, M[i], prior_of(i))
         Ms.append(Mt)
         new_M.append(Mt[:, -1])
     y = None
     if q is not None and setting.read == "chunk_start":
-        y = read_per_token(q, [w[:, None] for w in anchor], model, norm)
+        y = forward(anchor, q, model, norm)
     elif q is not None:
         y = read_per_token(q, Ms, model, norm)
     return y, tuple(new_M), tuple(new_S) if S is not None else None, None

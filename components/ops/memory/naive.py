@@ -145,13 +145,9 @@ def naive_memory_update(
         with torch.enable_grad():  # sum_{j = t-w+1}^{t} gamma_j grad l_j(W_{t'}) (row t + P is token t)
             u = None
             for j in range(t, t + P + 1):
-                if P and not gx[:, :, j].any():  # a row before the sequence start (or gated out): nothing
-                    continue
                 g = grads(anchor, kx[:, :, j], vx[:, :, j], lambda i, j=j: gate(lrx, j, i))
                 g = g if P == 0 else tuple(scalar(gx[:, :, j]) * x for x in g)
                 u = g if u is None else tuple(a + x for a, x in zip(u, g))
-            if u is None:  # every row of the window gated out
-                u = tuple(torch.zeros_like(w) for w in anchor)
         new_W, new_S = [], []
         for i in range(layers):
             if model.muon_steps:  # ATLAS eqs. 32-33
