@@ -102,6 +102,12 @@ def make_step(cfg: dict):
         from titans_nas.builder import build_model
 
         model = build_model(spec_for(cfg))
+        if cfg.get("memory_op") == "off":
+            remove_memory_op(model)
+        if cfg.get("compiled"):  # the memory's chunk step and its backward through torch.compile
+            from components.neural_memory import compile_memory
+
+            compile_memory(model)
 
         def loss_of():
             logits, _ = model(tokens[:, :-1])
@@ -116,6 +122,22 @@ def make_step(cfg: dict):
             loss_of().backward()
 
     return step, model
+
+
+def remove_memory_op(model) -> None:
+    """Swap every memory's op (eqs. 12-16) for a pass-through: the read is q, and k, v and the
+    gates reach the loss with weight zero, so every layer before the op (projections, conv, norms,
+    gates) and after it keeps its forward and backward. A step of this model is the rest of a
+    memory kind's step: the op's share is the difference (bench/split.py)."""
+    from components.neural_memory import NeuralMemory
+
+    def passthrough(q, k, v, lr, momentum, decay, state, omega=None, **_):
+        zero = sum(t.sum() for t in (k, v, lr, momentum, decay, omega) if t is not None) * 0
+        return q + zero, state
+
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            m.update = passthrough
 
 
 def stream(cfg: dict) -> dict:

@@ -4,6 +4,7 @@ docs/benchmarks.md (ratios are taken inside one side-by-side group).
     python bench/report.py memory docs/bench/memory.jsonl
     python bench/report.py models docs/bench/models.jsonl
     python bench/report.py study docs/bench/study.jsonl
+    python bench/report.py split docs/bench/split.jsonl
 """
 
 from __future__ import annotations
@@ -160,6 +161,29 @@ def study_flops_report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def split_report(rows: list[dict]) -> str:
+    """Per group: swa's step, and each memory kind's step as its memory op + the rest (ms)."""
+    groups: dict[tuple, dict[tuple[str, str], float]] = defaultdict(dict)
+    for r in rows:
+        if "error" not in r:
+            ms = 1e3 * r["batch"] * r["seq"] / r["tokens_per_s"]
+            groups[(r["threads"], r["dim"], r["seq"])][(r["impl"], r.get("memory_op", "on"))] = ms
+    head = " | ".join(f"{k} step = op + rest (op share)" for k in MEMORY_KINDS)
+    out = ["| threads | dim | seq | swa step | " + head + " |", "|" + "---|" * (4 + len(MEMORY_KINDS))]
+    for key in sorted(groups):
+        g, cells = groups[key], []
+        for k in MEMORY_KINDS:
+            on, off = g.get((k, "on")), g.get((k, "off"))
+            if on is None or off is None:
+                cells.append("-")
+                continue
+            cells.append(f"{on:.0f} = {on - off:.0f} + {off:.0f} ({(on - off) / on:.0%})")
+        swa = g.get(("swa", "on"))
+        out.append("| " + " | ".join(map(str, key)) + f" | {fmt(swa)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     what, path = sys.argv[1], sys.argv[2]
-    print({"memory": memory_report, "models": models_report, "study": study_report}[what](load(path)))
+    reports = {"memory": memory_report, "models": models_report, "study": study_report, "split": split_report}
+    print(reports[what](load(path)))

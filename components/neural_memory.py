@@ -632,9 +632,10 @@ def recording(modules: list[NeuralMemory]):
 
 
 def compile_memory(model: nn.Module, on: bool = True) -> nn.Module:
-    """Run every neural memory's chunk step through torch.compile (the step, not the chunk loop:
-    compile time stays independent of the sequence length). An execution switch, not part of
-    the architecture: outputs are the same up to float rounding."""
+    """Run every neural memory's chunk step, and its hand-written backward where that applies,
+    through torch.compile (the step, not the chunk loop: compile time stays independent of the
+    sequence length). An execution switch, not part of the architecture: outputs are the same up
+    to float rounding."""
     for module in model.modules():
         if isinstance(module, NeuralMemory):
             module.compiled = on

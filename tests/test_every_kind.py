@@ -46,3 +46,22 @@ def test_every_block_kind_trains_exports_inspects_and_benchmarks(kind, tmp_path,
     assert models.spec_for(bench).block.kind == kind and kind in models.KINDS
     step, _ = models.make_step(bench)
     step()
+
+
+@pytest.mark.parametrize("kind", ["lmm", "mac", "mag", "mal"])
+def test_the_split_benchmark_removes_the_memory_op_and_keeps_the_rest(kind):
+    """bench/split.py's "memory_op: off": the gates, which only the op reads, get a zero gradient
+    (they still reach the loss: their layers are timed whole), while the memory's projection keeps
+    a gradient; with the op on, the gates' gradient is not zero."""
+    import models  # bench/models.py
+
+    from components.neural_memory import NeuralMemory
+
+    small = {"dim": 16, "heads": 2, "depth": 1, "seq": 32, "window": 8, "segment": 16, "chunk": 8, "batch": 2}
+    for op in ("on", "off"):
+        step, model = models.make_step({**models.DEFAULTS, **small, "impl": kind, "memory_op": op})
+        step()
+        memory = next(m for m in model.modules() if isinstance(m, NeuralMemory))
+        gates = memory.gates.proj.weight.grad
+        assert gates is not None and memory.qkv.weight.grad.abs().sum() > 0
+        assert (gates.abs().sum() > 0) == (op == "on"), f"{kind}, memory op {op}: gate gradient {gates.abs().sum()}"

@@ -83,8 +83,10 @@ class TrainSpec(Spec):
     seed: int = Field(0, ge=0)
     """Seed of the training data stream."""
     compile: bool = False
-    """Run the memory's chunk step through torch.compile (the step, not the chunk loop, so compile
-    time does not grow with the sequence; worth it on GPU and for long CPU runs)."""
+    """Run the memory's chunk step and its hand-written backward through torch.compile (each
+    step, not the chunk loop, so compile time does not grow with the sequence). On CPU 1.07-1.16x
+    the eager memory op after ~26 s of compiling a new shape (docs/benchmarks.md); meant for GPU
+    and long CPU runs."""
     curriculum: CurriculumSpec | None = None
     """First train on a changed form of the task; null = the task from the first step."""
 

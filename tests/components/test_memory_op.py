@@ -421,15 +421,26 @@ def test_state_is_a_plain_dataclass():
     assert s.momentum is None and s.offset == 0 and s.anchor is None and s.pending is None
 
 
-def test_compiled_step_equals_eager():
-    """torch.compile of the chunk step (CPU inductor here) computes the same outputs and grads."""
-    case = Case(chunk=8, n=24)
+@pytest.mark.parametrize("norm", [True, False])
+def test_compiled_step_equals_eager(norm, monkeypatch):
+    """torch.compile (CPU inductor here) computes the same outputs and grads: a LayerNorm'd memory
+    through autograd of the compiled step, a plain one through ChunkLoop with its step and its
+    hand-written backward each compiled (both functions are in the compile cache after one call)."""
+    from components.ops.memory import backward, common
+
+    case = Case(chunk=8, n=24, norm=norm, residual=norm, prior=not norm)
     inputs, weights, model, leaves = make(case, dtype=torch.float32)
     y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    calls, original = [], backward.ChunkLoop.run
+    monkeypatch.setattr(backward.ChunkLoop, "run", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(common, "_compiled", {})
     y2, s2, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, compiled=True)
     assert_rel_close(y2, y, 1e-5, "outputs")
     for a, b in zip(g2, g):
         assert_rel_close(a, b, 1e-4, "gradient")
+    names = {name.rsplit(".", 1)[-1] for name in common._compiled}
+    assert len(calls) == (0 if norm else 1)
+    assert names == ({"chunk_step"} if norm else {"chunk_step", "chunk_backward"}), names
 
 
 def test_whole_chunks_take_the_hand_written_backward_where_it_applies(monkeypatch):

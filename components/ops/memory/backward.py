@@ -14,9 +14,11 @@ bmm / baddbmm_ on the tensors the forward kept (`Saved`), in reverse over the ch
 
 (D: the capped deltas r o delta, r constant; a: each layer's input; names as in
 `coefficients.Coefficients`). The gradients of the coefficients go back to autograd, which
-takes them to the gates through the log-space cumulative sums. A LayerNorm'd memory, autocast
-and the compiled step keep autograd (`hand_backward_applies`). Exact against the naive token
-loop in float64 (tests/components/test_memory_op.py).
+takes them to the gates through the log-space cumulative sums. A LayerNorm'd memory and autocast
+keep autograd (`hand_backward_applies`). Compiled (`Setting.compiled`), the chunk step and its
+backward are each one torch.compile'd function (elementwise passes fused around the bmm calls;
+on this CPU 1.07-1.16x the eager loop, where autograd through the compiled step was 0.79x of it:
+docs/benchmarks.md). Exact against the naive token loop in float64 (tests/components/test_memory_op.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from components.ops.memory.coefficients import Coefficients, per_chunk
-from components.ops.memory.common import act_backward, act_second, autocast_on
+from components.ops.memory.common import act_backward, act_second, autocast_on, compile_once
 from components.ops.memory.step import Setting, chunk_step
 
 
@@ -38,7 +40,7 @@ def hand_backward_applies(q: Tensor, setting) -> bool:
     plain = model.norm is None and model.omega_window == 1 and model.muon_steps is None
     plain = plain and model.l1 is None and not model.mirrored
     plain = plain and not setting.channelwise
-    return plain and not setting.compiled and not autocast_on(q) and torch.is_grad_enabled()
+    return plain and not autocast_on(q) and torch.is_grad_enabled()
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -71,12 +73,13 @@ class ChunkLoop(torch.autograd.Function):
         M = tuple(tensors[9 : 9 + depth])
         S = tuple(tensors[9 + depth : 9 + 2 * depth]) if has_S else None
         P = tuple(tensors[9 + (2 if has_S else 1) * depth :]) or None
-        step_setting = Setting(setting.model, None, P, setting.read, setting.chunk_size, None, False)
+        step_setting = Setting(setting.model, None, P, setting.read, setting.chunk_size, None, setting.compiled)
+        step = compile_once(chunk_step) if setting.compiled else chunk_step
         per = per_chunk(co, depth)
         ys, starts, saved = [], [], []
         for j in range(q.shape[1]):
             starts.append((M, S))
-            y, M, S, s = chunk_step(M, M, S, q[:, j], k[:, j], v[:, j], per[j], step_setting)
+            y, M, S, s = step(M, M, S, q[:, j], k[:, j], v[:, j], per[j], step_setting)
             ys.append(y)
             saved.append(s)
         ctx.setting, ctx.depth, ctx.has_S, ctx.P = step_setting, depth, has_S, P
@@ -92,11 +95,10 @@ class ChunkLoop(torch.autograd.Function):
         dP = [torch.zeros_like(p) for p in P] if P is not None else None
         K = dy.shape[1]
         per_chunk_grads, dqkv = [None] * K, [None] * K
+        back = compile_once(chunk_backward) if setting.compiled else chunk_backward
         for j in reversed(range(K)):
             M, S = ctx.starts[j]
-            dM, dS, dqkv[j], per_chunk_grads[j] = chunk_backward(
-                setting, M, S, ctx.per[j], ctx.saved[j], dy[:, j], dM, dS, dP
-            )
+            dM, dS, dqkv[j], per_chunk_grads[j] = back(setting, M, S, ctx.per[j], ctx.saved[j], dy[:, j], dM, dS, dP)
             ctx.saved[j] = None  # free as we go
         dq, dk, dv = (torch.stack(t, 1) for t in zip(*dqkv))
         return (None, None, None, dq, dk, dv, *_stack_grads(co, per_chunk_grads), *dM, *(dS or ()), *(dP or ()))

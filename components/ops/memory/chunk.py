@@ -17,6 +17,7 @@ from torch import Tensor
 from components.ops.memory.common import (
     MemoryModel,
     MemoryState,
+    compile_once,
     flat,
     flat_weights,
     forward,
@@ -69,9 +70,6 @@ def chunkwise_step(W, S, q, k, v, gates: tuple[Tensor, Tensor | None, Tensor | N
     return keys.q_out, tuple(new_W), tuple(new_S) if S is not None else None
 
 
-_compiled: dict[str, object] = {}
-
-
 def memory_update_chunkwise(
     q, k, v, lr, momentum, decay, state: MemoryState, C: int, model: MemoryModel, compiled: bool
 ):
@@ -92,9 +90,7 @@ def memory_update_chunkwise(
         return list(rearrange(g, "B l (k c) ... -> k B l ... c", c=C).mean(-1).unbind(0))
 
     gates = zip(chunk_means(lr), chunk_means(momentum), chunk_means(None if decay is None else 1 - decay))
-    if compiled and "step" not in _compiled:
-        _compiled["step"] = torch.compile(chunkwise_step, dynamic=False)
-    step = _compiled["step"] if compiled else chunkwise_step
+    step = compile_once(chunkwise_step) if compiled else chunkwise_step
     outs = []
     for start in range(0, total, C):
         end = min(total, start + C)

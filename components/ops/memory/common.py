@@ -370,6 +370,19 @@ def retained(ws: Weights, model: MemoryModel, prior: Weights | None, chunk_size:
     return tuple(p + F.softshrink(w - p, g) for w, p in zip(ws, prior))
 
 
+_compiled: dict[str, object] = {}
+
+
+def compile_once(f):
+    """f through torch.compile, compiled once per function (fixed shapes: dynamic=False): the
+    chunk step and its backward are compiled, not the loop over chunks, so compile time does
+    not grow with the sequence. One cache for every algorithm's step."""
+    name = f"{f.__module__}.{f.__qualname__}"
+    if name not in _compiled:
+        _compiled[name] = torch.compile(f, dynamic=False)
+    return _compiled[name]
+
+
 def autocast_on(t: Tensor) -> bool:
     return t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type)
 

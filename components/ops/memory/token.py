@@ -4,8 +4,9 @@ A loop over chunks with matmuls inside: keys forward at the chunk-start weights,
 hand-derived inner backward (per-token gradients are outer products and are never built),
 per-token coefficients from log-space cumulative sums (`coefficients`), the TTT dual form for
 per-token reads, and one matmul per weight for the end-of-chunk state. Whole chunks run
-through `ChunkLoop` (its outer backward written by hand, `backward.py`) unless the memory has
-a LayerNorm, autocast is on or the step is compiled; then autograd differentiates `chunk_step`.
+through `ChunkLoop` (its outer backward written by hand, `backward.py`; compiled, its step and
+backward are each compiled) unless the memory has a LayerNorm or autocast is on; then autograd
+differentiates `chunk_step` (compiled, the step is).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from components.ops.memory.common import (
     MemoryState,
     Read,
     check,
+    compile_once,
     flat,
     flat_weights,
     gate_logs,
@@ -54,24 +56,15 @@ class Inputs(NamedTuple):
     log_keep: Tensor | None
 
 
-_compiled: dict[str, object] = {}
-
-
 def _step(setting: Setting):
     """The chunk step (Muon's when the inner optimiser is Muon, the materialised one for the KL and
-    l_q retentions' per-token reads), or its torch.compile'd version
-    (compiled once; the step, not the loop, is compiled, so compile time does not grow with the
-    sequence)."""
+    l_q retentions' per-token reads), or its torch.compile'd version (`common.compile_once`)."""
     step = chunk_step
     if setting.model.muon_steps:
         step = muon_step
     elif setting.model.mirrored and setting.read == "after_update":  # reads through primal(A_t)
         step = materialized_step
-    if not setting.compiled:
-        return step
-    if step.__name__ not in _compiled:
-        _compiled[step.__name__] = torch.compile(step, dynamic=False)
-    return _compiled[step.__name__]
+    return compile_once(step) if setting.compiled else step
 
 
 def _coefficients(setting: Setting):
