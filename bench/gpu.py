@@ -88,6 +88,8 @@ def run(cfg: dict, dry: bool, rounds: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels: --dry)
+
     module, loss_of, tokens = build(cfg, dry)
     device = "cpu" if dry else "cuda"
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")

@@ -27,6 +27,7 @@ def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[d
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels)
     from titans_nas.allocator import keep_freed_memory
 
     keep_freed_memory()  # as train() does

@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels)
 from titans_nas.builder import build_model
 from titans_nas.spec import ModelSpec
 
