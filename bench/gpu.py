@@ -3,9 +3,10 @@ memory layer and whole models at 1K-16K tokens, torch vs triton backend, float32
 autocast, the compiled chunk step; windows go through FlexAttention on CUDA. One JSON line per
 configuration: forward+backward tokens/s, peak CUDA memory, FLOPs and MFU.
 
-FLOPs are counted as docs/benchmarks.md counts them: torch's FlopCounterMode over one step of
-the torch backend (the Triton kernel computes the same matmuls, which the counter cannot see, so
-its MFU uses the torch variant's count). MFU = FLOPs / time / peak, peak from --peak-tflops
+FLOPs are counted as docs/benchmarks.md counts them: torch's FlopCounterMode (with the CPU
+attention formulas of `titans_nas.flops.flop_counter`) over one step of the torch backend (the
+Triton kernel computes the same matmuls, which the counter cannot see, so its MFU uses the torch
+variant's count). MFU = FLOPs / time / peak, peak from --peak-tflops
 (default by device name: H100/H200 989 bf16 dense, 495 tf32/fp32 tensor-core).
 
     bash bench/gpu.sh                              # the whole run -> docs/bench/gpu.jsonl
@@ -86,9 +87,8 @@ def build(cfg: dict, dry: bool):
 
 def run(cfg: dict, dry: bool, rounds: int) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels: --dry)
+    from titans_nas.flops import flop_counter
 
     module, loss_of, tokens = build(cfg, dry)
     device = "cpu" if dry else "cuda"
@@ -107,7 +107,7 @@ def run(cfg: dict, dry: bool, rounds: int) -> dict:
     first = time.perf_counter() - t0
     flops = None
     if cfg["backend"] == "torch" and not cfg.get("compiled"):
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             step()
         flops = counter.get_total_flops()
     if device == "cuda":

@@ -25,10 +25,9 @@ StepFactory = Callable[[dict], tuple[Callable[[], Any], Any]]
 
 def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[dict]:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels)
     from titans_nas.allocator import keep_freed_memory
+    from titans_nas.flops import flop_counter
 
     keep_freed_memory()  # as train() does
     torch.set_num_threads(group[0]["threads"])
@@ -40,7 +39,7 @@ def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[d
         first[i], times[i], flops[i] = time.perf_counter() - t0, [], None
         if cfg.get("count_flops", True):
             try:
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     steps[i]()
                 flops[i] = counter.get_total_flops()
             except Exception:  # noqa: BLE001 - a counter failure must not lose the timing

@@ -34,7 +34,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import beyond_triton, in_state_dtype, triton_reach
+from components.ops.memory.common import beyond_plain_rule, in_state_dtype, triton_reach
 from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
 from components.retention import RetentionSpec
 
@@ -207,6 +207,10 @@ class NeuralMemorySpec(Spec):
         """The Omega rule's c (1 without it)."""
         return self.omega.window if self.omega is not None else 1
 
+    def channel_decay(self) -> bool:
+        """One forget gate per output channel of every memory layer (`decay.per: channel`)."""
+        return self.decay is not None and self.decay.per == "channel"
+
     def theta_max(self) -> float:
         """The inner step's bound: `lr.theta_max`, or 1 / (chunk_size c) when that is null (c the
         Omega window: a chunk's c tokens each count up to c gradients at the same weights)."""
@@ -258,8 +262,7 @@ class NeuralMemorySpec(Spec):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
             dims = (self.chunk_size, *widths[:-1])
-            channelwise = self.decay is not None and self.decay.per == "channel"
-            beyond = beyond_triton(self.inner_rule(), channelwise)
+            beyond = beyond_plain_rule(self.inner_rule(), self.channel_decay())
             reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond)
             if reason is not None:
                 raise SpecRuleError("backend", reason)
@@ -278,9 +281,7 @@ class NeuralMemorySpec(Spec):
             theta_layers=len(net.initial) if self.lr.per_layer else 1,
             eta_init=self.momentum.init if self.momentum is not None else None,
             alpha_init=self.decay.init if self.decay is not None else None,
-            alpha_channels=tuple(w.shape[-1] for w in net.initial)
-            if self.decay is not None and self.decay.per == "channel"
-            else None,
+            alpha_channels=tuple(w.shape[-1] for w in net.initial) if self.channel_decay() else None,
             gamma_init=self.omega.gate_init if self.omega is not None and self.window() > 1 else None,
         )
         return NeuralMemory(

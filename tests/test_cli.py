@@ -114,20 +114,19 @@ def test_help_is_complete_every_command_and_flag_says_what_it_does():
 
 def test_attention_flops_are_counted_on_cpu_as_on_meta():
     """SDPA on CPU tensors runs a kernel torch's FlopCounterMode has no formula for
-    (titans_nas.flops adds it): the forward counts on CPU tensors (the benchmarks) and on the meta
-    device (`inspect`) agree, and attention's backward is counted too."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    (titans_nas.flops adds it): the forward counts on CPU tensors (the benchmarks' counter) and on
+    the meta device (`inspect`) agree, and attention's backward is counted too."""
+    from titans_nas.flops import flop_counter
     from titans_nas.summary import flops_per_token
 
     spec = load_spec("attention-tiny", ["depth=1"])
     model = build_model(spec)
     tokens = torch.zeros(1, 128, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(tokens)[0].sum().backward()
     ops = {str(op) for op in counter.get_flop_counts()["Global"]}
     assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops, ops
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         with torch.no_grad():
             model(tokens)
     assert counter.get_total_flops() / 128 == flops_per_token(spec, 128)

@@ -65,3 +65,18 @@ def test_the_split_benchmark_removes_the_memory_op_and_keeps_the_rest(kind):
         gates = memory.gates.proj.weight.grad
         assert gates is not None and memory.qkv.weight.grad.abs().sum() > 0
         assert (gates.abs().sum() > 0) == (op == "on"), f"{kind}, memory op {op}: gate gradient {gates.abs().sum()}"
+
+
+def test_the_split_report_takes_the_op_as_the_difference_of_its_two_rows():
+    """bench/report.py split: a kind's step with its op (on) minus the step without it (off)."""
+    import report  # bench/report.py
+
+    row = {"threads": 1, "dim": 64, "seq": 256, "batch": 16}
+    ms = lambda t: 16 * 256 / (t / 1e3)  # noqa: E731  tokens/s of a step of t ms
+    rows = [
+        {**row, "impl": "swa", "tokens_per_s": ms(97)},
+        {**row, "impl": "lmm", "memory_op": "on", "tokens_per_s": ms(455)},
+        {**row, "impl": "lmm", "memory_op": "off", "tokens_per_s": ms(118)},
+    ]
+    line = report.split_report(rows).splitlines()[-1]
+    assert line.startswith("| 1 | 64 | 256 | 97 | 455 = 337 + 118 (74%) |"), line

@@ -6,10 +6,9 @@ import re
 from collections import defaultdict
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-import titans_nas.flops  # noqa: F401  (FLOP formulas for the CPU attention kernels)
 from titans_nas.builder import build_model
+from titans_nas.flops import flop_counter
 from titans_nas.spec import ModelSpec
 
 
@@ -41,6 +40,6 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     with torch.device("meta"):
         model = build_model(spec).requires_grad_(False)
         tokens = torch.zeros(1, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model(tokens)
     return counter.get_total_flops() / seq_len

@@ -434,7 +434,10 @@ def test_compiled_step_equals_eager(norm, monkeypatch):
     calls, original = [], backward.ChunkLoop.run
     monkeypatch.setattr(backward.ChunkLoop, "run", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(common, "_compiled", {})
+    torch._dynamo.reset()  # what the call compiles is counted below
+    torch._dynamo.utils.counters.clear()
     y2, s2, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, compiled=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(common._compiled), "nothing was compiled"
     assert_rel_close(y2, y, 1e-5, "outputs")
     for a, b in zip(g2, g):
         assert_rel_close(a, b, 1e-4, "gradient")

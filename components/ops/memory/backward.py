@@ -28,18 +28,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from components.ops.memory.coefficients import Coefficients, per_chunk
-from components.ops.memory.common import act_backward, act_second, autocast_on, compile_once
+from components.ops.memory.common import act_backward, act_second, autocast_on, beyond_plain_rule, compile_once
 from components.ops.memory.step import Setting, chunk_step
 
 
 def hand_backward_applies(q: Tensor, setting) -> bool:
-    """The chunk loop's backward is written for eq. 12's one-token rule with gradient descent:
-    the Omega rule's windows, Muon's step, the l1, KL and l_q retentions and a decay per channel keep
-    autograd, as a LayerNorm'd memory does."""
-    model = setting.model
-    plain = model.norm is None and model.omega_window == 1 and model.muon_steps is None
-    plain = plain and model.l1 is None and not model.mirrored
-    plain = plain and not setting.channelwise
+    """The chunk loop's backward is written for eq. 12's one-token rule with gradient descent
+    (any objective): the mechanisms beyond it (`beyond_plain_rule`: the Omega rule, Muon, the l1,
+    KL and l_q retentions, a decay per channel) keep autograd, as a LayerNorm'd memory does."""
+    plain = setting.model.norm is None and not beyond_plain_rule(setting.model, setting.channelwise)
     return plain and not autocast_on(q) and torch.is_grad_enabled()
 
 

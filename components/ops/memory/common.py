@@ -424,11 +424,6 @@ def per_layer(g: Tensor | None, b: int, h: int) -> Tensor | None:
     return rearrange(g if g.ndim == 4 else g[..., None], "b h n l -> (b h) l n")
 
 
-def channel_slice(t: Tensor, width: int) -> Tensor:
-    """A per-channel coefficient (..., O) of the widest layer -> this layer's first `width` channels."""
-    return t[..., :width]
-
-
 def gate_logs(lr, momentum, decay, b, h):
     """Gates -> (B, L', n): theta as is, log eta, log(1 - alpha) (log1p keeps small alpha exact)."""
     lr_ = per_layer(lr, b, h)
@@ -446,9 +441,10 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
     return join(pk, k), join(pv, v), join(plr, lr), join(pm, momentum), join(pd, decay)
 
 
-def beyond_triton(model: MemoryModel, channelwise: bool = False) -> list[str]:
-    """The mechanisms of a memory the Triton kernels do not cover (the kernels run eq. 12's
-    one-token rule with gradient descent and the forget gate per token as the only retention)."""
+def beyond_plain_rule(model: MemoryModel, channelwise: bool = False) -> list[str]:
+    """The mechanisms of a memory beyond eq. 12's one-token rule with gradient descent and the
+    forget gate per token as the only retention: what neither the hand-written outer backward
+    (`backward.hand_backward_applies`) nor the Triton kernels (`triton_reach`) cover."""
     named = [
         (model.omega_window > 1, "the Omega rule"),
         (model.muon_steps is not None, "Muon"),
@@ -470,7 +466,7 @@ def triton_reach(
     beyond: list[str] | None = None,
 ) -> str | None:
     """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
-    and the hidden widths; beyond: the memory's mechanisms outside them (`beyond_triton`). The
+    and the hidden widths; beyond: the memory's mechanisms outside them (`beyond_plain_rule`). The
     one statement of what the kernels cover: the spec refuses `backend: triton` with it, and the
     op picks its backend with it."""
     if depth > 2 or norm or granularity != "token" or read != "after_update" or objective != "l2":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from components.ops.memory.common import beyond_triton, triton_reach
+from components.ops.memory.common import beyond_plain_rule, triton_reach
 from components.ops.memory.triton_linear import _linear_bwd, _linear_fwd
 from components.ops.memory.triton_mlp import _mlp_bwd, _mlp_fwd
 
@@ -30,7 +30,7 @@ def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | No
     """Why the kernels cannot run whole chunks q (B, K, c, d) from states M (None: they can)."""
     dims = (q.shape[-2], q.shape[-1], *(w.shape[-1] for w in M[:-1]))
     model = setting.model
-    beyond = beyond_triton(model, setting.channelwise)
+    beyond = beyond_plain_rule(model, setting.channelwise)
     return triton_reach(len(M), model.norm is not None, "token", setting.read, dims, model.objective.kind, beyond)
 
 
