@@ -1,9 +1,11 @@
 """Studies on a real local Ray (one session-scoped Ray; trainables live in the installed package)."""
 
 import json
+import warnings
 
 import optuna
 import pytest
+import yaml
 
 from tests.search.conftest import TINY_TRAIN, write_study
 from titans_nas.evaluate import evaluate_task
@@ -49,9 +51,17 @@ def test_search_with_a_conditional_space_and_asha(tmp_path):
     # ASHA's clock: evaluations done, counted from the step (a restarted trial keeps it)
     summary = json.loads((run / "trials.json").read_text())
     assert all(t["metrics"]["evals"] == t["metrics"]["step"] // TINY_TRAIN["eval_every"] for t in summary)
-    text = report(run).read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = report(run).read_text()
     assert "## Best" in text and (run / "trials.csv").is_file() and (run / "curves.png").is_file()
     assert "## Parameter importance" in text and (run / "importance.png").is_file()  # stopped trials count too
+    # Optuna's "fewer than 2 trials in a regime" warnings become a mark beside each such parameter
+    assert not [w for w in caught if "regimes for parameter" in str(w.message)]
+    found = yaml.safe_load((run / "importance.yaml").read_text())
+    assert set(found["thin"]) <= set(found["importances"])
+    rows = [line for line in text.splitlines() if line.startswith("- `") and line.split("`")[1] in found["importances"]]
+    assert rows and all(("inaccurate" in row) == (row.split("`")[1] in found["thin"]) for row in rows)
 
 
 def test_multi_objective_study_has_a_pareto_front(tmp_path):

@@ -84,3 +84,29 @@ def test_ablation_columns_and_best_are_per_task_for_the_objectives_each_task_rep
         for task, found in best_per_task(study, records, [("accuracy", "max"), ("bits_per_byte", "min")])
     }
     assert best == {"lm": ["other-lm"], "mqar": ["base-mqar"]}
+
+
+def test_importances_name_their_thin_parameters_instead_of_warning():
+    """A parameter that only one trial has (a knob of a kind sampled once) or that only one trial
+    lacks makes Optuna warn that its importance is inaccurate: `ped_anova` names it instead (the
+    report marks it), and a parameter every trial has stays unmarked."""
+    import warnings
+
+    import optuna
+
+    from titans_nas.search.report import ped_anova
+
+    lr = optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)
+    window = optuna.distributions.CategoricalDistribution([8, 16])
+    study = optuna.create_study(direction="maximize")
+    for i in range(10):
+        params, dists = {"lr": 10 ** (-3 + 2 * i / 9)}, {"lr": lr}
+        if i == 9:  # the one trial of a kind with a window
+            params["window"], dists["window"] = 8, window
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=params["lr"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importances, thin = ped_anova(study)
+    assert set(importances) == {"lr", "window"}
+    assert thin == ["window"]
+    assert not [w for w in caught if "regimes for parameter" in str(w.message)]

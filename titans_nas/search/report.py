@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +158,12 @@ def report(run_dir: str | Path) -> Path:
     if any(p.name == "importance.png" for p in plots):
         found = yaml.safe_load((run_dir / "importance.yaml").read_text())
         lines += [f"## Parameter importance ({found['basis']})", ""]
-        lines += [f"- `{name}`: {value:.3f}" for name, value in found["importances"].items()] + [""]
+        thin = set(found.get("thin", []))
+        lines += [
+            f"- `{name}`: {value:.3f}"
+            + (" (inaccurate: set in, or absent from, fewer than 2 trials)" if name in thin else "")
+            for name, value in found["importances"].items()
+        ] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     (run_dir / "report.md").write_text("\n".join(lines))
@@ -394,7 +401,7 @@ def write_plots(
             fig.tight_layout()
             out.append(_save(fig, run_dir / "pareto.png"))
     if isinstance(study.spec, SearchStudySpec):
-        importances, basis = param_importances(run_dir, study, records)
+        importances, basis, thin = param_importances(run_dir, study, records)
         if importances:
             fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(importances)))
             names = list(importances)[::-1]
@@ -403,7 +410,7 @@ def write_plots(
             ax.set_title(f"{study.spec.name}: importance for {metric}, {basis}", fontsize=9)
             fig.tight_layout()
             out.append(_save(fig, run_dir / "importance.png"))
-            found = {"metric": metric, "basis": basis, "importances": importances}
+            found = {"metric": metric, "basis": basis, "importances": importances, "thin": thin}
             (run_dir / "importance.yaml").write_text(yaml.safe_dump(found, sort_keys=False))
     return out
 
@@ -440,11 +447,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def param_importances(run_dir: Path, study: Study, records: list[TrialRecord]) -> tuple[dict[str, float], str]:
+def param_importances(
+    run_dir: Path, study: Study, records: list[TrialRecord]
+) -> tuple[dict[str, float], str, list[str]]:
     """PED-ANOVA importances (Optuna's default evaluator) of the search parameters for the first
-    objective, and what they were computed on: the full-budget results when at least 4 trials
-    completed; otherwise (ASHA stops most trials) every trial's value at the deepest evaluation
-    step all of them reached, so that the stopped trials count too (one budget, never mixed)."""
+    objective, what they were computed on (the full-budget results when at least 4 trials
+    completed; otherwise, as ASHA stops most trials, every trial's value at the deepest evaluation
+    step all of them reached, so that the stopped trials count too: one budget, never mixed), and
+    the parameters whose importance is thin (`ped_anova`)."""
     import optuna
 
     from titans_nas.search.engine import storage_url
@@ -454,7 +464,7 @@ def param_importances(run_dir: Path, study: Study, records: list[TrialRecord]) -
     try:
         stored = optuna.load_study(study_name=state["study_name"], storage=storage_url(study, run_dir))
     except (KeyError, ValueError):
-        return {}, ""
+        return {}, "", []
     distributions: dict[str, Any] = {}
     for t in stored.trials:
         distributions.update(t.distributions)
@@ -477,8 +487,28 @@ def param_importances(run_dir: Path, study: Study, records: list[TrialRecord]) -
         )
         scratch.add_trial(trial)
     if len(scratch.trials) < 3:
-        return {}, ""
+        return {}, "", []
     try:
-        return dict(optuna.importance.get_param_importances(scratch)), basis
+        importances, thin = ped_anova(scratch)
     except (RuntimeError, ValueError):
-        return {}, ""
+        return {}, "", []
+    return importances, basis, thin
+
+
+def ped_anova(study: Any) -> tuple[dict[str, float], list[str]]:
+    """Optuna's default importances of a study, and its thin parameters: those set in, or absent
+    from, fewer than 2 trials (a PED-ANOVA regime that small). Optuna warns once per such
+    parameter; the report marks it beside its figure instead. Other warnings are passed on."""
+    import optuna
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importances = dict(optuna.importance.get_param_importances(study))
+    thin = sorted({m.group(1) for w in caught if (m := _THIN.search(str(w.message)))})
+    for w in caught:
+        if not _THIN.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return importances, thin
+
+
+_THIN = re.compile(r"regimes for parameter `([^`]+)` have less than 2 trials")
