@@ -4,6 +4,11 @@ executed GFLOP/s, side by side with the naive reference and titans-pytorch 0.5.5
     python bench/memory.py --out docs/bench/memory.jsonl     # the suite in docs/benchmarks.md
     python bench/memory.py --quick                           # seq 1K only
     python bench/memory.py --group '[{"impl": "exact"}, {"impl": "titans-pytorch"}]'
+    python bench/memory.py --group '[{"impl": "exact", "depth": 1}, {"impl": "exact", "depth": 1, "memory_op": "off"}]'
+
+`"memory_op": "off"` times our layer with its memory op swapped for a pass-through
+(`models.remove_memory_op`): the layer's rest (projections, conv, SiLU, l2 norms, gates, output
+norm and gate), so that a comparison can say what the op itself costs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ DEFAULTS = {
     "heads": 4,
     "batch": 2,
     "threads": 2,
+    "memory_op": "on",
 }
 
 IMPLS = {
@@ -39,6 +45,8 @@ def build(cfg: dict):
     torch.manual_seed(0)
     impl = cfg["impl"]
     if impl.startswith("titans-pytorch"):
+        if cfg["memory_op"] != "on":
+            raise ValueError("memory_op: off removes our memory op; titans-pytorch's layer has no such switch")
         from titans_pytorch import MemoryMLP, NeuralMemory
 
         model = MemoryMLP(cfg["dim"] // cfg["heads"], depth=cfg["depth"], expansion_factor=4.0)
@@ -63,6 +71,10 @@ def build(cfg: dict):
         nm.compile_memory(layer)
     if impl == "naive":
         layer.update = naive_memory_update
+    if cfg["memory_op"] == "off":
+        from models import remove_memory_op
+
+        remove_memory_op(layer)
     return lambda x: layer(x)[0], layer
 
 
@@ -102,6 +114,14 @@ def suite(quick: bool) -> list[list[dict]]:
                         for i in ["exact", "coarse", "titans-pytorch"]
                     ]
                 )
+    for depth in (1, 2):  # what our layer costs besides its memory op, beside titans-pytorch's whole layer
+        groups.append(
+            [
+                {"impl": "exact", "depth": depth, "mode": "fwdbwd"},
+                {"impl": "exact", "depth": depth, "mode": "fwdbwd", "memory_op": "off"},
+                {"impl": "titans-pytorch", "depth": depth, "mode": "fwdbwd"},
+            ]
+        )
     for mode in ["fwd", "fwdbwd"]:
         groups.append(
             [

@@ -80,3 +80,24 @@ def test_the_split_report_takes_the_op_as_the_difference_of_its_two_rows():
     ]
     line = report.split_report(rows).splitlines()[-1]
     assert line.startswith("| 1 | 64 | 256 | 97 | 455 = 337 + 118 (74%) |"), line
+
+
+def test_the_layer_benchmark_times_the_layer_without_its_op_in_a_column_of_its_own():
+    """bench/memory.py's "memory_op: off" is the layer's rest: its gates get a zero gradient, its
+    projection does not; bench/report.py memory shows it as "exact rest", not as "exact"."""
+    import memory  # bench/memory.py
+    import report  # bench/report.py
+
+    small = {"dim": 16, "heads": 2, "seq": 32, "chunk": 8, "batch": 2, "depth": 1}
+    for op in ("on", "off"):
+        step, layer = memory.make_step({**memory.DEFAULTS, **small, "memory_op": op})
+        step()
+        assert layer.qkv.weight.grad.abs().sum() > 0
+        assert (layer.gates.proj.weight.grad.abs().sum() > 0) == (op == "on")
+    with pytest.raises(ValueError, match="titans-pytorch"):
+        memory.build({**memory.DEFAULTS, **small, "impl": "titans-pytorch", "memory_op": "off"})
+    row = {"seq": 1024, "mode": "fwdbwd", "chunk": 64, "depth": 1}
+    rows = [{**row, "impl": "exact", "tokens_per_s": 20_000.0}, {**row, "impl": "exact", "memory_op": "off",
+            "tokens_per_s": 40_000.0}, {**row, "impl": "titans-pytorch", "tokens_per_s": 32_000.0}]  # fmt: skip
+    line = report.memory_report(rows).splitlines()[2]
+    assert line.startswith("| 1024 | fwdbwd | 64 | 1 | 20,000 | - | - | - | 32,000 | - | - | 40,000 | 0.62x |"), line
