@@ -54,9 +54,13 @@ KINDS, MEMORY_KINDS, HYBRIDS = block_kinds(), kinds_with("memory"), kinds_with("
 def spec_for(cfg: dict):
     """The benchmark's model of one kind, derived from the kind's fields: windows, MAC segments,
     memory chunks (with `backend`, if given), and persistent tokens for the memory kinds (none for
-    the attention baselines; none at all where `persistent` is absent or 0)."""
-    from titans_nas.config import union_members, validate
+    the attention baselines; none at all where `persistent` is absent or 0). With `spec`, the model
+    spec file it names instead (a trial's spec.yaml, say: the size fields then only label the row)."""
+    from titans_nas.config import load_spec, union_members, validate
     from titans_nas.spec import BlockSpec, ModelSpec
+
+    if cfg.get("spec"):
+        return load_spec(cfg["spec"])
 
     fields = union_members(BlockSpec)[cfg["impl"]].model_fields
     block = {"kind": cfg["impl"]}
@@ -78,8 +82,10 @@ def make_step(cfg: dict):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    tokens = torch.randint(0, 256, (cfg["batch"], cfg["seq"] + 1), generator=torch.Generator().manual_seed(1))
-    if cfg["impl"] == "titans-pytorch-mac":
+    spec = spec_for(cfg) if cfg["impl"] != "titans-pytorch-mac" else None
+    vocab = spec.vocab_size if spec is not None else 256
+    tokens = torch.randint(0, vocab, (cfg["batch"], cfg["seq"] + 1), generator=torch.Generator().manual_seed(1))
+    if spec is None:
         from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
 
         head_dim = cfg["dim"] // cfg["heads"]
@@ -101,7 +107,7 @@ def make_step(cfg: dict):
     else:
         from titans_nas.builder import build_model
 
-        model = build_model(spec_for(cfg))
+        model = build_model(spec)
         if cfg.get("memory_op") == "off":
             remove_memory_op(model)
         if cfg.get("compiled"):  # the memory's chunk step and its backward through torch.compile

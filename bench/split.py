@@ -7,6 +7,12 @@ kind pays besides its memory (projections, conv, gates, norms, attention for the
     python bench/split.py --out docs/bench/split.jsonl
     python bench/split.py --quick                       # dim 64, 256 tokens, 1 thread
     python bench/report.py split docs/bench/split.jsonl
+
+A study's own trials, from their spec files (`impl`, `dim`, `heads` and `depth` then only label
+the row: give the spec's own; the quickstart's sizes):
+
+    python bench/split.py --group '[{"impl": "mal", "spec": "runs/quickstart/trials/<id>/spec.yaml",
+        "batch": 32, "seq": 64}, {"impl": "mal", "spec": "...", "batch": 32, "seq": 64, "memory_op": "off"}]'
 """
 
 from __future__ import annotations

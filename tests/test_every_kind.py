@@ -101,3 +101,18 @@ def test_the_layer_benchmark_times_the_layer_without_its_op_in_a_column_of_its_o
             "tokens_per_s": 40_000.0}, {**row, "impl": "titans-pytorch", "tokens_per_s": 32_000.0}]  # fmt: skip
     line = report.memory_report(rows).splitlines()[2]
     assert line.startswith("| 1024 | fwdbwd | 64 | 1 | 20,000 | - | - | - | 32,000 | - | - | 40,000 | 0.62x |"), line
+
+
+def test_the_benchmarks_time_a_model_from_its_spec_file(tmp_path):
+    """bench/models.py's `spec`: the model of a spec file (a study's trial, a preset), its own
+    vocabulary for the tokens, with the memory op removable as for the benchmark's own models."""
+    import models  # bench/models.py
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("extends: mal-tiny\nvocab_size: 40\n")
+    cfg = {**models.DEFAULTS, "impl": "mal", "spec": str(path), "batch": 2, "seq": 16}
+    assert models.spec_for(cfg) == load_spec(path) and load_spec(path).block.kind == "mal"
+    for op in ("on", "off"):
+        step, model = models.make_step({**cfg, "memory_op": op})
+        step()  # tokens beyond the vocabulary would fail in the embedding
+        assert model.embedding.num_embeddings == 40
