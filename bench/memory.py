@@ -66,6 +66,8 @@ def build(cfg: dict):
     spec["model"] = {"kind": "mlp", "depth": cfg["depth"]} if cfg["depth"] > 1 else {"kind": "linear"}
     if impl.startswith("coarse"):
         spec.update(granularity="chunk", read="chunk_start")
+    if "backend" in cfg:
+        spec["backend"] = cfg["backend"]
     layer = nm.NeuralMemorySpec.model_validate(spec).build(cfg["dim"], cfg["heads"])
     if impl.endswith("+compile"):
         nm.compile_memory(layer)

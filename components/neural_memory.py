@@ -34,7 +34,7 @@ from components.ops.memory import (
     memory_read,
     memory_update,
 )
-from components.ops.memory.common import beyond_plain_rule, in_state_dtype, triton_reach
+from components.ops.memory.common import beyond_plain_rule, in_state_dtype, kernel_reach
 from components.optimizer import GDOptimizerSpec, InnerOptimizerSpec
 from components.retention import RetentionSpec
 
@@ -196,12 +196,13 @@ class NeuralMemorySpec(Spec):
     checkpoint_chunks: int | None = Field(None, ge=1, le=2**20)
     """Recompute groups of this many chunks in the backward pass instead of storing them
     (less memory, ~1.3x compute); null = store everything."""
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    """Who runs whole chunks: the Triton kernel (GPU; CPU only under TRITON_INTERPRET=1), torch,
+    backend: Literal["auto", "torch", "triton", "cpp"] = "auto"
+    """Who runs whole chunks: the Triton kernel (GPU; CPU only under TRITON_INTERPRET=1), the C++
+    kernel (CPU: the linear memory; built on first use with the machine's C++ compiler), torch,
     or auto = Triton on CUDA where the kernels cover the memory (linear, or 2-layer MLP without
     norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
     >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
-    torch otherwise."""
+    the C++ kernel on CPU where it covers the memory and builds, torch otherwise."""
 
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""
@@ -258,12 +259,14 @@ class NeuralMemorySpec(Spec):
                 "the step cap bounds a step by the loss, and the dot objective's loss is not >= 0"
                 " (set lr.curvature_cap: null)",
             )
-        if self.backend == "triton":
+        if self.backend in ("triton", "cpp"):
             m, widths = self.model, self.model.widths(dim // h, self._key_dim(dim // h))
             norm = m.kind == "mlp" and m.norm
-            dims = (self.chunk_size, *widths[:-1])
+            dims = (self.chunk_size, *widths)
             beyond = beyond_plain_rule(self.inner_rule(), self.channel_decay())
-            reason = triton_reach(len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond)
+            reason = kernel_reach(
+                self.backend, len(widths) - 1, norm, self.granularity, self.read, dims, self.objective.kind, beyond
+            )
             if reason is not None:
                 raise SpecRuleError("backend", reason)
 

@@ -2,7 +2,6 @@
 reference, on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported): float32, tiny sizes, outputs, final state and every gradient."""
 
-import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,8 +13,15 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from components.ops.memory import memory_update, naive_memory_update  # noqa: E402
-from tests.components.test_memory_op import Case, assert_rel_close, make, outputs_state_grads  # noqa: E402
+from components.ops.memory import memory_update  # noqa: E402
+from tests.components.test_memory_op import (  # noqa: E402
+    Case,
+    as_dtype,
+    assert_kernel_equals_naive,
+    assert_rel_close,
+    make,
+    outputs_state_grads,
+)
 
 CASES = {
     "momentum, decay toward the prior, cap": Case(
@@ -35,35 +41,9 @@ CASES = {
 }
 
 
-def _as(dtype, inputs, weights, model):
-    """The same draw in another dtype (fresh leaves), so both sides see identical numbers."""
-    cast = lambda t: None if t is None else t.detach().to(dtype).requires_grad_()  # noqa: E731
-    inputs, weights = tuple(cast(t) for t in inputs), tuple(cast(w) for w in weights)
-    prior = None if model.prior is None else tuple(cast(w) for w in model.prior)
-    model = dataclasses.replace(model, prior=prior)
-    leaves = [t for t in (*inputs, *weights, *(prior or ())) if t is not None]
-    return inputs, weights, model, leaves
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernel_equals_naive(name):
-    """float32 kernel against the float64 reference on the same numbers: 1e-4 relative."""
-    case = CASES[name]
-    inputs, weights, model, _ = make(case, d=16)
-    y, s, g = outputs_state_grads(memory_update, case, *_as(torch.float32, inputs, weights, model), backend="triton")
-    y0, s0, g0 = outputs_state_grads(naive_memory_update, case, *_as(torch.float64, inputs, weights, model))
-    assert y.dtype == torch.float32
-    assert_rel_close(y.double(), y0, 1e-4, "outputs")
-    for a, b in zip(s.weights + (s.momentum or ()), s0.weights + (s0.momentum or ())):
-        assert_rel_close(a.double(), b, 1e-4, "final state")
-    for i, (a, b) in enumerate(zip(g, g0)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            # the gates' gradients pass through the float32 log-space coefficients, which the
-            # torch path shares: for eta near 0 both are ~5e-4 off the float64 reference
-            # (measured: torch 5.2e-4, triton 4.4e-4), everything else ~1e-6
-            tol = 1e-3 if 3 <= i <= 5 else 1e-4
-            assert_rel_close(a.double(), b, tol, f"gradient of a {tuple(b.shape)} input")
+    assert_kernel_equals_naive(CASES[name], "triton")
 
 
 def test_triton_backend_refuses_what_it_does_not_cover():
@@ -122,7 +102,7 @@ def test_backend_triton_runs_the_kernels_and_torch_does_not(monkeypatch):
     run = triton_loop.TritonLoop.run
     monkeypatch.setattr(triton_loop.TritonLoop, "run", lambda *a: launches.append(1) or run(*a))
     case = CASES["mlp, momentum, decay toward the prior, cap, per-layer lr"]
-    inputs, weights, model, leaves = _as(torch.float32, *make(case, d=16)[:3])
+    inputs, weights, model, leaves = as_dtype(torch.float32, *make(case, d=16)[:3])
     for backend, expected in (("torch", 0), ("triton", 1)):
         launches.clear()
         outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend=backend)

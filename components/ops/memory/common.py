@@ -444,7 +444,7 @@ def with_pending(state: MemoryState, k, v, lr, momentum, decay):
 def beyond_plain_rule(model: MemoryModel, channelwise: bool = False) -> list[str]:
     """The mechanisms of a memory beyond eq. 12's one-token rule with gradient descent and the
     forget gate per token as the only retention: what neither the hand-written outer backward
-    (`backward.hand_backward_applies`) nor the Triton kernels (`triton_reach`) cover."""
+    (`backward.hand_backward_applies`) nor the fused kernels (`kernel_reach`) cover."""
     named = [
         (model.omega_window > 1, "the Omega rule"),
         (model.muon_steps is not None, "Muon"),
@@ -456,7 +456,8 @@ def beyond_plain_rule(model: MemoryModel, channelwise: bool = False) -> list[str
     return [name for used, name in named if used]
 
 
-def triton_reach(
+def kernel_reach(
+    kernel: str,
     depth: int,
     norm: bool,
     granularity: str,
@@ -465,18 +466,22 @@ def triton_reach(
     objective: str = "l2",
     beyond: list[str] | None = None,
 ) -> str | None:
-    """Why the Triton kernels cannot run a memory (None: they can). dims: chunk size, head dim
-    and the hidden widths; beyond: the memory's mechanisms outside them (`beyond_plain_rule`). The
-    one statement of what the kernels cover: the spec refuses `backend: triton` with it, and the
-    op picks its backend with it."""
-    if depth > 2 or norm or granularity != "token" or read != "after_update" or objective != "l2":
-        return (
-            "the Triton kernels cover the linear memory and the 2-layer MLP memory without norm, "
-            "with granularity 'token', read 'after_update' and the l2 objective"
-        )
+    """Why a fused kernel ("triton" or "cpp") cannot run a memory (None: it can). dims: chunk
+    size, then every layer's width from the keys' to the values' (in, hidden..., out); beyond:
+    the memory's mechanisms outside them
+    (`beyond_plain_rule`). The one statement of what the kernels cover: the spec refuses
+    `backend: triton | cpp` with it, and the op picks its backend with it. Both run eq. 12's
+    one-token rule with gradient descent on the l2 objective, per-token reads after each update;
+    Triton covers depth 1 and 2 with power-of-two tiles, the C++ kernel depth 1 at any size."""
+    name, depths = ("Triton kernels", (1, 2)) if kernel == "triton" else ("C++ kernel", (1,))
+    what = "the linear memory" + (" and the 2-layer MLP memory without norm" if kernel == "triton" else "")
+    if depth not in depths or norm or granularity != "token" or read != "after_update" or objective != "l2":
+        return f"the {name} cover {what}, with granularity 'token', read 'after_update' and the l2 objective"
     if beyond:
-        return f"the Triton kernels do not cover {', '.join(beyond)}"
-    if any(x < 16 or x & (x - 1) for x in dims):
+        return f"the {name} do not cover {', '.join(beyond)}"
+    if dims[1] != dims[-1]:
+        return f"the {name} need keys as wide as values (got {dims[1]} and {dims[-1]}: a feature map widens the keys)"
+    if kernel == "triton" and any(x < 16 or x & (x - 1) for x in dims):
         return f"the Triton kernels need chunk size, head dim and hidden width powers of two >= 16 (got {dims})"
     return None
 

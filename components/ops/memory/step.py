@@ -24,7 +24,7 @@ from components.ops.memory.common import (
     keys_and_errors,
 )
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "cpp"]
 
 
 class Setting(NamedTuple):

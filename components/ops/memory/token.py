@@ -97,8 +97,9 @@ def memory_update(
     is kept for the plain MLP case. checkpoint_chunks: recompute groups of that many chunks in
     the backward pass (torch.utils.checkpoint) instead of storing their activations.
     compiled: run the chunk step through torch.compile (GPU, or CPU with a C++ compiler).
-    backend: whole chunks through the Triton kernel ("triton"; `common.triton_reach` says
-    what it covers), through torch ("torch"), or Triton where it covers the call on CUDA ("auto").
+    backend: whole chunks through a fused kernel, the Triton kernels ("triton") or the C++ kernel
+    on CPU ("cpp"; `common.kernel_reach` says what they cover), through torch ("torch"), or the
+    fused kernel where one covers the call ("auto": `_kernel_loop`).
     omega: the Omega rule's gates gamma (b, h, n) in [0, 1] (`model.omega_window` > 1; None = 1).
     """
     model = model or MemoryModel(activation=activation)
@@ -176,12 +177,12 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
     co = _coefficients(setting)(*[split(t) for t in inputs[3:]], window)
     bundle = type(co)
     hand = hand_backward_applies(q, setting)
-    triton_loop = _triton_loop(setting, q, M)
+    kernel = _kernel_loop(setting, q, M)
 
     def steps(M, S, q, k, v, *co):
         co = bundle(*co)
-        if triton_loop is not None:
-            return triton_loop.run(setting, q, k, v, co, M, S)
+        if kernel is not None:
+            return kernel.run(setting, q, k, v, co, M, S)
         if hand:
             return ChunkLoop.run(setting, q, k, v, co, M, S)
         step, ys = _step(setting), []
@@ -205,10 +206,21 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
     return torch.cat(outs, 1), M, S
 
 
-def _triton_loop(setting: Setting, q: Tensor, M):
-    """The Triton loop if the backend asks for it, or "auto" on CUDA where it covers the call and
-    the state tiles are small enough for the untiled kernels (`triton_loop.chosen_by_auto`)."""
-    if setting.backend == "torch" or (setting.backend == "auto" and not q.is_cuda):
+def _kernel_loop(setting: Setting, q: Tensor, M):
+    """The fused kernel for whole chunks, or None for the torch path: the C++ kernel on CPU
+    ("cpp", or "auto" where it covers the call: `cpu_loop.reach`), the Triton kernels ("triton",
+    or "auto" on CUDA where they cover the call and the state tiles are small enough for the
+    untiled kernels: `triton_loop.chosen_by_auto`)."""
+    if setting.backend == "torch":
+        return None
+    if setting.backend == "cpp" or (setting.backend == "auto" and q.device.type == "cpu"):
+        from components.ops.memory import cpu_loop
+
+        reason = cpu_loop.reach(setting, M, q)
+        if setting.backend == "cpp" and reason is not None:
+            raise ValueError(reason)
+        return None if reason is not None else cpu_loop.CpuLoop
+    if setting.backend == "auto" and not q.is_cuda:
         return None
     try:
         from components.ops.memory import triton_loop

@@ -1,0 +1,85 @@
+"""Which path runs the memory on CPU: the C++ kernel (cpu_linear.cpp) where it covers the call,
+torch otherwise, and what happens without a compiler. Its exactness is in test_memory_op.py
+(`test_the_cpp_kernel_equals_naive_*`)."""
+
+import pytest
+import torch
+
+from components.ops.memory import cpu_loop, memory_update, naive_memory_update
+from tests.components.test_memory_op import CASES, Case, assert_rel_close, make, outputs_state_grads
+
+
+def launches(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = cpu_loop.CpuLoop.run
+    monkeypatch.setattr(cpu_loop.CpuLoop, "run", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (CASES["linear, momentum+decay+prior, chunk 8"], 1),  # linear: the kernel
+        (CASES["mlp plain, decay toward the prior, chunk 16"], 0),  # depth 2: torch
+        (CASES["omega 3, linear, momentum+decay, chunk 16"], 0),  # beyond the plain rule: torch
+    ],
+)
+def test_auto_takes_the_cpp_kernel_on_cpu_where_it_covers_the_memory(case, expected, monkeypatch):
+    calls = launches(monkeypatch)
+    inputs, weights, model, leaves = make(case)
+    outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    assert len(calls) == expected
+    outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend="torch")
+    assert len(calls) == expected  # torch means torch
+
+
+def test_keys_wider_than_values_stay_on_torch(monkeypatch):
+    calls = launches(monkeypatch)
+    case = Case(depth=1, chunk=8, n=16, norm=False, residual=False)
+    q, k, v, lr, mom, dec = make(case)[0]
+    widen = lambda t: torch.cat([t, t], -1).detach()  # noqa: E731
+    from components.ops.memory import init_memory_state
+
+    weights = (torch.randn(2, 16, 8, dtype=torch.float64) * 0.1,)
+    memory_update(widen(q), widen(k), v, lr, mom, dec, init_memory_state(weights, 2, True), chunk_size=8)
+    assert not calls
+    with pytest.raises(ValueError, match="keys as wide as values"):
+        memory_update(widen(q), widen(k), v, lr, mom, dec, init_memory_state(weights, 2, True), chunk_size=8,
+                      backend="cpp")  # fmt: skip
+
+
+def test_without_a_compiler_auto_keeps_torch_and_cpp_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TITANS_NAS_KERNEL_CACHE", str(tmp_path / "cache"))
+    cpu_loop.library.cache_clear()
+    try:
+        assert isinstance(cpu_loop.library(), str)
+        calls = launches(monkeypatch)
+        case = CASES["linear, momentum+decay+prior, chunk 8"]
+        inputs, weights, model, leaves = make(case)
+        y, _, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+        y0, _, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
+        assert not calls
+        assert_rel_close(y, y0, 1e-9, "outputs on the torch path")
+        with pytest.raises(ValueError, match="did not build"):
+            outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend="cpp")
+    finally:
+        monkeypatch.undo()
+        cpu_loop.library.cache_clear()
+
+
+def test_the_spec_refuses_cpp_where_the_kernel_does_not_reach():
+    from components.base import SpecRuleError
+    from components.neural_memory import NeuralMemorySpec
+
+    NeuralMemorySpec.model_validate({"model": {"kind": "linear"}, "backend": "cpp"}).check(32, 2)
+    with pytest.raises(SpecRuleError, match="C\\+\\+ kernel cover the linear memory"):
+        NeuralMemorySpec.model_validate({"model": {"kind": "mlp"}, "backend": "cpp"}).check(32, 2)
+
+
+def test_the_launcher_refuses_tensors_of_other_sizes():
+    """The kernel trusts the sizes it is given: a tensor of any other size is refused before."""
+    flags = {"C": 4, "D": 8, "HAS_S": False, "HAS_P": False, "CAP": False, "RESIDUAL": False}
+    good = [torch.zeros(2, 3, 4, 8)] * 3
+    with pytest.raises(ValueError, match="another size"):
+        cpu_loop.Cpu().forward(1, 2, [*good, torch.zeros(5)], 3, 0.0, flags)
