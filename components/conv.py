@@ -39,12 +39,36 @@ class ShortConv(nn.Module):
         selects the filters to use when x holds only those channels."""
         past = state if state is not None else x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
         full = torch.cat([past, x], dim=1)
-        n = x.shape[1]
-        w, b = self.weight[channels, 0], self.bias[channels]
-        # y_t = bias + sum_i w_i x_{t - kernel + 1 + i}: a few shifted multiply-adds, much faster
-        # on CPU than a depthwise conv1d (forward and backward) for kernel 4
-        y = torch.addcmul(b, full[:, :n], w[:, 0])
-        for i in range(1, self.kernel):
-            y = torch.addcmul(y, full[:, i : i + n], w[:, i])
+        y = _ShiftedTaps.apply(full, self.weight[channels, 0], self.bias[channels], x.shape[1])
         new_state = full[:, full.shape[1] - (self.kernel - 1) :] if state is not None else None
         return y, new_state
+
+
+class _ShiftedTaps(torch.autograd.Function):
+    """y_t = bias + sum_i w_i full_{t + i} over full = [past ; x] (b, n + kernel - 1, d): a few
+    shifted multiply-adds, much faster on CPU than a depthwise conv1d for kernel 4. The backward
+    is written out because autograd's gives every tap's slice its own zero-filled full-size
+    gradient and adds them up (1.2-1.9x slower forward+backward at (2, 1024, 768) and 2.5-4x at
+    study sizes, docs/benchmarks.md); here all taps accumulate into one."""
+
+    @staticmethod
+    def forward(ctx, full: Tensor, w: Tensor, bias: Tensor, n: int) -> Tensor:
+        y = torch.addcmul(bias, full[:, :n], w[:, 0])
+        for i in range(1, w.shape[1]):
+            y.addcmul_(full[:, i : i + n], w[:, i])
+        ctx.save_for_backward(full, w)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        full, w = ctx.saved_tensors
+        n = ctx.n
+        dfull = torch.zeros_like(full) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        for i in range(w.shape[1]):
+            if dfull is not None:
+                dfull[:, i : i + n].addcmul_(dy, w[:, i])
+            if dw is not None:
+                dw[:, i] = (dy * full[:, i : i + n]).sum((0, 1))
+        return dfull, dw, dy.sum((0, 1)) if ctx.needs_input_grad[2] else None, None

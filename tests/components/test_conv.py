@@ -23,3 +23,20 @@ def test_streams_in_pieces(float64):
         y, state = conv(x[:, a:b], state)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-12, rtol=0)
+
+
+def test_gradients_equal_the_padded_depthwise_conv1d(float64):
+    """The hand-written backward (every tap into one buffer) against autograd of conv1d: the
+    input, the filters, the bias, and the streamed state."""
+    conv = ShortConvSpec(kernel=4).build(6)
+    x = torch.randn(2, 11, 6, requires_grad=True)
+    past = torch.randn(2, 3, 6, requires_grad=True)
+    g = torch.randn(2, 11, 6)
+    y, _ = conv(x, past)
+    grads = torch.autograd.grad((y * g).sum(), (x, past, conv.weight, conv.bias))
+    full = torch.cat([past, x], 1).transpose(1, 2)
+    ref = F.conv1d(full, conv.weight, conv.bias, groups=6).transpose(1, 2)
+    expected = torch.autograd.grad((ref * g).sum(), (x, past, conv.weight, conv.bias))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    torch.autograd.gradcheck(lambda t: conv(t)[0], (x.detach().clone().requires_grad_(),))

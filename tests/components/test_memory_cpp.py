@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components.ops.memory import cpu_loop, memory_update, naive_memory_update
-from tests.components.test_memory_op import CASES, Case, assert_rel_close, make, outputs_state_grads
+from tests.components.test_memory_op import CASES, Case, assert_rel_close, make, needs_cpp, outputs_state_grads
 
 
 def launches(monkeypatch) -> list[int]:
@@ -16,6 +16,7 @@ def launches(monkeypatch) -> list[int]:
     return calls
 
 
+@needs_cpp
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -33,6 +34,7 @@ def test_auto_takes_the_cpp_kernel_on_cpu_where_it_covers_the_memory(case, expec
     assert len(calls) == expected  # torch means torch
 
 
+@needs_cpp
 def test_keys_wider_than_values_stay_on_torch(monkeypatch):
     calls = launches(monkeypatch)
     case = Case(depth=1, chunk=8, n=16, norm=False, residual=False)

@@ -30,6 +30,17 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_flags() -> bytes:
+    """This CPU's instruction sets (-march=native builds for them: a shared cache directory on
+    machines of another kind gets its own build)."""
+    try:
+        return next((line for line in open("/proc/cpuinfo", "rb") if line.startswith(b"flags")), b"")
+    except OSError:
+        import platform
+
+        return platform.processor().encode()
+
+
 @cache
 def library() -> ctypes.CDLL | str:
     """The built kernel library, or the reason there is none (a string)."""
@@ -40,7 +51,7 @@ def library() -> ctypes.CDLL | str:
     if not (torch_lib / "libtorch_cpu.so").exists():
         return f"no libtorch_cpu.so in {torch_lib}"
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + compiler.encode() + str(torch_lib).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + compiler.encode() + str(torch_lib).encode() + _cpu_flags()).hexdigest()[:16]
     out = _cache_dir() / key / "cpu_linear.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
