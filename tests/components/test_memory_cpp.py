@@ -81,7 +81,7 @@ def test_the_spec_refuses_cpp_where_the_kernel_does_not_reach():
 
 def test_the_launcher_refuses_tensors_of_other_sizes():
     """The kernel trusts the sizes it is given: a tensor of any other size is refused before."""
-    flags = {"C": 4, "D": 8, "HAS_S": False, "HAS_P": False, "CAP": False, "RESIDUAL": False}
+    flags = (3, 4, 8, 0, 0, 0, 0, 0.0)  # K, C, d, momentum, prior, cap, residual, cap value
     good = [torch.zeros(2, 3, 4, 8)] * 3
     with pytest.raises(ValueError, match="another size"):
-        cpu_loop.Cpu().forward(1, 2, [*good, torch.zeros(5)], 3, 0.0, flags)
+        cpu_loop._launch("linear_forward", 2, flags, [*good, torch.zeros(5)])

@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
 
@@ -90,37 +91,86 @@ def reach(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-class CpuLoop:
+class CpuLoop(torch.autograd.Function):
+    """Whole chunks q, k, v (B, K, c, d) with their gates (lr, log eta, log keep: (B, K, 1, c);
+    the last two None when off) from states M, S (B, d, d) -> reads (B, K c, d) and the end
+    state. The kernel computes each chunk's coefficients from the gates itself (by their
+    recurrences, `Coefs` in the source) and gives back the gates' gradients."""
+
+    takes_gates = True  # token.py passes the split gates, not `coefficients.Coefficients`
+
     @staticmethod
-    def run(setting, q, k, v, co, M, S):
-        from components.ops.memory.kernel_loop import KernelLoop
+    def run(setting, q, k, v, gates, M, S):
+        B, K, C, d = q.shape
+        P = setting.prior[0] if setting.prior else None
+        out = CpuLoop.apply(setting, q, k, v, *gates, M[0], S[0] if S is not None else None, P)
+        return out[0].reshape(B, K * C, d), (out[1],), (out[2],) if S is not None else None
 
-        return KernelLoop.run(Cpu(), setting, q, k, v, co, M, S)
+    @staticmethod
+    def forward(ctx, setting, q, k, v, lr, log_eta, log_keep, M, S, P):
+        B, K, C, d = q.shape
+        dt = M.dtype
+        cast = lambda t: None if t is None else t.detach().to(dt).reshape(B, K, C).contiguous()  # noqa: E731
+        state = lambda t: None if t is None else t.detach().to(dt).contiguous()  # noqa: E731
+        q, k, v = (t.detach().to(dt).contiguous() for t in (q, k, v))
+        gates = [cast(t) for t in (lr, log_eta, log_keep)]
+        M0, S0, P0 = state(M), state(S), state(P)
+        y = torch.empty(B, K, C, d, dtype=dt)
+        M_out, S_out = torch.empty_like(M0), torch.empty_like(M0) if S is not None else None
+        M_st = torch.empty(B, K, d, d, dtype=dt)
+        S_st = torch.empty_like(M_st) if S is not None else None
+        flags = _flags(setting.model, K, C, d, S is not None, P is not None)
+        _launch("linear_forward", B, flags, [q, k, v, *gates, M0, S0, P0, y, M_out, S_out, M_st, S_st])
+        ctx.setting, ctx.flags, ctx.dtypes = setting, flags, (q.dtype, M.dtype)
+        none = q.new_empty(0)  # saved in place of what is off
+        kept = [*(g if g is not None else none for g in gates), P0 if P0 is not None else none]
+        ctx.save_for_backward(q, k, v, *kept, M_st, S_st if S_st is not None else none)
+        ctx.present = [t is not None for t in (log_eta, log_keep, P, S)]
+        return y, M_out, S_out
 
-
-class Cpu:
-    """Runs the C++ kernel on the rows (batch x heads) over torch's intra-op thread count."""
-
-    def dtype(self, state_dtype: torch.dtype) -> torch.dtype:
-        return state_dtype
-
-    def inputs(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(dtype).contiguous()
-
-    def _call(self, name, L, B, tensors, K, cap, flags):
-        C, D = flags["C"], flags["D"]  # the kernel trusts these sizes: every tensor is checked against them
-        sizes = {B * K * C * D, B * K * C, B * K * C * C, B * K, B * D * D, B * K * D * D, 1}
-        if any(not t.is_contiguous() or t.numel() not in sizes or t.dtype != tensors[0].dtype for t in tensors):
-            raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
-        ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-        f = flags
-        getattr(library(), name)(
-            B, K, f["C"], f["D"], int(f["HAS_S"]), int(f["HAS_P"]), int(f["CAP"]), int(f["RESIDUAL"]), cap,
-            int(tensors[0].dtype == torch.float64), torch.get_num_threads(), ptrs,
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dM, dS):
+        q, k, v, lr, log_eta, log_keep, P0, M_st, S_st = ctx.saved_tensors
+        has_eta, has_keep, has_P, has_S = ctx.present
+        log_eta, log_keep = (log_eta if has_eta else None), (log_keep if has_keep else None)
+        P0, S_st = (P0 if has_P else None), (S_st if has_S else None)
+        B, K, C, d = q.shape
+        dt = q.dtype
+        cast = lambda t: None if t is None else t.to(dt).contiguous()  # noqa: E731
+        zeros = lambda: torch.zeros(B, d, d, dtype=dt)  # noqa: E731  (an end state nothing used)
+        dM = cast(dM) if dM is not None else zeros()
+        dS = (cast(dS) if dS is not None else zeros()) if has_S else None
+        dq, dk, dv = (torch.empty(B, K, C, d, dtype=dt) for _ in range(3))
+        dlr = torch.empty(B, K, C, dtype=dt)
+        dle = torch.empty_like(dlr) if has_eta else None
+        dlk = torch.empty_like(dlr) if has_keep else None
+        dM0 = torch.empty(B, d, d, dtype=dt)
+        dS0 = torch.empty_like(dM0) if has_S else None
+        dP = torch.empty_like(dM0) if has_P else None
+        tensors = [q, k, v, lr, log_eta, log_keep, P0, M_st, S_st, cast(dy), dM, dS, dq, dk, dv, dlr, dle, dlk]
+        _launch("linear_backward", B, ctx.flags, [*tensors, dM0, dS0, dP])
+        in_dtype, wt = ctx.dtypes
+        gate = lambda g: None if g is None else g.reshape(B, K, 1, C)  # noqa: E731
+        return (
+            None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), gate(dlr), gate(dle), gate(dlk),
+            dM0.to(wt), dS0.to(wt) if has_S else None, dP.to(wt) if has_P else None,
         )  # fmt: skip
 
-    def forward(self, L, B, tensors, K, cap, flags):
-        self._call("linear_forward", L, B, tensors, K, cap, flags)
 
-    def backward(self, L, B, tensors, K, cap, flags):
-        self._call("linear_backward", L, B, tensors, K, cap, flags)
+def _flags(model, K: int, C: int, d: int, has_S: bool, has_P: bool) -> tuple:
+    return (K, C, d, int(has_S), int(has_P), int(model.step_cap is not None), int(model.residual),
+            float(model.step_cap or 0.0))  # fmt: skip
+
+
+def _launch(name: str, B: int, flags: tuple, tensors: list) -> None:
+    """Runs one of the kernel's entry points on `tensors` (None: a null pointer, for what is off)
+    over torch's intra-op thread count. The kernel trusts their sizes, so they are checked here."""
+    K, C, d = flags[:3]
+    sizes = {B * K * C * d, B * K * C, B * d * d, B * K * d * d}
+    given = [t for t in tensors if t is not None]
+    if any(not t.is_contiguous() or t.numel() not in sizes or t.dtype != given[0].dtype for t in given):
+        raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
+    ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+    is_double = int(given[0].dtype == torch.float64)
+    getattr(library(), name)(B, *flags[:7], flags[7], is_double, torch.get_num_threads(), ptrs)

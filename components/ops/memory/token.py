@@ -174,10 +174,14 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
     if rows is not None:  # each chunk's keys with the w - 1 before it (overlapping windows)
         k, v, gamma, lr_rows = rows.chunks(pos, count, C)
         window = (band(gamma, C), lr_rows)
-    co = _coefficients(setting)(*[split(t) for t in inputs[3:]], window)
-    bundle = type(co)
-    hand = hand_backward_applies(q, setting)
     kernel = _kernel_loop(setting, q, M)
+    gates = [split(t) for t in inputs[3:]]
+    if getattr(kernel, "takes_gates", False):  # the C++ kernel computes the coefficients itself
+        co, bundle = tuple(gates), lambda *t: t
+    else:
+        co = _coefficients(setting)(*gates, window)
+        bundle = type(co)
+    hand = hand_backward_applies(q, setting)
 
     def steps(M, S, q, k, v, *co):
         co = bundle(*co)
