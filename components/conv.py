@@ -37,38 +37,53 @@ class ShortConv(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """(b, n, d) -> (b, n, d) and the next state (None when state is None). `channels`
         selects the filters to use when x holds only those channels."""
-        past = state if state is not None else x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
-        full = torch.cat([past, x], dim=1)
-        y = _ShiftedTaps.apply(full, self.weight[channels, 0], self.bias[channels], x.shape[1])
-        new_state = full[:, full.shape[1] - (self.kernel - 1) :] if state is not None else None
-        return y, new_state
+        w, b, pad = self.weight[channels, 0], self.bias[channels], self.kernel - 1
+        if state is None:  # the zeros before the sequence stay implicit: no concatenated copy
+            return _ShiftedTaps.apply(x, w, b, pad), None
+        full = torch.cat([state, x], dim=1)
+        return _ShiftedTaps.apply(full, w, b, 0), full[:, full.shape[1] - pad :]
 
 
 class _ShiftedTaps(torch.autograd.Function):
-    """y_t = bias + sum_i w_i full_{t + i} over full = [past ; x] (b, n + kernel - 1, d): a few
-    shifted multiply-adds, much faster on CPU than a depthwise conv1d for kernel 4. The backward
-    is written out because autograd's gives every tap's slice its own zero-filled full-size
-    gradient and adds them up (1.2-1.9x slower forward+backward at (2, 1024, 768) and 2.5-4x at
-    study sizes, docs/benchmarks.md); here all taps accumulate into one."""
+    """y_t = bias + sum_i w_i z_{t + i} over z = [lead zeros ; src] (b, n + kernel - 1, d), src
+    being x (lead = kernel - 1) or [past ; x] (lead = 0): a few shifted multiply-adds, much
+    faster on CPU than a depthwise conv1d for kernel 4. The backward is written out because
+    autograd's gives every tap's slice its own zero-filled full-size gradient and adds them up
+    (1.2-1.9x slower forward+backward at (2, 1024, 768) and 2.5-4x at study sizes,
+    docs/benchmarks.md); here all taps accumulate into one."""
 
     @staticmethod
-    def forward(ctx, full: Tensor, w: Tensor, bias: Tensor, n: int) -> Tensor:
-        y = torch.addcmul(bias, full[:, :n], w[:, 0])
-        for i in range(1, w.shape[1]):
-            y.addcmul_(full[:, i : i + n], w[:, i])
-        ctx.save_for_backward(full, w)
-        ctx.n = n
+    def forward(ctx, src: Tensor, w: Tensor, bias: Tensor, lead: int) -> Tensor:
+        k = w.shape[1]
+        n = src.shape[1] + lead - (k - 1)
+        last = k - 1 - lead  # the last tap's offset into src: >= 0, its slice has all n rows
+        y = torch.addcmul(bias, src[:, last : last + n], w[:, k - 1])
+        for i in range(k - 1):
+            o = i - lead  # tap i reads src[t + o]; rows before src are zeros
+            if o + n > 0:  # a sequence shorter than the kernel: the tap sees only zeros
+                y[:, max(-o, 0) :].addcmul_(src[:, max(o, 0) : o + n], w[:, i])
+        ctx.save_for_backward(src, w)
+        ctx.lead = lead
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        full, w = ctx.saved_tensors
-        n = ctx.n
-        dfull = torch.zeros_like(full) if ctx.needs_input_grad[0] else None
-        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        for i in range(w.shape[1]):
-            if dfull is not None:
-                dfull[:, i : i + n].addcmul_(dy, w[:, i])
+        src, w = ctx.saved_tensors
+        lead, k, n = ctx.lead, w.shape[1], dy.shape[1]
+        dsrc = dw = None
+        if ctx.needs_input_grad[0]:  # the last tap covers all of src when the zeros are implicit
+            dsrc = dy * w[:, k - 1] if src.shape[1] == n else torch.zeros_like(src)
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(w)
+        for i in range(k):
+            o = i - lead
+            if o + n <= 0:  # this tap saw only the zeros before the sequence
+                if dw is not None:
+                    dw[:, i] = 0
+                continue
+            rows, out = slice(max(o, 0), o + n), slice(max(-o, 0), None)
+            if dsrc is not None and (i < k - 1 or src.shape[1] != n):
+                dsrc[:, rows].addcmul_(dy[:, out], w[:, i])
             if dw is not None:
-                dw[:, i] = (dy * full[:, i : i + n]).sum((0, 1))
-        return dfull, dw, dy.sum((0, 1)) if ctx.needs_input_grad[2] else None, None
+                dw[:, i] = (dy[:, out] * src[:, rows]).sum((0, 1))
+        return dsrc, dw, dy.sum((0, 1)) if ctx.needs_input_grad[2] else None, None

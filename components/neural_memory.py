@@ -507,12 +507,15 @@ class NeuralMemory(nn.Module):
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
-        q, k, v = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
-        if self.qk_norm:  # Titans §4.4: l2-normalised queries and keys
+        qkv = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        if self.qk_norm and self.v_norm:  # all three l2-normalised: one pass instead of three
+            qkv = F.normalize(qkv, dim=-1)
+        q, k, v = qkv
+        if self.qk_norm and not self.v_norm:  # Titans §4.4: l2-normalised queries and keys
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if self.feature_map is not None:  # ATLAS: the memory learns f(phi(k)) -> v
             q, k = self.feature_map(q), self.feature_map(k)
-        if self.v_norm:
+        if self.v_norm and not self.qk_norm:
             v = F.normalize(v, dim=-1)
         lr, momentum, decay, omega = self.gates(x)
         memory = (

@@ -1,17 +1,25 @@
 """Short causal convolution: equals a padded depthwise conv1d; streams exactly."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from components.conv import ShortConvSpec
 
 
-def test_equals_padded_depthwise_conv1d(float64):
+@pytest.mark.parametrize("n", [11, 4, 2, 1])  # shorter than the kernel too
+def test_equals_padded_depthwise_conv1d(float64, n):
+    """Outputs and every gradient (input, filters, bias) against autograd of a padded conv1d."""
     conv = ShortConvSpec(kernel=4).build(6)
-    x = torch.randn(2, 11, 6)
+    x = torch.randn(2, n, 6, requires_grad=True)
+    g = torch.randn(2, n, 6)
     y, _ = conv(x)
     ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=6).transpose(1, 2)
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad((y * g).sum(), (x, conv.weight, conv.bias))
+    expected = torch.autograd.grad((ref * g).sum(), (x, conv.weight, conv.bias))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 def test_streams_in_pieces(float64):
