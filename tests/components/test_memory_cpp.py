@@ -11,8 +11,9 @@ from tests.components.test_memory_op import CASES, Case, assert_rel_close, make,
 
 def launches(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = cpu_loop.CpuLoop.run
-    monkeypatch.setattr(cpu_loop.CpuLoop, "run", lambda *a: calls.append(1) or original(*a))
+    for loop in (cpu_loop.CpuLoop, cpu_loop.CpuMlpLoop):
+        original = loop.run
+        monkeypatch.setattr(loop, "run", lambda *a, run=original: calls.append(1) or run(*a))
     return calls
 
 
@@ -21,7 +22,9 @@ def launches(monkeypatch) -> list[int]:
     "case, expected",
     [
         (CASES["linear, momentum+decay+prior, chunk 8"], 1),  # linear: the kernel
-        (CASES["mlp plain, decay toward the prior, chunk 16"], 0),  # depth 2: torch
+        (CASES["mlp plain, decay toward the prior, chunk 16"], 1),  # MLP: the kernel
+        (CASES["mlp depth 3 plain silu, everything on, chunk 4"], 1),
+        (Case(), 0),  # a LayerNorm'd MLP: torch
         (CASES["omega 3, linear, momentum+decay, chunk 16"], 0),  # beyond the plain rule: torch
     ],
 )
@@ -74,9 +77,10 @@ def test_the_spec_refuses_cpp_where_the_kernel_does_not_reach():
     from components.base import SpecRuleError
     from components.neural_memory import NeuralMemorySpec
 
-    NeuralMemorySpec.model_validate({"model": {"kind": "linear"}, "backend": "cpp"}).check(32, 2)
+    for model in ({"kind": "linear"}, {"kind": "mlp"}, {"kind": "mlp", "depth": 3}):
+        NeuralMemorySpec.model_validate({"model": model, "backend": "cpp"}).check(32, 2)
     with pytest.raises(SpecRuleError, match="C\\+\\+ kernel cover the linear memory"):
-        NeuralMemorySpec.model_validate({"model": {"kind": "mlp"}, "backend": "cpp"}).check(32, 2)
+        NeuralMemorySpec.model_validate({"model": {"kind": "mlp", "norm": True}, "backend": "cpp"}).check(32, 2)
 
 
 def test_the_launcher_refuses_tensors_of_other_sizes():

@@ -497,13 +497,14 @@ def test_compiled_step_equals_eager(norm, monkeypatch):
 
     case = Case(chunk=8, n=24, norm=norm, residual=norm, prior=not norm)
     inputs, weights, model, leaves = make(case, dtype=torch.float32)
-    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+    y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend="torch")
     calls, original = [], backward.ChunkLoop.run
     monkeypatch.setattr(backward.ChunkLoop, "run", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(common, "_compiled", {})
     torch._dynamo.reset()  # what the call compiles is counted below
     torch._dynamo.utils.counters.clear()
-    y2, s2, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, compiled=True)
+    torch_path = {"compiled": True, "backend": "torch"}
+    y2, s2, g2 = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, **torch_path)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(common._compiled), "nothing was compiled"
     assert_rel_close(y2, y, 1e-5, "outputs")
     for a, b in zip(g2, g):
@@ -525,9 +526,9 @@ def test_whole_chunks_take_the_hand_written_backward_where_it_applies(monkeypatc
     for case, expected in ((CASES["mlp plain, decay toward the prior, chunk 16"], 1), (Case(), 0)):
         calls.clear()
         inputs, weights, model, leaves = make(case)
-        outputs_state_grads(memory_update, case, inputs, weights, model, leaves)
+        outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend="torch")
         with torch.no_grad():
-            run(memory_update, case, inputs, weights, model)
+            run(memory_update, case, inputs, weights, model, backend="torch")
         assert len(calls) == expected, case
 
 

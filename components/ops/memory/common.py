@@ -472,10 +472,12 @@ def kernel_reach(
     (`beyond_plain_rule`). The one statement of what the kernels cover: the spec refuses
     `backend: triton | cpp` with it, and the op picks its backend with it. Both run eq. 12's
     one-token rule with gradient descent on the l2 objective, per-token reads after each update;
-    Triton covers depth 1 and 2 with power-of-two tiles, the C++ kernel depth 1 at any size."""
-    name, depths = ("Triton kernels", (1, 2)) if kernel == "triton" else ("C++ kernel", (1,))
-    what = "the linear memory" + (" and the 2-layer MLP memory without norm" if kernel == "triton" else "")
-    if depth not in depths or norm or granularity != "token" or read != "after_update" or objective != "l2":
+    Triton covers depth 1 and 2 with power-of-two tiles, the C++ kernel any depth and size."""
+    name = "Triton kernels" if kernel == "triton" else "C++ kernel"
+    mlp = "2-layer MLP memory" if kernel == "triton" else "MLP memory of any depth"
+    what = f"the linear memory and the {mlp} without norm"
+    too_deep = kernel == "triton" and depth > 2
+    if too_deep or norm or granularity != "token" or read != "after_update" or objective != "l2":
         return f"the {name} cover {what}, with granularity 'token', read 'after_update' and the l2 objective"
     if beyond:
         return f"the {name} do not cover {', '.join(beyond)}"

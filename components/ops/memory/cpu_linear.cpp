@@ -314,6 +314,415 @@ void backward(int B, const Flags& f, void** p, int threads) {
                         a(14), a(15), a(16), a(17), a(18), a(19), a(20));
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The MLP memory of any depth L >= 2: f(x) = act(... act(x M_0) ...) M_{L-1} [+ x], the math of
+// step.chunk_step and backward.chunk_backward for one row, written out per layer (names as
+// there: a_l the keys' input of layer l, z_l its pre-activation, D_l the capped deltas,
+// carried_l = D_{l+1} M_{l+1}^T; the read path's x_l, zr_l, t_l = x_l a_l^T, xm / xp / xs =
+// x_l M_l / P_l / S_l). Each layer l reads its coefficients from gate slot min(l, slots - 1).
+
+struct MlpFlags {
+    int K, C, L, slots;
+    const int* w;  // widths w_0 .. w_L (w_0 = w_L = the head dim)
+    bool has_S, has_P, cap_on, residual, silu;
+    double cap;
+};
+
+// act, act' and act'' of z at once (one erf and one exp for GELU, one exp for SiLU)
+template <typename T>
+void act_all(bool silu, T z, T& a0, T& a1, T& a2) {
+    if (silu) {
+        const T s = 1 / (1 + std::exp(-z));
+        a0 = z * s;
+        a1 = s * (1 + z * (1 - s));
+        a2 = s * (1 - s) * (2 + z * (1 - 2 * s));
+        return;
+    }
+    const T E = std::erf(z * T(0.7071067811865476)), phi = std::exp(T(-0.5) * z * z) * T(0.3989422804014327);
+    a0 = T(0.5) * z * (1 + E);
+    a1 = T(0.5) * (1 + E) + z * phi;
+    a2 = phi * (2 - z * z);
+}
+
+// One chunk of one row: everything the reads, the state step and the backward need.
+template <typename T>
+struct MlpChunk {
+    const MlpFlags& f;
+    std::vector<std::vector<T>> a, z, z1, z2, D, carried, x, zr, zr1, t, xm, xp, xs;  // z1, z2: act', act'' of z
+    std::vector<T> r, err, gt;
+    explicit MlpChunk(const MlpFlags& fl) : f(fl), r(fl.C), err(fl.C * fl.w[fl.L]), gt(fl.C * fl.C) {
+        const int C = f.C, L = f.L;
+        for (auto* v : {&a, &z, &z1, &z2, &D, &carried, &x, &zr, &zr1, &t, &xm, &xp, &xs}) v->resize(L);
+        for (int l = 0; l < L; ++l) {
+            a[l].resize(C * f.w[l]);
+            x[l].resize(C * f.w[l]);
+            for (auto* v : {&z[l], &z1[l], &z2[l], &D[l], &carried[l], &zr[l], &zr1[l], &xm[l], &xp[l], &xs[l]})
+                v->resize(C * f.w[l + 1]);
+            t[l].resize(C * C);
+        }
+    }
+
+    // the keys forwarded at M and the l2 loss back-propagated by hand (common.keys_and_errors)
+    void keys(const T* kj, const T* vj, const std::vector<const T*>& M, const std::vector<const T*>& theta) {
+        const int C = f.C, L = f.L, d = f.w[L];
+        std::copy(kj, kj + C * f.w[0], a[0].begin());
+        for (int l = 0; l < L; ++l) {
+            mm<T>(false, false, C, f.w[l + 1], f.w[l], a[l].data(), M[l], z[l].data());
+            if (l + 1 < L)
+                for (int i = 0; i < C * f.w[l + 1]; ++i) act_all(f.silu, z[l][i], a[l + 1][i], z1[l][i], z2[l][i]);
+        }
+        for (int i = 0; i < C * d; ++i) {
+            err[i] = z[L - 1][i] + (f.residual ? kj[i] : T(0)) - vj[i];
+            D[L - 1][i] = 2 * err[i];
+        }
+        for (int l = L - 1; l > 0; --l) {
+            mm<T>(false, true, C, f.w[l], f.w[l + 1], D[l].data(), M[l], carried[l - 1].data());
+            for (int i = 0; i < C * f.w[l]; ++i) D[l - 1][i] = z1[l - 1][i] * carried[l - 1][i];
+        }
+        for (int c = 0; c < C; ++c) {
+            T rc = 1;
+            if (f.cap_on) {  // r = min(1, cap |err|^2 / sum_l theta_l |a_l|^2 |D_l|^2)
+                T curv = 0;
+                for (int l = 0; l < L; ++l) {
+                    const int i = f.w[l], o = f.w[l + 1];
+                    curv += theta[l][c] * dot(a[l].data() + c * i, a[l].data() + c * i, i) *
+                            dot(D[l].data() + c * o, D[l].data() + c * o, o);
+                }
+                const T ee = dot(err.data() + c * d, err.data() + c * d, d);
+                rc = std::min<T>(T(f.cap) * ee / std::max<T>(curv, T(1e-30)), T(1));
+            }
+            r[c] = rc;
+            for (int l = 0; l < L; ++l) {
+                const int o = f.w[l + 1];
+                for (int j = 0; j < o; ++j) D[l][c * o + j] *= rc;
+                if (l + 1 < L)
+                    for (int j = 0; j < o; ++j) carried[l][c * o + j] *= rc;
+            }
+        }
+    }
+
+    // the reads after each token's update, dual form (step.chunk_step); y the output rows
+    void reads(const T* qj, const std::vector<const T*>& M, const std::vector<const T*>& S,
+               const std::vector<const T*>& P, const std::vector<const Coefs<T>*>& co, T* y) {
+        const int C = f.C, L = f.L;
+        std::copy(qj, qj + C * f.w[0], x[0].begin());
+        for (int l = 0; l < L; ++l) {
+            const int i = f.w[l], o = f.w[l + 1];
+            const Coefs<T>& c = *co[l];
+            mm<T>(false, true, C, C, i, x[l].data(), a[l].data(), t[l].data());
+            for (int p = 0; p < C * C; ++p) gt[p] = c.G[p] * t[l][p];
+            mm<T>(false, false, C, o, C, gt.data(), D[l].data(), zr[l].data());
+            mm<T>(false, false, C, o, i, x[l].data(), M[l], xm[l].data());
+            if (f.has_P) mm<T>(false, false, C, o, i, x[l].data(), P[l], xp[l].data());
+            if (f.has_S) mm<T>(false, false, C, o, i, x[l].data(), S[l], xs[l].data());
+            for (int row = 0; row < C; ++row)
+                for (int j = 0; j < o; ++j) {
+                    T& v = zr[l][row * o + j];
+                    v += c.beta[row] * xm[l][row * o + j];
+                    if (f.has_P) v += (1 - c.beta[row]) * xp[l][row * o + j];
+                    if (f.has_S) v += c.f[row] * xs[l][row * o + j];
+                }
+            if (l + 1 < L)
+                for (int p = 0; p < C * o; ++p) {
+                    T unused;
+                    act_all(f.silu, zr[l][p], x[l + 1][p], zr1[l][p], unused);
+                }
+        }
+        const int d = f.w[L];
+        for (int p = 0; p < C * d; ++p) y[p] = zr[L - 1][p] + (f.residual ? qj[p] : T(0));
+    }
+};
+
+// per-layer views of the pointer array: p[base + l]
+template <typename T>
+std::vector<T*> layers(void** p, int base, int L, long offset) {
+    std::vector<T*> out(L);
+    for (int l = 0; l < L; ++l) out[l] = p[base + l] ? static_cast<T*>(p[base + l]) + offset : nullptr;
+    return out;
+}
+
+template <typename T>
+void mlp_forward_row(const MlpFlags& f, int b, void** p) {
+    const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
+    const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
+    const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
+    // p: q k v lr log_eta log_keep | M_l | S_l | P_l | y | M_out_l | S_out_l | M_st_l | S_st_l
+    const int iM = 6, iS = 6 + L, iP = 6 + 2 * L, iy = 6 + 3 * L, iMo = iy + 1, iSo = iMo + L, iMs = iSo + L,
+              iSs = iMs + L;
+    T* y = static_cast<T*>(p[iy]);
+    std::vector<std::vector<T>> M(L), S(L);
+    std::vector<const T*> P(L, nullptr);
+    for (int l = 0; l < L; ++l) {
+        const long sz = (long)f.w[l] * f.w[l + 1];
+        const T* m0 = static_cast<T*>(p[iM + l]) + b * sz;
+        M[l].assign(m0, m0 + sz);
+        S[l].assign(sz, T(0));
+        if (f.has_S) std::copy(static_cast<T*>(p[iS + l]) + b * sz, static_cast<T*>(p[iS + l]) + (b + 1) * sz, S[l].begin());
+        if (f.has_P) P[l] = static_cast<T*>(p[iP + l]) + b * sz;
+    }
+    std::vector<Coefs<T>> co(sl, Coefs<T>(C));
+    MlpChunk<T> ch(f);
+    std::vector<T> w;
+    for (int j = 0; j < K; ++j) {
+        const long cs = (long)b * K + j, rows = cs * C * d;
+        std::vector<const T*> Mc(L), Sc(L), theta(L);
+        std::vector<const Coefs<T>*> cl(L);
+        for (int s = 0; s < sl; ++s)
+            co[s].compute(lr + (cs * sl + s) * C, f.has_S ? log_eta + cs * C : nullptr,
+                          log_keep ? log_keep + cs * C : nullptr, f.has_S);
+        for (int l = 0; l < L; ++l) {
+            const long sz = (long)f.w[l] * f.w[l + 1];
+            std::copy(M[l].begin(), M[l].end(), static_cast<T*>(p[iMs + l]) + cs * sz);
+            if (f.has_S) std::copy(S[l].begin(), S[l].end(), static_cast<T*>(p[iSs + l]) + cs * sz);
+            Mc[l] = M[l].data();
+            Sc[l] = S[l].data();
+            const int s = std::min(l, sl - 1);
+            cl[l] = &co[s];
+            theta[l] = lr + (cs * sl + s) * C;
+        }
+        ch.keys(k + rows, v + rows, Mc, theta);
+        ch.reads(q + rows, Mc, Sc, P, cl, y + rows);
+        for (int l = 0; l < L; ++l) {  // M' = bl M + (1 - bl) P + fl S + a^T (g o D),  S' = ml S + a^T (n o D)
+            const int i = f.w[l], o = f.w[l + 1];
+            const Coefs<T>& c = *cl[l];
+            const T bl = c.beta[C - 1], fl = c.f[C - 1];
+            const T *gl = c.G.data() + (C - 1) * C, *nl = c.N.data() + (C - 1) * C;
+            for (long e = 0; e < (long)i * o; ++e)
+                M[l][e] = bl * M[l][e] + (f.has_P ? (1 - bl) * P[l][e] : T(0)) + (f.has_S ? fl * S[l][e] : T(0));
+            w.resize(C * o);
+            for (int row = 0; row < C; ++row)
+                for (int q2 = 0; q2 < o; ++q2) w[row * o + q2] = gl[row] * ch.D[l][row * o + q2];
+            mm<T>(true, false, i, o, C, ch.a[l].data(), w.data(), M[l].data(), T(1));
+            if (f.has_S) {
+                const T ml = c.m[C - 1];
+                for (long e = 0; e < (long)i * o; ++e) S[l][e] *= ml;
+                for (int row = 0; row < C; ++row)
+                    for (int q2 = 0; q2 < o; ++q2) w[row * o + q2] = nl[row] * ch.D[l][row * o + q2];
+                mm<T>(true, false, i, o, C, ch.a[l].data(), w.data(), S[l].data(), T(1));
+            }
+        }
+    }
+    for (int l = 0; l < L; ++l) {
+        const long sz = (long)f.w[l] * f.w[l + 1];
+        std::copy(M[l].begin(), M[l].end(), static_cast<T*>(p[iMo + l]) + b * sz);
+        if (f.has_S) std::copy(S[l].begin(), S[l].end(), static_cast<T*>(p[iSo + l]) + b * sz);
+    }
+}
+
+template <typename T>
+T dot_all(const T* x, const T* y, long n) {
+    T s = 0;
+    for (long i = 0; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
+template <typename T>
+void mlp_backward_row(const MlpFlags& f, int b, void** p) {
+    const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
+    // p: q k v lr log_eta log_keep | P_l | M_st_l | S_st_l | dy | dM_l | dS_l | dq dk dv | dlr dlog_eta
+    //    dlog_keep | dM0_l | dS0_l | dP_l
+    const int iP = 6, iMs = 6 + L, iSs = 6 + 2 * L, idy = 6 + 3 * L, idM = idy + 1, idS = idM + L, idq = idS + L,
+              idlr = idq + 3, idM0 = idlr + 3, idS0 = idM0 + L, idP = idS0 + L;
+    const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
+    const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
+    const T* dy = static_cast<T*>(p[idy]);
+    T *dq = static_cast<T*>(p[idq]), *dk = static_cast<T*>(p[idq + 1]), *dv = static_cast<T*>(p[idq + 2]);
+    T *dlr = static_cast<T*>(p[idlr]), *dle = static_cast<T*>(p[idlr + 1]), *dlk = static_cast<T*>(p[idlr + 2]);
+    std::vector<std::vector<T>> dM(L), dS(L), dP(L), gM(L), gS(L);
+    std::vector<const T*> P(L, nullptr);
+    for (int l = 0; l < L; ++l) {
+        const long sz = (long)f.w[l] * f.w[l + 1];
+        const T* e = static_cast<T*>(p[idM + l]) + b * sz;
+        dM[l].assign(e, e + sz);
+        dS[l].assign(sz, T(0));
+        if (f.has_S) std::copy(static_cast<T*>(p[idS + l]) + b * sz, static_cast<T*>(p[idS + l]) + (b + 1) * sz, dS[l].begin());
+        dP[l].assign(f.has_P ? sz : 0, T(0));
+        if (f.has_P) P[l] = static_cast<T*>(p[iP + l]) + b * sz;
+        gM[l].resize(sz);
+        gS[l].resize(sz);
+    }
+    std::vector<Coefs<T>> co(sl, Coefs<T>(C));
+    MlpChunk<T> ch(f);
+    // per slot: the coefficients' gradients of one chunk (layers sharing a slot add up)
+    std::vector<std::vector<T>> gbeta(sl), gf(sl), gG(sl), ggl(sl), gnl(sl);
+    std::vector<T> gbl(sl), gfl(sl), gml(sl), tmp_lr(C), tmp_le(C), tmp_lk(C);
+    std::vector<std::vector<T>> dD(L), da(L), dzk(L);
+    for (int l = 0; l < L; ++l) {
+        dD[l].resize(C * f.w[l + 1]);
+        da[l].resize(C * f.w[l]);
+        dzk[l].resize(C * f.w[l + 1]);
+    }
+    std::vector<T> h, w, dz(C * d), dx, dgt(C * C), gt(C * C), dcar;
+    for (int j = K - 1; j >= 0; --j) {
+        const long cs = (long)b * K + j, rows = cs * C * d;
+        std::vector<const T*> Mc(L), Sc(L), theta(L);
+        std::vector<const Coefs<T>*> cl(L);
+        for (int s = 0; s < sl; ++s) {
+            co[s].compute(lr + (cs * sl + s) * C, f.has_S ? log_eta + cs * C : nullptr,
+                          log_keep ? log_keep + cs * C : nullptr, f.has_S);
+            for (auto* g : {&gbeta[s], &gf[s], &ggl[s], &gnl[s]}) g->assign(C, T(0));
+            gG[s].assign(C * C, T(0));
+            gbl[s] = gfl[s] = gml[s] = 0;
+        }
+        for (int l = 0; l < L; ++l) {
+            const long sz = (long)f.w[l] * f.w[l + 1];
+            Mc[l] = static_cast<T*>(p[iMs + l]) + cs * sz;
+            Sc[l] = f.has_S ? static_cast<T*>(p[iSs + l]) + cs * sz : nullptr;
+            const int s = std::min(l, sl - 1);
+            cl[l] = &co[s];
+            theta[l] = lr + (cs * sl + s) * C;
+        }
+        ch.keys(k + rows, v + rows, Mc, theta);
+        std::vector<T> y_again(C * d);  // the reads recomputed for their intermediates
+        ch.reads(q + rows, Mc, Sc, P, cl, y_again.data());
+        // 1. the end-of-chunk state
+        for (int l = 0; l < L; ++l) {
+            const int i = f.w[l], o = f.w[l + 1], s = std::min(l, sl - 1);
+            const long sz = (long)i * o;
+            const Coefs<T>& c = *cl[l];
+            const T bl = c.beta[C - 1];
+            const T *gl = c.G.data() + (C - 1) * C, *nl = c.N.data() + (C - 1) * C;
+            const T* Ml = Mc[l];
+            T dbl = 0;
+            for (long e = 0; e < sz; ++e) {
+                gM[l][e] = bl * dM[l][e];
+                dbl += dM[l][e] * (Ml[e] - (f.has_P ? P[l][e] : T(0)));
+                if (f.has_P) dP[l][e] += (1 - bl) * dM[l][e];
+            }
+            gbl[s] += dbl;
+            h.resize(C * o);
+            w.resize(C * o);
+            mm<T>(false, false, C, o, i, ch.a[l].data(), dM[l].data(), h.data());  // hm = a dM
+            for (int row = 0; row < C; ++row) {
+                ggl[s][row] += dot(ch.D[l].data() + row * o, h.data() + row * o, o);
+                for (int e = 0; e < o; ++e) {
+                    dD[l][row * o + e] = gl[row] * h[row * o + e];
+                    w[row * o + e] = gl[row] * ch.D[l][row * o + e];
+                }
+            }
+            mm<T>(false, true, C, i, o, w.data(), dM[l].data(), da[l].data());  // da = (g o D) dM^T
+            if (f.has_S) {
+                const T fl = c.f[C - 1], ml = c.m[C - 1];
+                const T* Sl = Sc[l];
+                for (long e = 0; e < sz; ++e) gS[l][e] = fl * dM[l][e] + ml * dS[l][e];
+                gfl[s] += dot_all(dM[l].data(), Sl, sz);
+                gml[s] += dot_all(dS[l].data(), Sl, sz);
+                mm<T>(false, false, C, o, i, ch.a[l].data(), dS[l].data(), h.data());  // hs = a dS
+                for (int row = 0; row < C; ++row) {
+                    gnl[s][row] += dot(ch.D[l].data() + row * o, h.data() + row * o, o);
+                    for (int e = 0; e < o; ++e) {
+                        dD[l][row * o + e] += nl[row] * h[row * o + e];
+                        w[row * o + e] = nl[row] * ch.D[l][row * o + e];
+                    }
+                }
+                mm<T>(false, true, C, i, o, w.data(), dS[l].data(), da[l].data(), T(1));
+            }
+        }
+        // 2. the reads, last layer first: dz = d loss / d zr_l
+        T* dqj = dq + rows;
+        std::copy(dy + rows, dy + rows + C * d, dz.begin());
+        if (f.residual) std::copy(dy + rows, dy + rows + C * d, dqj);
+        for (int l = L - 1; l >= 0; --l) {
+            const int i = f.w[l], o = f.w[l + 1], s = std::min(l, sl - 1);
+            const Coefs<T>& c = *cl[l];
+            const T* xl = ch.x[l].data();
+            dx.assign(C * i, T(0));
+            w.resize(C * o);
+            for (int row = 0; row < C; ++row) {
+                T gb = 0, gfv = 0;
+                for (int e = 0; e < o; ++e) {
+                    const int at = row * o + e;
+                    gb += dz[at] * (ch.xm[l][at] - (f.has_P ? ch.xp[l][at] : T(0)));
+                    if (f.has_S) gfv += dz[at] * ch.xs[l][at];
+                    w[at] = c.beta[row] * dz[at];  // bdz
+                }
+                gbeta[s][row] += gb;
+                if (f.has_S) gf[s][row] += gfv;
+            }
+            mm<T>(true, false, i, o, C, xl, w.data(), gM[l].data(), T(1));  // gM += x^T bdz
+            mm<T>(false, true, C, i, o, w.data(), Mc[l], dx.data());       // dx = bdz M^T
+            if (f.has_P) {
+                for (int e = 0; e < C * o; ++e) w[e] = dz[e] - w[e];  // (1 - beta) dz
+                mm<T>(true, false, i, o, C, xl, w.data(), dP[l].data(), T(1));
+                mm<T>(false, true, C, i, o, w.data(), P[l], dx.data(), T(1));
+            }
+            if (f.has_S) {
+                for (int row = 0; row < C; ++row)
+                    for (int e = 0; e < o; ++e) w[row * o + e] = c.f[row] * dz[row * o + e];  // fdz
+                mm<T>(true, false, i, o, C, xl, w.data(), gS[l].data(), T(1));
+                mm<T>(false, true, C, i, o, w.data(), Sc[l], dx.data(), T(1));
+            }
+            for (int e = 0; e < C * C; ++e) gt[e] = c.G[e] * ch.t[l][e];
+            mm<T>(true, false, C, o, C, gt.data(), dz.data(), dD[l].data(), T(1));  // dD += (G o t)^T dz
+            mm<T>(false, true, C, C, o, dz.data(), ch.D[l].data(), dgt.data());   // d loss / d (G o t)
+            for (int e = 0; e < C * C; ++e) {
+                gG[s][e] += dgt[e] * ch.t[l][e];
+                dgt[e] *= c.G[e];  // dt
+            }
+            mm<T>(false, false, C, i, C, dgt.data(), ch.a[l].data(), dx.data(), T(1));  // dx += dt a
+            mm<T>(true, false, C, i, C, dgt.data(), xl, da[l].data(), T(1));         // da += dt^T x
+            if (l > 0) {
+                dz.resize(C * i);
+                for (int e = 0; e < C * i; ++e) dz[e] = ch.zr1[l - 1][e] * dx[e];
+            } else {
+                for (int e = 0; e < C * d; ++e) dqj[e] = (f.residual ? dqj[e] : T(0)) + dx[e];
+            }
+        }
+        dz.resize(C * d);
+        // 3. the inner backward (D_l = act'(z_l) o carried_l), then the keys' forward
+        for (int l = 0; l + 1 < L; ++l) {
+            const int o = f.w[l + 1], o2 = f.w[l + 2];
+            dcar.resize(C * o);
+            for (int e = 0; e < C * o; ++e) {
+                dcar[e] = ch.z1[l][e] * dD[l][e];
+                dzk[l][e] = ch.z2[l][e] * ch.carried[l][e] * dD[l][e];
+            }
+            mm<T>(false, false, C, o2, o, dcar.data(), Mc[l + 1], dD[l + 1].data(), T(1));      // dD_{l+1} += dcar M
+            mm<T>(true, false, o, o2, C, dcar.data(), ch.D[l + 1].data(), gM[l + 1].data(), T(1));  // gM += dcar^T D
+        }
+        T *dkj = dk + rows, *dvj = dv + rows;
+        for (int row = 0; row < C; ++row)
+            for (int e = 0; e < d; ++e) {
+                const int at = row * d + e;
+                const T de = 2 * ch.r[row] * dD[L - 1][at];  // l2: d pred = 2 r dD, d v = -2 r dD
+                dvj[at] = -de;
+                dzk[L - 1][at] = de;  // no second-order term on the last layer
+                if (f.residual) dkj[at] = de;
+            }
+        for (int l = L - 1; l >= 0; --l) {
+            const int i = f.w[l], o = f.w[l + 1];
+            mm<T>(true, false, i, o, C, ch.a[l].data(), dzk[l].data(), gM[l].data(), T(1));  // gM += a^T dzk
+            mm<T>(false, true, C, i, o, dzk[l].data(), Mc[l], da[l].data(), T(1));            // da += dzk M^T
+            if (l > 0) {
+                for (int e = 0; e < C * i; ++e) dzk[l - 1][e] += ch.z1[l - 1][e] * da[l][e];
+            } else {
+                for (int e = 0; e < C * d; ++e) dkj[e] = (f.residual ? dkj[e] : T(0)) + da[0][e];
+            }
+        }
+        // the coefficients' gradients to the gates, per slot (eta and keep are shared)
+        for (int s = 0; s < sl; ++s) {
+            co[s].backward(gbeta[s].data(), gf[s].data(), gG[s].data(), ggl[s].data(), gnl[s].data(), gbl[s], gfl[s],
+                           gml[s], f.has_S, tmp_lr.data(), tmp_le.data(), log_keep ? tmp_lk.data() : nullptr);
+            for (int c = 0; c < C; ++c) {
+                dlr[(cs * sl + s) * C + c] = tmp_lr[c];
+                if (f.has_S) dle[cs * C + c] = (s ? dle[cs * C + c] : T(0)) + tmp_le[c];
+                if (log_keep) dlk[cs * C + c] = (s ? dlk[cs * C + c] : T(0)) + tmp_lk[c];
+            }
+        }
+        for (int l = 0; l < L; ++l) {
+            std::swap(dM[l], gM[l]);
+            if (f.has_S) std::swap(dS[l], gS[l]);
+        }
+    }
+    for (int l = 0; l < L; ++l) {
+        const long sz = (long)f.w[l] * f.w[l + 1];
+        std::copy(dM[l].begin(), dM[l].end(), static_cast<T*>(p[idM0 + l]) + b * sz);
+        if (f.has_S) std::copy(dS[l].begin(), dS[l].end(), static_cast<T*>(p[idS0 + l]) + b * sz);
+        if (f.has_P) std::copy(dP[l].begin(), dP[l].end(), static_cast<T*>(p[idP + l]) + b * sz);
+    }
+}
+
 }  // namespace
 
 // p: the tensors' data pointers in the order of triton_linear's kernels (unused ones may be any
@@ -331,3 +740,25 @@ extern "C" void linear_backward(int B, int K, int C, int D, int has_S, int has_P
     if (is_double) backward<double>(B, f, p, threads);
     else backward<float>(B, f, p, threads);
 }
+
+// widths: w_0 .. w_L; p as mlp_forward_row / mlp_backward_row list them
+extern "C" void mlp_forward(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P,
+                            int cap_on, int residual, int silu, double cap, int is_double, int threads, void** p) {
+    const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < B; ++b) {
+        if (is_double) mlp_forward_row<double>(f, b, p);
+        else mlp_forward_row<float>(f, b, p);
+    }
+}
+
+extern "C" void mlp_backward(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P,
+                             int cap_on, int residual, int silu, double cap, int is_double, int threads, void** p) {
+    const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < B; ++b) {
+        if (is_double) mlp_backward_row<double>(f, b, p);
+        else mlp_backward_row<float>(f, b, p);
+    }
+}
+

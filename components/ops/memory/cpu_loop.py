@@ -72,6 +72,11 @@ def library() -> ctypes.CDLL | str:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+    for name in ("mlp_forward", "mlp_backward"):
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_double]
+        fn.argtypes += [ctypes.c_int] * 2 + [ctypes.c_void_p]
     return lib
 
 
@@ -156,6 +161,105 @@ class CpuLoop(torch.autograd.Function):
             None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), gate(dlr), gate(dle), gate(dlk),
             dM0.to(wt), dS0.to(wt) if has_S else None, dP.to(wt) if has_P else None,
         )  # fmt: skip
+
+
+class CpuMlpLoop(torch.autograd.Function):
+    """`CpuLoop` for the MLP memory of any depth L >= 2 (states M_l, S_l, P_l per layer; lr
+    (B, K, L', c) with a slot per layer or one for all)."""
+
+    takes_gates = True
+
+    @staticmethod
+    def run(setting, q, k, v, gates, M, S):
+        B, K, C, d = q.shape
+        L = len(M)
+        P = setting.prior or (None,) * L
+        out = CpuMlpLoop.apply(setting, L, q, k, v, *gates, *M, *(S or (None,) * L), *P)
+        return out[0].reshape(B, K * C, d), tuple(out[1 : 1 + L]), tuple(out[1 + L :]) if S is not None else None
+
+    @staticmethod
+    def forward(ctx, setting, L, q, k, v, lr, log_eta, log_keep, *rest):
+        M, S, P = rest[:L], rest[L : 2 * L], rest[2 * L :]
+        has_S, has_P = S[0] is not None, P[0] is not None
+        B, K, C, d = q.shape
+        dt, in_dtype = M[0].dtype, q.dtype
+        slots = lr.shape[2]
+        det = lambda t: None if t is None else t.detach().to(dt).contiguous()  # noqa: E731
+        q, k, v = (det(t) for t in (q, k, v))
+        lr = det(lr)
+        log_eta, log_keep = (None if t is None else det(t).reshape(B, K, C) for t in (log_eta, log_keep))
+        Mc, Sc, Pc = [det(w) for w in M], [det(w) for w in S], [det(w) for w in P]
+        y = torch.empty(B, K, C, d, dtype=dt)
+        M_out = [torch.empty_like(w) for w in Mc]
+        S_out = [torch.empty_like(w) for w in Mc] if has_S else [None] * L
+        M_st = [torch.empty(B, K, *w.shape[1:], dtype=dt) for w in Mc]
+        S_st = [torch.empty_like(w) for w in M_st] if has_S else [None] * L
+        widths = [Mc[0].shape[1], *(w.shape[2] for w in Mc)]
+        flags = _mlp_flags(setting.model, K, C, widths, slots, has_S, has_P)
+        tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st]
+        _mlp_launch("mlp_forward", B, flags, widths, tensors)
+        none = q.new_empty(0)
+        ctx.flags, ctx.widths, ctx.L = flags, widths, L
+        ctx.present = (log_eta is not None, log_keep is not None, has_S, has_P)
+        ctx.dtypes = (in_dtype, dt)
+        ctx.save_for_backward(
+            q, k, v, lr, *(t if t is not None else none for t in (log_eta, log_keep)),
+            *(t if t is not None else none for t in Pc), *M_st, *(t if t is not None else none for t in S_st),
+        )  # fmt: skip
+        return (y, *M_out, *(S_out if has_S else [None] * L))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, *dstate):
+        L, (has_eta, has_keep, has_S, has_P) = ctx.L, ctx.present
+        q, k, v, lr, log_eta, log_keep, *rest = ctx.saved_tensors
+        Pc, M_st, S_st = rest[:L], rest[L : 2 * L], rest[2 * L :]
+        log_eta, log_keep = (log_eta if has_eta else None), (log_keep if has_keep else None)
+        Pc = list(Pc) if has_P else [None] * L
+        S_st = list(S_st) if has_S else [None] * L
+        B, K, C, d = q.shape
+        dt = q.dtype
+        cast = lambda t, like: torch.zeros_like(like) if t is None else t.to(dt).contiguous()  # noqa: E731
+        states = [torch.empty(B, *w.shape[2:], dtype=dt) for w in M_st]
+        dM = [cast(t, w) for t, w in zip(dstate[:L], states)]
+        dS = [cast(t, w) for t, w in zip(dstate[L:], states)] if has_S else [None] * L
+        dq, dk, dv = (torch.empty(B, K, C, d, dtype=dt) for _ in range(3))
+        dlr = torch.empty_like(lr)
+        dle = torch.empty(B, K, C, dtype=dt) if has_eta else None
+        dlk = torch.empty(B, K, C, dtype=dt) if has_keep else None
+        dM0 = [torch.empty_like(w) for w in states]
+        dS0 = [torch.empty_like(w) for w in states] if has_S else [None] * L
+        dP = [torch.empty_like(w) for w in states] if has_P else [None] * L
+        tensors = [q, k, v, lr, log_eta, log_keep, *Pc, *M_st, *S_st, dy.to(dt).contiguous(), *dM, *dS,
+                   dq, dk, dv, dlr, dle, dlk, *dM0, *dS0, *dP]  # fmt: skip
+        _mlp_launch("mlp_backward", B, ctx.flags, ctx.widths, tensors)
+        in_dtype, wt = ctx.dtypes
+        gate = lambda g: None if g is None else g.reshape(B, K, 1, C)  # noqa: E731
+        return (
+            None, None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), dlr, gate(dle), gate(dlk),
+            *(t.to(wt) for t in dM0), *(t.to(wt) if has_S else None for t in dS0),
+            *(t.to(wt) if has_P else None for t in dP),
+        )  # fmt: skip
+
+
+def _mlp_flags(model, K: int, C: int, widths: list[int], slots: int, has_S: bool, has_P: bool) -> tuple:
+    return (K, C, len(widths) - 1, slots, int(has_S), int(has_P), int(model.step_cap is not None),
+            int(model.residual), int(model.activation == "silu"), float(model.step_cap or 0.0))  # fmt: skip
+
+
+def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list) -> None:
+    """`_launch` for the MLP entry points: every tensor is checked against its role's size."""
+    K, C, L = flags[:3]
+    layer = [B * widths[i] * widths[i + 1] for i in range(L)]
+    ok = {B * K * C * widths[0], B * K * C, B * K * C * flags[3]}
+    ok |= set(layer) | {K * n for n in layer}
+    given = [t for t in tensors if t is not None]
+    if any(not t.is_contiguous() or t.numel() not in ok or t.dtype != given[0].dtype for t in given):
+        raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
+    ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+    w = (ctypes.c_int * len(widths))(*widths)
+    is_double = int(given[0].dtype == torch.float64)
+    getattr(library(), name)(B, K, C, L, w, *flags[3:9], flags[9], is_double, torch.get_num_threads(), ptrs)
 
 
 def _flags(model, K: int, C: int, d: int, has_S: bool, has_P: bool) -> tuple:

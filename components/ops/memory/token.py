@@ -223,7 +223,7 @@ def _kernel_loop(setting: Setting, q: Tensor, M):
         reason = cpu_loop.reach(setting, M, q)
         if setting.backend == "cpp" and reason is not None:
             raise ValueError(reason)
-        return None if reason is not None else cpu_loop.CpuLoop
+        return None if reason is not None else cpu_loop.CpuLoop if len(M) == 1 else cpu_loop.CpuMlpLoop
     if setting.backend == "auto" and not q.is_cuda:
         return None
     try:
