@@ -89,3 +89,19 @@ def test_the_launcher_refuses_tensors_of_other_sizes():
     good = [torch.zeros(2, 3, 4, 8)] * 3
     with pytest.raises(ValueError, match="another size"):
         cpu_loop._launch("linear_forward", 2, flags, [*good, torch.zeros(5)])
+
+
+@needs_cpp
+def test_a_flop_counter_sees_the_torch_path_not_an_invisible_kernel():
+    """FlopCounterMode cannot see inside the C++ kernel: under any dispatch mode the op takes
+    the torch path, so counts (the benchmarks' GFLOP/s, `inspect`) are those of the math."""
+    from titans_nas.flops import flop_counter
+
+    case = CASES["mlp plain, decay toward the prior, chunk 16"]
+    counts = {}
+    for backend in ("auto", "torch"):
+        inputs, weights, model, leaves = make(case)
+        with flop_counter() as counter:
+            outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend=backend)
+        counts[backend] = counter.get_total_flops()
+    assert counts["auto"] == counts["torch"] > 0

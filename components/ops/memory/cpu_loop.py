@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
 
@@ -87,6 +88,8 @@ def reach(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
 
     if q.device.type != "cpu":
         return "the C++ kernel runs on CPU tensors"
+    if _get_current_dispatch_mode() is not None:  # torch would not see the kernel's work
+        return "a dispatch mode is active (FLOP counting, tracing): the C++ kernel is invisible to it"
     if M[0].dtype not in (torch.float32, torch.float64):
         return f"the C++ kernel computes in float32 or float64, not {M[0].dtype}"
     reason = kernel_reach("cpp", setting, M, q)
