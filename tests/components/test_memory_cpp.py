@@ -1,4 +1,4 @@
-"""Which path runs the memory on CPU: the C++ kernel (cpu_linear.cpp) where it covers the call,
+"""Which path runs the memory on CPU: the C++ kernel (cpu_kernel.cpp) where it covers the call,
 torch otherwise, and what happens without a compiler. Its exactness is in test_memory_op.py
 (`test_the_cpp_kernel_equals_naive_*`)."""
 

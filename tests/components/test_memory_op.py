@@ -355,7 +355,7 @@ needs_cpp = pytest.mark.skipif(bool(_cpp_missing()), reason=f"the C++ kernel is 
 @needs_cpp
 @pytest.mark.parametrize("name", CPP_CASES)
 def test_the_cpp_kernel_equals_naive_float64(name):
-    """The C++ kernel (cpu_linear.cpp) on every case it covers, to 1e-9 as the torch path."""
+    """The C++ kernel (cpu_kernel.cpp) on every case it covers, to 1e-9 as the torch path."""
     assert_fast_equals_naive(CASES[name], backend="cpp")
 
 

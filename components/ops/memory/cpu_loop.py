@@ -1,5 +1,5 @@
-"""The C++ kernel's launcher for `kernel_loop.KernelLoop` on CPU (`cpu_linear.cpp`: the linear
-memory), and its build.
+"""The C++ kernel of the memory on CPU (`cpu_kernel.cpp`: the linear memory and the MLP memory
+of any depth), its autograd.Functions and its build.
 
 The source is compiled once per machine with the system's C++ compiler into a cache directory
 keyed by the source's hash (a few seconds, no torch headers: it links against the MKL GEMM
@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 
 
 def _cache_dir() -> Path:
@@ -54,7 +54,7 @@ def library() -> ctypes.CDLL | str:
         return f"no libtorch_cpu.so in {torch_lib}"
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + compiler.encode() + str(torch_lib).encode() + _cpu_flags()).hexdigest()[:16]
-    out = _cache_dir() / key / "cpu_linear.so"
+    out = _cache_dir() / key / "cpu_kernel.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: parallel workers
