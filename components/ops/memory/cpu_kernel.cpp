@@ -434,12 +434,12 @@ struct MlpChunk {
     }
 };
 
-// per-layer views of the pointer array: p[base + l]
+// row b of layer l's tensor p[base + l] (B, w_l, w_{l+1}) into out, zeros when it is off
 template <typename T>
-std::vector<T*> layers(void** p, int base, int L, long offset) {
-    std::vector<T*> out(L);
-    for (int l = 0; l < L; ++l) out[l] = p[base + l] ? static_cast<T*>(p[base + l]) + offset : nullptr;
-    return out;
+void row_of(void** p, int base, const MlpFlags& f, int l, int b, bool on, std::vector<T>& out) {
+    const long sz = (long)f.w[l] * f.w[l + 1];
+    out.assign(sz, T(0));
+    if (on) std::copy(static_cast<T*>(p[base + l]) + b * sz, static_cast<T*>(p[base + l]) + (b + 1) * sz, out.begin());
 }
 
 template <typename T>
@@ -454,12 +454,9 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
     std::vector<std::vector<T>> M(L), S(L);
     std::vector<const T*> P(L, nullptr);
     for (int l = 0; l < L; ++l) {
-        const long sz = (long)f.w[l] * f.w[l + 1];
-        const T* m0 = static_cast<T*>(p[iM + l]) + b * sz;
-        M[l].assign(m0, m0 + sz);
-        S[l].assign(sz, T(0));
-        if (f.has_S) std::copy(static_cast<T*>(p[iS + l]) + b * sz, static_cast<T*>(p[iS + l]) + (b + 1) * sz, S[l].begin());
-        if (f.has_P) P[l] = static_cast<T*>(p[iP + l]) + b * sz;
+        row_of(p, iM, f, l, b, true, M[l]);
+        row_of(p, iS, f, l, b, f.has_S, S[l]);
+        if (f.has_P) P[l] = static_cast<T*>(p[iP + l]) + b * (long)f.w[l] * f.w[l + 1];
     }
     std::vector<Coefs<T>> co(sl, Coefs<T>(C));
     MlpChunk<T> ch(f);
@@ -533,10 +530,8 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     std::vector<const T*> P(L, nullptr);
     for (int l = 0; l < L; ++l) {
         const long sz = (long)f.w[l] * f.w[l + 1];
-        const T* e = static_cast<T*>(p[idM + l]) + b * sz;
-        dM[l].assign(e, e + sz);
-        dS[l].assign(sz, T(0));
-        if (f.has_S) std::copy(static_cast<T*>(p[idS + l]) + b * sz, static_cast<T*>(p[idS + l]) + (b + 1) * sz, dS[l].begin());
+        row_of(p, idM, f, l, b, true, dM[l]);
+        row_of(p, idS, f, l, b, f.has_S, dS[l]);
         dP[l].assign(f.has_P ? sz : 0, T(0));
         if (f.has_P) P[l] = static_cast<T*>(p[iP + l]) + b * sz;
         gM[l].resize(sz);
