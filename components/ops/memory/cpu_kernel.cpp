@@ -1,14 +1,15 @@
-// The chunk loop of the linear (matrix) memory on CPU, forward and backward: the math of
-// triton_linear.py (itself step.chunk_step / backward.chunk_backward at depth 1), one (batch,
-// head) row at a time with its states in cache, the rows over OpenMP threads, the products by
-// MKL's GEMM as torch's CPU wheel exports it (sgemm_ / dgemm_ in libtorch_cpu.so).
+// The chunk loop of the memory on CPU, forward and backward, one (batch, head) row at a time with
+// its states in cache, the rows over OpenMP threads, the products by MKL's GEMM as torch's CPU
+// wheel exports it (sgemm_ / dgemm_ in libtorch_cpu.so). Both entry points compute each chunk's
+// coefficients from the gates (Coefs). First the linear memory (the math of triton_linear.py,
+// itself step.chunk_step / backward.chunk_backward at depth 1): the general MLP code below also
+// runs depth 1, exactly, but 4-12% slower (measured side by side at the layer, study and
+// quickstart sizes), so the linear memory keeps its own.
 //
-// Layout (as the Triton kernels take it, see triton_loop.py): q, k, v, y (B, K, C, D); per-token
-// coefficients (B, K, C); G (B, K, C, C); per-chunk scalars (B, K); states (B, D, D); the
-// chunk-start states (B, K, D, D). Names: G = neg_G, gl = neg_g_last, nl = neg_n_last.
+// Layout: q, k, v, y (B, K, C, D); the gates lr (B, K, slots, C), log eta and log(1 - alpha)
+// (B, K, C); states (B, i, o); the chunk-start states (B, K, i, o).
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 extern "C" {
@@ -84,7 +85,7 @@ struct Coefs {
     // n (= N_{C-1}), beta_last, f_last, m_last; out: d lr, d log_eta, d log_keep (C each)
     void backward(const T* dbeta, const T* df, const T* dG, const T* dgl, const T* dnl, T dbl, T dfl, T dml,
                   bool has_eta, T* dlr, T* dlog_eta, T* dlog_keep) const {
-        std::vector<T> gG(C, T(0)), gN(C, T(0)), tmp(C);
+        std::vector<T> gG(C, T(0)), gN(C, T(0));
         T gf = 0, gm = 0, gb = 0;
         for (int t = C - 1; t >= 0; --t) {
             const T an = t + 1 < C ? a[t + 1] : T(0), en = t + 1 < C ? e[t + 1] : T(0);
@@ -402,7 +403,8 @@ struct MlpChunk {
         }
     }
 
-    // the reads after each token's update, dual form (step.chunk_step); y the output rows
+    // the reads after each token's update, dual form (step.chunk_step); y the output rows, or
+    // null in the backward, which needs every layer's products but not the last layer's output
     void reads(const T* qj, const std::vector<const T*>& M, const std::vector<const T*>& S,
                const std::vector<const T*>& P, const std::vector<const Coefs<T>*>& co, T* y) {
         const int C = f.C, L = f.L;
@@ -411,11 +413,12 @@ struct MlpChunk {
             const int i = f.w[l], o = f.w[l + 1];
             const Coefs<T>& c = *co[l];
             mm<T>(false, true, C, C, i, x[l].data(), a[l].data(), t[l].data());
-            for (int p = 0; p < C * C; ++p) gt[p] = c.G[p] * t[l][p];
-            mm<T>(false, false, C, o, C, gt.data(), D[l].data(), zr[l].data());
             mm<T>(false, false, C, o, i, x[l].data(), M[l], xm[l].data());
             if (f.has_P) mm<T>(false, false, C, o, i, x[l].data(), P[l], xp[l].data());
             if (f.has_S) mm<T>(false, false, C, o, i, x[l].data(), S[l], xs[l].data());
+            if (l + 1 == L && y == nullptr) return;
+            for (int p = 0; p < C * C; ++p) gt[p] = c.G[p] * t[l][p];
+            mm<T>(false, false, C, o, C, gt.data(), D[l].data(), zr[l].data());
             for (int row = 0; row < C; ++row)
                 for (int j = 0; j < o; ++j) {
                     T& v = zr[l][row * o + j];
@@ -569,8 +572,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             theta[l] = lr + (cs * sl + s) * C;
         }
         ch.keys(k + rows, v + rows, Mc, theta);
-        std::vector<T> y_again(C * d);  // the reads recomputed for their intermediates
-        ch.reads(q + rows, Mc, Sc, P, cl, y_again.data());
+        ch.reads(q + rows, Mc, Sc, P, cl, nullptr);  // recomputed for their intermediates
         // 1. the end-of-chunk state
         for (int l = 0; l < L; ++l) {
             const int i = f.w[l], o = f.w[l + 1], s = std::min(l, sl - 1);
@@ -737,23 +739,22 @@ extern "C" void linear_backward(int B, int K, int C, int D, int has_S, int has_P
 }
 
 // widths: w_0 .. w_L; p as mlp_forward_row / mlp_backward_row list them
-extern "C" void mlp_forward(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P,
-                            int cap_on, int residual, int silu, double cap, int is_double, int threads, void** p) {
+template <void (*Row32)(const MlpFlags&, int, void**), void (*Row64)(const MlpFlags&, int, void**)>
+void mlp_rows(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P, int cap_on,
+              int residual, int silu, double cap, int is_double, int threads, void** p) {
     const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; ++b) {
-        if (is_double) mlp_forward_row<double>(f, b, p);
-        else mlp_forward_row<float>(f, b, p);
-    }
+    for (int b = 0; b < B; ++b) (is_double ? Row64 : Row32)(f, b, p);
 }
 
-extern "C" void mlp_backward(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P,
-                             int cap_on, int residual, int silu, double cap, int is_double, int threads, void** p) {
-    const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; ++b) {
-        if (is_double) mlp_backward_row<double>(f, b, p);
-        else mlp_backward_row<float>(f, b, p);
-    }
+extern "C" void mlp_forward(int B, int K, int C, int L, const int* w, int slots, int has_S, int has_P, int cap_on,
+                            int residual, int silu, double cap, int is_double, int threads, void** p) {
+    mlp_rows<mlp_forward_row<float>, mlp_forward_row<double>>(B, K, C, L, w, slots, has_S, has_P, cap_on, residual,
+                                                              silu, cap, is_double, threads, p);
 }
 
+extern "C" void mlp_backward(int B, int K, int C, int L, const int* w, int slots, int has_S, int has_P, int cap_on,
+                             int residual, int silu, double cap, int is_double, int threads, void** p) {
+    mlp_rows<mlp_backward_row<float>, mlp_backward_row<double>>(B, K, C, L, w, slots, has_S, has_P, cap_on, residual,
+                                                                silu, cap, is_double, threads, p);
+}
