@@ -47,7 +47,6 @@ One file per algorithm, its reference beside it:
     triton_*.py      Triton kernels of the whole chunk loop, forward and backward (GPU; tested
                      on CPU under TRITON_INTERPRET=1): linear and 2-layer MLP memory, built
                      from `triton_parts`, launched by `triton_loop.TritonLoop`
-    kernel_loop.py   the autograd.Function both Triton kernels run through
     cpu_kernel.cpp   the C++ kernel of the whole chunk loop on CPU (linear and MLP memory of
     cpu_loop.py      any depth, coefficients from the gates inside), its build and Functions
 """

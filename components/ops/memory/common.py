@@ -488,6 +488,14 @@ def kernel_reach(
     return None
 
 
+def setting_reach(kernel: str, setting, M, q) -> str | None:
+    """`kernel_reach` of one call: chunks q (B, K, c, d) from states M, at token granularity."""
+    m = setting.model
+    beyond = beyond_plain_rule(m, setting.channelwise)
+    dims = (q.shape[-2], M[0].shape[-2], *(w.shape[-1] for w in M))
+    return kernel_reach(kernel, len(M), m.norm is not None, "token", setting.read, dims, m.objective.kind, beyond)
+
+
 def check(q, k, v, lr, momentum, decay, state: MemoryState, model: MemoryModel, omega: Tensor | None = None) -> int:
     b, h, n, d = k.shape
     if decay is not None and decay.ndim == 5:  # per channel: (b, h, n, L, widest layer's outputs)

@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | str:
 def reach(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
     """Why the C++ kernel cannot run these chunks (None: it can): `common.kernel_reach`, on
     float32 / float64 CPU tensors, with the library built."""
-    from components.ops.memory.kernel_loop import reach as kernel_reach
+    from components.ops.memory.common import setting_reach
 
     if q.device.type != "cpu":
         return "the C++ kernel runs on CPU tensors"
@@ -92,7 +92,7 @@ def reach(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
         return "a dispatch mode is active (FLOP counting, tracing): the C++ kernel is invisible to it"
     if M[0].dtype not in (torch.float32, torch.float64):
         return f"the C++ kernel computes in float32 or float64, not {M[0].dtype}"
-    reason = kernel_reach("cpp", setting, M, q)
+    reason = setting_reach("cpp", setting, M, q)
     if reason is not None:
         return reason
     lib = library()
@@ -251,17 +251,12 @@ def _mlp_flags(model, K: int, C: int, widths: list[int], slots: int, has_S: bool
 
 
 def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list) -> None:
-    """`_launch` for the MLP entry points: every tensor is checked against its role's size."""
+    """Runs an MLP entry point `name` on `tensors` over torch's intra-op threads."""
     K, C, L = flags[:3]
     layer = [B * widths[i] * widths[i + 1] for i in range(L)]
-    ok = {B * K * C * widths[0], B * K * C, B * K * C * flags[3]}
-    ok |= set(layer) | {K * n for n in layer}
-    given = [t for t in tensors if t is not None]
-    if any(not t.is_contiguous() or t.numel() not in ok or t.dtype != given[0].dtype for t in given):
-        raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
-    ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+    sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer)}
+    ptrs, is_double = _pointers(name, tensors, sizes)
     w = (ctypes.c_int * len(widths))(*widths)
-    is_double = int(given[0].dtype == torch.float64)
     getattr(library(), name)(B, K, C, L, w, *flags[3:9], flags[9], is_double, torch.get_num_threads(), ptrs)
 
 
@@ -271,13 +266,18 @@ def _flags(model, K: int, C: int, d: int, has_S: bool, has_P: bool) -> tuple:
 
 
 def _launch(name: str, B: int, flags: tuple, tensors: list) -> None:
-    """Runs one of the kernel's entry points on `tensors` (None: a null pointer, for what is off)
-    over torch's intra-op thread count. The kernel trusts their sizes, so they are checked here."""
+    """Runs the linear memory's entry point `name` on `tensors` over torch's intra-op threads."""
     K, C, d = flags[:3]
-    sizes = {B * K * C * d, B * K * C, B * d * d, B * K * d * d}
+    ptrs, is_double = _pointers(name, tensors, {B * K * C * d, B * K * C, B * d * d, B * K * d * d})
+    getattr(library(), name)(B, *flags[:7], flags[7], is_double, torch.get_num_threads(), ptrs)
+
+
+def _pointers(name: str, tensors: list, sizes: set[int]):
+    """The tensors' data pointers (None: a null pointer, for what is off) and whether they are
+    float64. The kernel trusts their sizes, so each is checked here against the sizes its
+    roles may have, with its layout and dtype."""
     given = [t for t in tensors if t is not None]
     if any(not t.is_contiguous() or t.numel() not in sizes or t.dtype != given[0].dtype for t in given):
         raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
     ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
-    is_double = int(given[0].dtype == torch.float64)
-    getattr(library(), name)(B, *flags[:7], flags[7], is_double, torch.get_num_threads(), ptrs)
+    return ptrs, int(given[0].dtype == torch.float64)
