@@ -78,6 +78,8 @@ def library() -> ctypes.CDLL | str:
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_double]
         fn.argtypes += [ctypes.c_int] * 2 + [ctypes.c_void_p]
+    lib.activations.restype = None
+    lib.activations.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4
     return lib
 
 
