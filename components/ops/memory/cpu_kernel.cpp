@@ -41,10 +41,13 @@ void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T b
     gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, B, ldb, A, lda, beta, C, n);
 }
 
+// (the reductions here and below are `omp simd reduction`s: without it the compiler keeps the
+// sums in order, one lane at a time, and they were the backward's hottest loops)
 template <typename T>
-T dot(const T* x, const T* y, int n) {
+T dot(const T* x, const T* y, long n) {
     T s = 0;
-    for (int i = 0; i < n; ++i) s += x[i] * y[i];
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; ++i) s += x[i] * y[i];
     return s;
 }
 
@@ -212,6 +215,7 @@ void backward_row(const Flags& f, int b, const T* q, const T* k, const T* v, con
         // 1. the end-of-chunk state
         const T bl = co.beta[C - 1];
         T dbl = 0;
+#pragma omp simd reduction(+ : dbl)
         for (int i = 0; i < DD; ++i) {
             gM[i] = bl * dM[i];
             dbl += dM[i] * (M[i] - (f.has_P ? Pm[i] : T(0)));
@@ -230,6 +234,7 @@ void backward_row(const Flags& f, int b, const T* q, const T* k, const T* v, con
         if (f.has_S) {
             const T fl = co.f[C - 1], ml = co.m[C - 1];
             T dfl = 0, dml = 0;
+#pragma omp simd reduction(+ : dfl, dml)
             for (int i = 0; i < DD; ++i) {
                 gS[i] = fl * dM[i] + ml * dS[i];
                 dfl += dM[i] * S[i];
@@ -565,13 +570,6 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
 }
 
 template <typename T>
-T dot_all(const T* x, const T* y, long n) {
-    T s = 0;
-    for (long i = 0; i < n; ++i) s += x[i] * y[i];
-    return s;
-}
-
-template <typename T>
 void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
     // p: q k v lr log_eta log_keep | P_l | M_st_l | S_st_l | dy | dM_l | dS_l | dq dk dv | dlr dlog_eta
@@ -636,6 +634,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             const T *gl = c.G.data() + (C - 1) * C, *nl = c.N.data() + (C - 1) * C;
             const T* Ml = Mc[l];
             T dbl = 0;
+#pragma omp simd reduction(+ : dbl)
             for (long e = 0; e < sz; ++e) {
                 gM[l][e] = bl * dM[l][e];
                 dbl += dM[l][e] * (Ml[e] - (f.has_P ? P[l][e] : T(0)));
@@ -657,8 +656,8 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
                 const T fl = c.f[C - 1], ml = c.m[C - 1];
                 const T* Sl = Sc[l];
                 for (long e = 0; e < sz; ++e) gS[l][e] = fl * dM[l][e] + ml * dS[l][e];
-                gfl[s] += dot_all(dM[l].data(), Sl, sz);
-                gml[s] += dot_all(dS[l].data(), Sl, sz);
+                gfl[s] += dot(dM[l].data(), Sl, sz);
+                gml[s] += dot(dS[l].data(), Sl, sz);
                 mm<T>(false, false, C, o, i, ch.a[l].data(), dS[l].data(), h.data());  // hs = a dS
                 for (int row = 0; row < C; ++row) {
                     gnl[s][row] += dot(ch.D[l].data() + row * o, h.data() + row * o, o);
@@ -682,6 +681,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             w.resize(C * o);
             for (int row = 0; row < C; ++row) {
                 T gb = 0, gfv = 0;
+#pragma omp simd reduction(+ : gb, gfv)
                 for (int e = 0; e < o; ++e) {
                     const int at = row * o + e;
                     gb += dz[at] * (ch.xm[l][at] - (f.has_P ? ch.xp[l][at] : T(0)));
