@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from components.base import Spec
+from components.ops.memory import cpu_loop
 
 
 class ShortConvSpec(Spec):
@@ -50,10 +51,15 @@ class _ShiftedTaps(torch.autograd.Function):
     faster on CPU than a depthwise conv1d for kernel 4. The backward is written out because
     autograd's gives every tap's slice its own zero-filled full-size gradient and adds them up
     (1.2-1.9x slower forward+backward at (2, 1024, 768) and 2.5-4x at study sizes,
-    docs/benchmarks.md); here all taps accumulate into one."""
+    docs/benchmarks.md); here all taps accumulate into one. On CPU in float32 / float64 the C++
+    kernel (cpu_kernel.cpp) computes both in one pass over the rows instead."""
 
     @staticmethod
     def forward(ctx, src: Tensor, w: Tensor, bias: Tensor, lead: int) -> Tensor:
+        ctx.save_for_backward(src, w)
+        ctx.lead = lead
+        if cpu_loop.conv_kernel(src, w, bias) is not None:
+            return cpu_loop.conv_forward(src, w, bias, lead)
         k = w.shape[1]
         n = src.shape[1] + lead - (k - 1)
         last = k - 1 - lead  # the last tap's offset into src: >= 0, its slice has all n rows
@@ -62,14 +68,15 @@ class _ShiftedTaps(torch.autograd.Function):
             o = i - lead  # tap i reads src[t + o]; rows before src are zeros
             if o + n > 0:  # a sequence shorter than the kernel: the tap sees only zeros
                 y[:, max(-o, 0) :].addcmul_(src[:, max(o, 0) : o + n], w[:, i])
-        ctx.save_for_backward(src, w)
-        ctx.lead = lead
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         src, w = ctx.saved_tensors
         lead, k, n = ctx.lead, w.shape[1], dy.shape[1]
+        if cpu_loop.conv_kernel(src, w, dy) is not None:
+            grads = cpu_loop.conv_backward(src, w, dy, lead)
+            return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None
         dsrc = dw = None
         if ctx.needs_input_grad[0]:  # the last tap covers all of src when the zeros are implicit
             dsrc = dy * w[:, k - 1] if src.shape[1] == n else torch.zeros_like(src)

@@ -1,14 +1,33 @@
-"""Short causal convolution: equals a padded depthwise conv1d; streams exactly."""
+"""Short causal convolution: equals a padded depthwise conv1d; streams exactly. Every test runs
+both ways: in the C++ kernel (where it is built; CPU float32 / float64 take it) and in torch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from components.conv import ShortConvSpec
+from components.ops.memory import cpu_loop
+
+
+@pytest.fixture(autouse=True, params=["cpp", "torch"])
+def path(request, monkeypatch):
+    """Which implementation the test runs; for the kernel, also that it did run."""
+    calls = []
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_loop, "conv_kernel", lambda *t: None)
+    else:
+        if isinstance(cpu_loop.library(), str):
+            pytest.skip(f"the C++ kernel is not built here: {cpu_loop.library()}")
+        for name in ("conv_forward", "conv_backward"):
+            original = getattr(cpu_loop, name)
+            monkeypatch.setattr(cpu_loop, name, lambda *a, f=original, n=name: calls.append(n) or f(*a))
+    yield calls
+    if request.param == "cpp":
+        assert "conv_forward" in calls, "the kernel was not taken"
 
 
 @pytest.mark.parametrize("n", [11, 4, 2, 1])  # shorter than the kernel too
-def test_equals_padded_depthwise_conv1d(float64, n):
+def test_equals_padded_depthwise_conv1d(float64, n, path):
     """Outputs and every gradient (input, filters, bias) against autograd of a padded conv1d."""
     conv = ShortConvSpec(kernel=4).build(6)
     x = torch.randn(2, n, 6, requires_grad=True)
@@ -20,6 +39,7 @@ def test_equals_padded_depthwise_conv1d(float64, n):
     expected = torch.autograd.grad((ref * g).sum(), (x, conv.weight, conv.bias))
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert path in ([], ["conv_forward", "conv_backward"])  # the kernel's backward where it ran forward
 
 
 def test_streams_in_pieces(float64):
@@ -33,7 +53,7 @@ def test_streams_in_pieces(float64):
     torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-12, rtol=0)
 
 
-def test_gradients_equal_the_padded_depthwise_conv1d(float64):
+def test_gradients_equal_the_padded_depthwise_conv1d(float64, path):
     """The hand-written backward (every tap into one buffer) against autograd of conv1d: the
     input, the filters, the bias, and the streamed state."""
     conv = ShortConvSpec(kernel=4).build(6)
@@ -47,4 +67,20 @@ def test_gradients_equal_the_padded_depthwise_conv1d(float64):
     expected = torch.autograd.grad((ref * g).sum(), (x, past, conv.weight, conv.bias))
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert path in ([], ["conv_forward", "conv_backward"])
     torch.autograd.gradcheck(lambda t: conv(t)[0], (x.detach().clone().requires_grad_(),))
+
+
+def test_float32_at_a_layers_size_equals_torch(path):
+    """float32 at the q/k/v projection's shape of a study model, against conv1d in float64."""
+    conv = ShortConvSpec(kernel=4).build(192)
+    x = torch.randn(3, 67, 192, requires_grad=True)
+    g = torch.randn(3, 67, 192)
+    y, _ = conv(x)
+    grads = torch.autograd.grad((y * g).sum(), (x, conv.weight, conv.bias))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
+    ref = F.conv1d(F.pad(x64.transpose(1, 2), (3, 0)), w64, b64, groups=192).transpose(1, 2)
+    expected = torch.autograd.grad((ref * g.double()).sum(), (x64, w64, b64))
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-5)

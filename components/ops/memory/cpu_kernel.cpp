@@ -12,7 +12,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include <omp.h>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -817,4 +820,99 @@ extern "C" void mlp_backward(int B, int K, int C, int L, const int* w, int slots
                              int residual, int silu, double cap, int is_double, int threads, void** p) {
     mlp_rows<mlp_backward_row<float>, mlp_backward_row<double>>(B, K, C, L, w, slots, has_S, has_P, cap_on, residual,
                                                                 silu, cap, is_double, threads, p);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The short convolution (conv.py's _ShiftedTaps): y_t = bias + sum_i w_i z_{t + i} over z =
+// [lead zeros ; src], src (B, m, d) with m = n + k - 1 - lead and w (k, d): each output row is
+// one pass over its k input rows with the channels (contiguous) vectorized, the rows over
+// OpenMP threads. torch's version is k shifted multiply-adds over the whole tensor, each a pass
+// through memory, and its backward twice that.
+namespace conv {
+
+template <typename T>
+void conv_forward_rows(int B, int m, int n, int d, int k, int lead, const T* src, const T* w, const T* bias, T* y,
+                       int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < (long)B * n; ++row) {
+        const long b = row / n;
+        const int t = row % n;
+        T* out = y + row * d;
+        std::copy(bias, bias + d, out);
+        for (int i = 0; i < k; ++i) {
+            const int r = t + i - lead;  // src's row under tap i (rows before src are zeros)
+            if (r < 0) continue;
+            const T *s = src + (b * m + r) * d, *wi = w + (long)i * d;
+#pragma omp simd
+            for (int c = 0; c < d; ++c) out[c] += wi[c] * s[c];
+        }
+    }
+}
+
+// dsrc_r = sum_i w_i dy_{r + lead - i}; dw_i = sum_t dy_t z_{t + i}; dbias = sum_t dy_t: one pass
+// over src's rows, each thread summing its own dw and dbias, added up in thread order after.
+template <typename T>
+void conv_backward_rows(int B, int m, int n, int d, int k, int lead, const T* src, const T* w, const T* dy, T* dsrc,
+                        T* dw, T* db, int threads) {
+    const long per = (long)(k + 1) * d;
+    std::vector<T> part(threads * per, T(0));
+#pragma omp parallel num_threads(threads)
+    {
+        T* mine = part.data() + omp_get_thread_num() * per;
+#pragma omp for schedule(static)
+        for (long row = 0; row < (long)B * m; ++row) {
+            const long b = row / m;
+            const int r = row % m;
+            T* out = dsrc + row * d;
+            const T* s = src + row * d;
+            std::fill(out, out + d, T(0));
+            for (int i = 0; i < k; ++i) {
+                const int t = r + lead - i;  // the output row that read src row r by tap i
+                if (t < 0 || t >= n) continue;
+                const T *g = dy + (b * n + t) * d, *wi = w + (long)i * d;
+                T* dwi = mine + (long)i * d;
+#pragma omp simd
+                for (int c = 0; c < d; ++c) {
+                    out[c] += wi[c] * g[c];
+                    dwi[c] += g[c] * s[c];
+                }
+                if (i == k - 1) {  // the last tap reads every output row once: the bias's sum
+                    T* dbm = mine + (long)k * d;
+#pragma omp simd
+                    for (int c = 0; c < d; ++c) dbm[c] += g[c];
+                }
+            }
+        }
+    }
+    std::fill(dw, dw + (long)k * d, T(0));
+    std::fill(db, db + d, T(0));
+    for (int th = 0; th < threads; ++th) {
+        const T* mine = part.data() + th * per;
+        for (long e = 0; e < (long)k * d; ++e) dw[e] += mine[e];
+        for (int c = 0; c < d; ++c) db[c] += mine[(long)k * d + c];
+    }
+}
+
+}  // namespace conv
+
+// the short convolution's entry points: p = src, w (k, d), bias, y | src, w, dy, dsrc, dw, dbias
+extern "C" void conv_forward(int B, int m, int n, int d, int k, int lead, int is_double, int threads, void** p) {
+    if (is_double)
+        conv::conv_forward_rows<double>(B, m, n, d, k, lead, static_cast<double*>(p[0]), static_cast<double*>(p[1]),
+                                        static_cast<double*>(p[2]), static_cast<double*>(p[3]), threads);
+    else
+        conv::conv_forward_rows<float>(B, m, n, d, k, lead, static_cast<float*>(p[0]), static_cast<float*>(p[1]),
+                                       static_cast<float*>(p[2]), static_cast<float*>(p[3]), threads);
+}
+
+extern "C" void conv_backward(int B, int m, int n, int d, int k, int lead, int is_double, int threads, void** p) {
+    auto run = [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        conv::conv_backward_rows<T>(B, m, n, d, k, lead, static_cast<T*>(p[0]), static_cast<T*>(p[1]),
+                                    static_cast<T*>(p[2]), static_cast<T*>(p[3]), static_cast<T*>(p[4]),
+                                    static_cast<T*>(p[5]), threads);
+    };
+    if (is_double) run(static_cast<double*>(nullptr));
+    else run(static_cast<float*>(nullptr));
 }

@@ -1,5 +1,5 @@
 """The C++ kernel of the memory on CPU (`cpu_kernel.cpp`: the linear memory and the MLP memory
-of any depth), its autograd.Functions and its build.
+of any depth, and the short convolution before it), its autograd.Functions and its build.
 
 The source is compiled once per machine with the system's C++ compiler into a cache directory
 keyed by the source's hash (a few seconds, no torch headers: it links against the MKL GEMM
@@ -80,6 +80,10 @@ def library() -> ctypes.CDLL | str:
         fn.argtypes += [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.activations.restype = None
     lib.activations.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4
+    for name in ("conv_forward", "conv_backward"):
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p]
     return lib
 
 
@@ -283,3 +287,40 @@ def _pointers(name: str, tensors: list, sizes: set[int]):
         raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
     ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
     return ptrs, int(given[0].dtype == torch.float64)
+
+
+def conv_kernel(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library where the short convolution (conv.py) can run in it: CPU float32 / float64
+    tensors of one dtype, outside any dispatch mode, with the library built; else None."""
+    t = tensors[0]
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(x.dtype != t.dtype or x.device != t.device for x in tensors) or _get_current_dispatch_mode() is not None:
+        return None
+    lib = library()
+    return None if isinstance(lib, str) else lib
+
+
+def conv_forward(src: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, lead: int) -> torch.Tensor:
+    """conv.py's _ShiftedTaps forward in the kernel: src (B, m, d), w (d, k), bias (d) -> y (B, n, d),
+    n = m + lead - (k - 1)."""
+    B, m, d = src.shape
+    k = w.shape[1]
+    n = m + lead - (k - 1)
+    y = torch.empty(B, n, d, dtype=src.dtype)
+    tensors = [src.contiguous(), w.t().contiguous(), bias.contiguous(), y]
+    ptrs, is_double = _pointers("conv_forward", tensors, {B * m * d, k * d, d, B * n * d})
+    library().conv_forward(B, m, n, d, k, lead, is_double, torch.get_num_threads(), ptrs)
+    return y
+
+
+def conv_backward(src: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, lead: int):
+    """The gradients of `conv_forward` for dy (B, n, d): of src (B, m, d), w (d, k) and bias (d)."""
+    B, m, d = src.shape
+    k, n = w.shape[1], dy.shape[1]
+    dsrc = torch.empty(B, m, d, dtype=src.dtype)
+    dw, db = torch.empty(k, d, dtype=src.dtype), torch.empty(d, dtype=src.dtype)
+    tensors = [src.contiguous(), w.t().contiguous(), dy.contiguous(), dsrc, dw, db]
+    ptrs, is_double = _pointers("conv_backward", tensors, {B * m * d, k * d, B * n * d, d})
+    library().conv_backward(B, m, n, d, k, lead, is_double, torch.get_num_threads(), ptrs)
+    return dsrc, dw.t(), db
