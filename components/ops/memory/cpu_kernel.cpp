@@ -413,28 +413,71 @@ void act_rows<float>(bool silu, int n, const float* z, float* a0, float* a1, flo
     }
 }
 
-// One chunk of one row: everything the reads, the state step and the backward need.
+// A view of floats the forward keeps for the backward (operator[], data() and begin() as the
+// vectors they replaced).
+template <typename T>
+struct Span {
+    T* p = nullptr;
+    T* data() const { return p; }
+    T* begin() const { return p; }
+    T& operator[](long i) const { return p[i]; }
+};
+
+// One chunk of one row: everything the reads, the state step and the backward need. What the
+// backward needs lives in the chunk's slot of a workspace the forward fills (bind), so the
+// backward reads it instead of recomputing the keys' forward and the reads (a fifth of the
+// backward's products); the rest is scratch.
 template <typename T>
 struct MlpChunk {
     const MlpFlags& f;
-    std::vector<std::vector<T>> a, z, z1, z2, D, carried, x, zr, zr1, t, xm, xp, xs;  // z1, z2: act', act'' of z
-    std::vector<T> r, err, gt;
-    explicit MlpChunk(const MlpFlags& fl) : f(fl), r(fl.C), err(fl.C * fl.w[fl.L]), gt(fl.C * fl.C) {
+    std::vector<Span<T>> a, z1, z2, D, carried, x, t, xm, xp, xs, zr1;  // z1, z2: act', act'' of z
+    Span<T> r;
+    std::vector<std::vector<T>> z, zr;
+    std::vector<T> err, gt;
+    explicit MlpChunk(const MlpFlags& fl) : f(fl), err(fl.C * fl.w[fl.L]), gt(fl.C * fl.C) {
         const int C = f.C, L = f.L;
-        for (auto* v : {&a, &z, &z1, &z2, &D, &carried, &x, &zr, &zr1, &t, &xm, &xp, &xs}) v->resize(L);
+        for (auto* v : {&a, &z1, &z2, &D, &carried, &x, &t, &xm, &xp, &xs, &zr1}) v->resize(L);
+        z.resize(L);
+        zr.resize(L);
         for (int l = 0; l < L; ++l) {
-            a[l].resize(C * f.w[l]);
-            x[l].resize(C * f.w[l]);
-            for (auto* v : {&z[l], &z1[l], &z2[l], &D[l], &carried[l], &zr[l], &zr1[l], &xm[l], &xp[l], &xs[l]})
-                v->resize(C * f.w[l + 1]);
-            t[l].resize(C * C);
+            z[l].resize(C * f.w[l + 1]);
+            zr[l].resize(C * f.w[l + 1]);
         }
+    }
+
+    // Points the kept arrays into a slot (null: only counts) and returns its size in floats;
+    // a_0 and x_0 are the chunk's keys and queries themselves. Layer l keeps t_l, D_l and the
+    // read's products; a_{l+1}, x_{l+1}, act' and act'' of z_l, carried_l and act' of zr_l
+    // where a layer follows.
+    long bind(T* slot, const T* kj, const T* qj) {
+        const int C = f.C, L = f.L;
+        long used = 0;
+        auto take = [&](Span<T>& s, long n) {
+            s.p = slot ? slot + used : nullptr;
+            used += n;
+        };
+        a[0].p = const_cast<T*>(kj);
+        x[0].p = const_cast<T*>(qj);
+        for (int l = 0; l < L; ++l) {
+            const long o = (long)C * f.w[l + 1];
+            take(t[l], (long)C * C);
+            take(D[l], o);
+            take(xm[l], o);
+            if (f.has_P) take(xp[l], o);
+            else xp[l] = xm[l];  // off: never written; reads of it (vectorized selects) stay in bounds
+            if (f.has_S) take(xs[l], o);
+            else xs[l] = xm[l];
+            if (l + 1 < L) {
+                for (auto* s : {&a[l + 1], &x[l + 1], &z1[l], &z2[l], &carried[l], &zr1[l]}) take(*s, o);
+            }
+        }
+        take(r, C);
+        return used;
     }
 
     // the keys forwarded at M and the l2 loss back-propagated by hand (common.keys_and_errors)
     void keys(const T* kj, const T* vj, const std::vector<const T*>& M, const std::vector<const T*>& theta) {
         const int C = f.C, L = f.L, d = f.w[L];
-        std::copy(kj, kj + C * f.w[0], a[0].begin());
         for (int l = 0; l < L; ++l) {
             mm<T>(false, false, C, f.w[l + 1], f.w[l], a[l].data(), M[l], z[l].data());
             if (l + 1 < L) act_rows(f.silu, C * f.w[l + 1], z[l].data(), a[l + 1].data(), z1[l].data(), z2[l].data());
@@ -469,12 +512,10 @@ struct MlpChunk {
         }
     }
 
-    // the reads after each token's update, dual form (step.chunk_step); y the output rows, or
-    // null in the backward, which needs every layer's products but not the last layer's output
+    // the reads after each token's update, dual form (step.chunk_step), into the output rows y
     void reads(const T* qj, const std::vector<const T*>& M, const std::vector<const T*>& S,
                const std::vector<const T*>& P, const std::vector<const Coefs<T>*>& co, T* y) {
         const int C = f.C, L = f.L;
-        std::copy(qj, qj + C * f.w[0], x[0].begin());
         for (int l = 0; l < L; ++l) {
             const int i = f.w[l], o = f.w[l + 1];
             const Coefs<T>& c = *co[l];
@@ -482,7 +523,6 @@ struct MlpChunk {
             mm<T>(false, false, C, o, i, x[l].data(), M[l], xm[l].data());
             if (f.has_P) mm<T>(false, false, C, o, i, x[l].data(), P[l], xp[l].data());
             if (f.has_S) mm<T>(false, false, C, o, i, x[l].data(), S[l], xs[l].data());
-            if (l + 1 == L && y == nullptr) return;
             for (int p = 0; p < C * C; ++p) gt[p] = c.G[p] * t[l][p];
             mm<T>(false, false, C, o, C, gt.data(), D[l].data(), zr[l].data());
             for (int row = 0; row < C; ++row)
@@ -512,10 +552,11 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
     const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
     const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
     const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
-    // p: q k v lr log_eta log_keep | M_l | S_l | P_l | y | M_out_l | S_out_l | M_st_l | S_st_l
+    // p: q k v lr log_eta log_keep | M_l | S_l | P_l | y | M_out_l | S_out_l | M_st_l | S_st_l | work
     const int iM = 6, iS = 6 + L, iP = 6 + 2 * L, iy = 6 + 3 * L, iMo = iy + 1, iSo = iMo + L, iMs = iSo + L,
-              iSs = iMs + L;
+              iSs = iMs + L, iW = iSs + L;
     T* y = static_cast<T*>(p[iy]);
+    T* work = static_cast<T*>(p[iW]);
     std::vector<std::vector<T>> M(L), S(L);
     std::vector<const T*> P(L, nullptr);
     for (int l = 0; l < L; ++l) {
@@ -525,6 +566,7 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
     }
     std::vector<Coefs<T>> co(sl, Coefs<T>(C));
     MlpChunk<T> ch(f);
+    const long slot = ch.bind(nullptr, nullptr, nullptr);  // floats per chunk of the workspace
     std::vector<T> w;
     for (int j = 0; j < K; ++j) {
         const long cs = (long)b * K + j, rows = cs * C * d;
@@ -543,6 +585,7 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
             cl[l] = &co[s];
             theta[l] = lr + (cs * sl + s) * C;
         }
+        ch.bind(work + cs * slot, k + rows, q + rows);
         ch.keys(k + rows, v + rows, Mc, theta);
         ch.reads(q + rows, Mc, Sc, P, cl, y + rows);
         for (int l = 0; l < L; ++l) {  // M' = bl M + (1 - bl) P + fl S + a^T (g o D),  S' = ml S + a^T (n o D)
@@ -576,9 +619,10 @@ template <typename T>
 void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
     // p: q k v lr log_eta log_keep | P_l | M_st_l | S_st_l | dy | dM_l | dS_l | dq dk dv | dlr dlog_eta
-    //    dlog_keep | dM0_l | dS0_l | dP_l
+    //    dlog_keep | dM0_l | dS0_l | dP_l | work (as the forward left it)
     const int iP = 6, iMs = 6 + L, iSs = 6 + 2 * L, idy = 6 + 3 * L, idM = idy + 1, idS = idM + L, idq = idS + L,
-              idlr = idq + 3, idM0 = idlr + 3, idS0 = idM0 + L, idP = idS0 + L;
+              idlr = idq + 3, idM0 = idlr + 3, idS0 = idM0 + L, idP = idS0 + L, iW = idP + L;
+    T* work = static_cast<T*>(p[iW]);
     const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
     const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
     const T* dy = static_cast<T*>(p[idy]);
@@ -597,6 +641,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     }
     std::vector<Coefs<T>> co(sl, Coefs<T>(C));
     MlpChunk<T> ch(f);
+    const long slot = ch.bind(nullptr, nullptr, nullptr);  // floats per chunk of the workspace
     // per slot: the coefficients' gradients of one chunk (layers sharing a slot add up)
     std::vector<std::vector<T>> gbeta(sl), gf(sl), gG(sl), ggl(sl), gnl(sl);
     std::vector<T> gbl(sl), gfl(sl), gml(sl), tmp_lr(C), tmp_le(C), tmp_lk(C);
@@ -609,7 +654,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     std::vector<T> h, w, dz(C * d), dx, dgt(C * C), gt(C * C), dcar;
     for (int j = K - 1; j >= 0; --j) {
         const long cs = (long)b * K + j, rows = cs * C * d;
-        std::vector<const T*> Mc(L), Sc(L), theta(L);
+        std::vector<const T*> Mc(L), Sc(L);
         std::vector<const Coefs<T>*> cl(L);
         for (int s = 0; s < sl; ++s) {
             co[s].compute(lr + (cs * sl + s) * C, f.has_S ? log_eta + cs * C : nullptr,
@@ -624,10 +669,8 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             Sc[l] = f.has_S ? static_cast<T*>(p[iSs + l]) + cs * sz : nullptr;
             const int s = std::min(l, sl - 1);
             cl[l] = &co[s];
-            theta[l] = lr + (cs * sl + s) * C;
         }
-        ch.keys(k + rows, v + rows, Mc, theta);
-        ch.reads(q + rows, Mc, Sc, P, cl, nullptr);  // recomputed for their intermediates
+        ch.bind(work + cs * slot, k + rows, q + rows);  // the forward's keys and reads of this chunk
         // 1. the end-of-chunk state
         for (int l = 0; l < L; ++l) {
             const int i = f.w[l], o = f.w[l + 1], s = std::min(l, sl - 1);
@@ -793,6 +836,13 @@ extern "C" void linear_backward(int B, int K, int C, int D, int has_S, int has_P
     const Flags f{K, C, D, has_S != 0, has_P != 0, cap_on != 0, residual != 0, cap};
     if (is_double) backward<double>(B, f, p, threads);
     else backward<float>(B, f, p, threads);
+}
+
+// floats per (row, chunk) of the workspace the MLP forward fills for its backward
+extern "C" long mlp_work_floats(int K, int C, int L, const int* w, int has_S, int has_P) {
+    const MlpFlags f{K, C, L, 1, w, has_S != 0, has_P != 0, false, false, false, 0.0};
+    MlpChunk<float> ch(f);
+    return ch.bind(nullptr, nullptr, nullptr);
 }
 
 // act, act' and act'' of n float32 values as the MLP kernel computes them (the tests check them

@@ -78,6 +78,8 @@ def library() -> ctypes.CDLL | str:
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_double]
         fn.argtypes += [ctypes.c_int] * 2 + [ctypes.c_void_p]
+    lib.mlp_work_floats.restype = ctypes.c_long
+    lib.mlp_work_floats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] + [ctypes.c_int] * 2
     lib.activations.restype = None
     lib.activations.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4
     for name in ("conv_forward", "conv_backward"):
@@ -205,7 +207,8 @@ class CpuMlpLoop(torch.autograd.Function):
         S_st = [torch.empty_like(w) for w in M_st] if has_S else [None] * L
         widths = [Mc[0].shape[1], *(w.shape[2] for w in Mc)]
         flags = _mlp_flags(setting.model, K, C, widths, slots, has_S, has_P)
-        tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st]
+        work = torch.empty(B * K * _work_floats(K, C, widths, has_S, has_P), dtype=dt)  # kept for the backward
+        tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st, work]
         _mlp_launch("mlp_forward", B, flags, widths, tensors)
         none = q.new_empty(0)
         ctx.flags, ctx.widths, ctx.L = flags, widths, L
@@ -213,7 +216,7 @@ class CpuMlpLoop(torch.autograd.Function):
         ctx.dtypes = (in_dtype, dt)
         ctx.save_for_backward(
             q, k, v, lr, *(t if t is not None else none for t in (log_eta, log_keep)),
-            *(t if t is not None else none for t in Pc), *M_st, *(t if t is not None else none for t in S_st),
+            *(t if t is not None else none for t in Pc), *M_st, *(t if t is not None else none for t in S_st), work,
         )  # fmt: skip
         return (y, *M_out, *(S_out if has_S else [None] * L))
 
@@ -222,7 +225,7 @@ class CpuMlpLoop(torch.autograd.Function):
     def backward(ctx, dy, *dstate):
         L, (has_eta, has_keep, has_S, has_P) = ctx.L, ctx.present
         q, k, v, lr, log_eta, log_keep, *rest = ctx.saved_tensors
-        Pc, M_st, S_st = rest[:L], rest[L : 2 * L], rest[2 * L :]
+        Pc, M_st, S_st, work = rest[:L], rest[L : 2 * L], rest[2 * L : 3 * L], rest[3 * L]
         log_eta, log_keep = (log_eta if has_eta else None), (log_keep if has_keep else None)
         Pc = list(Pc) if has_P else [None] * L
         S_st = list(S_st) if has_S else [None] * L
@@ -240,7 +243,7 @@ class CpuMlpLoop(torch.autograd.Function):
         dS0 = [torch.empty_like(w) for w in states] if has_S else [None] * L
         dP = [torch.empty_like(w) for w in states] if has_P else [None] * L
         tensors = [q, k, v, lr, log_eta, log_keep, *Pc, *M_st, *S_st, dy.to(dt).contiguous(), *dM, *dS,
-                   dq, dk, dv, dlr, dle, dlk, *dM0, *dS0, *dP]  # fmt: skip
+                   dq, dk, dv, dlr, dle, dlk, *dM0, *dS0, *dP, work]  # fmt: skip
         _mlp_launch("mlp_backward", B, ctx.flags, ctx.widths, tensors)
         in_dtype, wt = ctx.dtypes
         gate = lambda g: None if g is None else g.reshape(B, K, 1, C)  # noqa: E731
@@ -256,11 +259,19 @@ def _mlp_flags(model, K: int, C: int, widths: list[int], slots: int, has_S: bool
             int(model.residual), int(model.activation == "silu"), float(model.step_cap or 0.0))  # fmt: skip
 
 
+def _work_floats(K: int, C: int, widths: list[int], has_S: bool, has_P: bool) -> int:
+    """Floats per row and chunk of what the MLP forward keeps for its backward: the keys'
+    activations and deltas and the reads' products (`MlpChunk::bind`)."""
+    w = (ctypes.c_int * len(widths))(*widths)
+    return library().mlp_work_floats(K, C, len(widths) - 1, w, int(has_S), int(has_P))
+
+
 def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list) -> None:
     """Runs an MLP entry point `name` on `tensors` over torch's intra-op threads."""
     K, C, L = flags[:3]
     layer = [B * widths[i] * widths[i + 1] for i in range(L)]
-    sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer)}
+    work = B * K * _work_floats(K, C, widths, bool(flags[4]), bool(flags[5]))
+    sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer), work}
     ptrs, is_double = _pointers(name, tensors, sizes)
     w = (ctypes.c_int * len(widths))(*widths)
     getattr(library(), name)(B, K, C, L, w, *flags[3:9], flags[9], is_double, torch.get_num_threads(), ptrs)
