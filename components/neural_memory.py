@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
 from components.feature_map import FeatureMapSpec
+from components.norm import silu_l2_normalize
 from components.objective import L2ObjectiveSpec, ObjectiveSpec
 from components.omega import OmegaSpec
 from components.ops.memory import (
@@ -507,9 +508,10 @@ class NeuralMemory(nn.Module):
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
-        qkv = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
-        if self.qk_norm and self.v_norm:  # all three l2-normalised: one pass instead of three
-            qkv = F.normalize(qkv, dim=-1)
+        if self.qk_norm and self.v_norm:  # all three l2-normalised: with the SiLU in one pass (norm.py)
+            qkv = rearrange(silu_l2_normalize(qkv.unflatten(-1, (3 * self.heads, -1))), "b n (t h) d -> t b h n d", t=3)
+        else:
+            qkv = rearrange(F.silu(qkv), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         q, k, v = qkv
         if self.qk_norm and not self.v_norm:  # Titans §4.4: l2-normalised queries and keys
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)

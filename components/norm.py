@@ -1,13 +1,17 @@
-"""Normalisation layers used before every mixer and MLP (pre-norm, Llama macro-architecture)."""
+"""Normalisation layers used before every mixer and MLP (pre-norm, Llama macro-architecture),
+and the neural memory's SiLU + l2 norm of its queries, keys and values."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from components.base import Spec
+from components.ops.memory import cpu_loop
 
 
 class RMSNormSpec(Spec):
@@ -33,3 +37,24 @@ class LayerNormSpec(Spec):
 
 
 NormSpec = Annotated[RMSNormSpec | LayerNormSpec, Field(discriminator="kind")]
+
+
+def silu_l2_normalize(x: Tensor) -> Tensor:
+    """F.normalize(F.silu(x), dim=-1) (eps 1e-12): the memory's q, k, v per head (Titans §4.4).
+    On CPU in float32 / float64 the C++ kernel computes each row in one pass each way and keeps
+    only x for the backward; elsewhere torch's two ops."""
+    if cpu_loop.conv_kernel(x) is None:
+        return F.normalize(F.silu(x), dim=-1)
+    return _SiluL2.apply(x.contiguous())
+
+
+class _SiluL2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return cpu_loop.silu_l2(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return cpu_loop.silu_l2_backward(x, dy)

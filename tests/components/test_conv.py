@@ -6,21 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from components.conv import ShortConvSpec
-from components.ops.memory import cpu_loop
+from tests.components.kernel_paths import kernel_or_torch
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
 def path(request, monkeypatch):
     """Which implementation the test runs; for the kernel, also that it did run."""
-    calls = []
-    if request.param == "torch":
-        monkeypatch.setattr(cpu_loop, "conv_kernel", lambda *t: None)
-    else:
-        if isinstance(cpu_loop.library(), str):
-            pytest.skip(f"the C++ kernel is not built here: {cpu_loop.library()}")
-        for name in ("conv_forward", "conv_backward"):
-            original = getattr(cpu_loop, name)
-            monkeypatch.setattr(cpu_loop, name, lambda *a, f=original, n=name: calls.append(n) or f(*a))
+    calls = kernel_or_torch(request.param, monkeypatch, ("conv_forward", "conv_backward"))
     yield calls
     if request.param == "cpp":
         assert "conv_forward" in calls, "the kernel was not taken"

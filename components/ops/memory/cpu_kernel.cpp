@@ -966,3 +966,80 @@ extern "C" void conv_backward(int B, int m, int n, int d, int k, int lead, int i
     if (is_double) run(static_cast<double*>(nullptr));
     else run(static_cast<float*>(nullptr));
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// SiLU, then the l2 norm of each row (F.normalize(F.silu(x), dim=-1), eps 1e-12): the memory's
+// q, k and v of each head (Titans §4.4). Every row is one pass forward and one backward, in
+// cache; torch's silu, norm and division take ~15 passes through memory for the pair.
+namespace silu_norm {
+
+inline float expm(float x) { return fast_exp(x); }
+inline double expm(double x) { return std::exp(x); }
+template <typename T>
+constexpr T eps() {
+    return T(1e-12);
+}
+
+template <typename T>
+void forward_rows(long rows, int d, const T* x, T* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        const T* xr = x + r * d;
+        T* yr = y + r * d;
+        T ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int c = 0; c < d; ++c) {
+            const T s = xr[c] / (1 + expm(-xr[c]));
+            yr[c] = s;
+            ss += s * s;
+        }
+        const T inv = 1 / std::max(std::sqrt(ss), eps<T>());
+#pragma omp simd
+        for (int c = 0; c < d; ++c) yr[c] *= inv;
+    }
+}
+
+// y = s / max(|s|, eps), s = silu(x): ds = (dy - y (y . dy)) / |s| (dy / eps where |s| <= eps),
+// dx = ds silu'(x), silu' = sig (1 + x (1 - sig))
+template <typename T>
+void backward_rows(long rows, int d, const T* x, const T* dy, T* dx, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        const T *xr = x + r * d, *gr = dy + r * d;
+        T* out = dx + r * d;
+        T ss = 0, sg = 0;
+#pragma omp simd reduction(+ : ss, sg)
+        for (int c = 0; c < d; ++c) {
+            const T s = xr[c] / (1 + expm(-xr[c]));
+            ss += s * s;
+            sg += s * gr[c];
+        }
+        const T norm = std::sqrt(ss), inv = 1 / std::max(norm, eps<T>());
+        const T proj = norm > eps<T>() ? sg * inv * inv : T(0);  // y . dy / |s|, as a factor of s
+#pragma omp simd
+        for (int c = 0; c < d; ++c) {
+            const T e = expm(-xr[c]), sig = 1 / (1 + e), sm = e * sig, s = xr[c] * sig;  // sm = 1 - sig
+            out[c] = (gr[c] - s * proj) * inv * sig * (1 + xr[c] * sm);
+        }
+    }
+}
+
+}  // namespace silu_norm
+
+// rows of d: p = x, y | x, dy, dx
+extern "C" void silu_l2_forward(long rows, int d, int is_double, int threads, void** p) {
+    if (is_double)
+        silu_norm::forward_rows<double>(rows, d, static_cast<double*>(p[0]), static_cast<double*>(p[1]), threads);
+    else
+        silu_norm::forward_rows<float>(rows, d, static_cast<float*>(p[0]), static_cast<float*>(p[1]), threads);
+}
+
+extern "C" void silu_l2_backward(long rows, int d, int is_double, int threads, void** p) {
+    if (is_double)
+        silu_norm::backward_rows<double>(rows, d, static_cast<double*>(p[0]), static_cast<double*>(p[1]),
+                                         static_cast<double*>(p[2]), threads);
+    else
+        silu_norm::backward_rows<float>(rows, d, static_cast<float*>(p[0]), static_cast<float*>(p[1]),
+                                        static_cast<float*>(p[2]), threads);
+}

@@ -1,5 +1,6 @@
 """The C++ kernel of the memory on CPU (`cpu_kernel.cpp`: the linear memory and the MLP memory
-of any depth, and the short convolution before it), its autograd.Functions and its build.
+of any depth, and the short convolution, SiLU and l2 norm before it), its autograd.Functions and
+its build.
 
 The source is compiled once per machine with the system's C++ compiler into a cache directory
 keyed by the source's hash (a few seconds, no torch headers: it links against the MKL GEMM
@@ -86,6 +87,10 @@ def library() -> ctypes.CDLL | str:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    for name in ("silu_l2_forward", "silu_l2_backward"):
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     return lib
 
 
@@ -301,8 +306,9 @@ def _pointers(name: str, tensors: list, sizes: set[int]):
 
 
 def conv_kernel(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library where the short convolution (conv.py) can run in it: CPU float32 / float64
-    tensors of one dtype, outside any dispatch mode, with the library built; else None."""
+    """The library where the short convolution (conv.py) or the SiLU + l2 norm (norm.py) can run
+    in it: CPU float32 / float64 tensors of one dtype, outside any dispatch mode, with the
+    library built; else None."""
     t = tensors[0]
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         return None
@@ -335,3 +341,19 @@ def conv_backward(src: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, lead: in
     ptrs, is_double = _pointers("conv_backward", tensors, {B * m * d, k * d, B * n * d, d})
     library().conv_backward(B, m, n, d, k, lead, is_double, torch.get_num_threads(), ptrs)
     return dsrc, dw.t(), db
+
+
+def silu_l2(x: torch.Tensor) -> torch.Tensor:
+    """F.normalize(F.silu(x), dim=-1) in the kernel, x contiguous."""
+    y = torch.empty_like(x)
+    ptrs, is_double = _pointers("silu_l2_forward", [x, y], {x.numel()})
+    library().silu_l2_forward(x.numel() // x.shape[-1], x.shape[-1], is_double, torch.get_num_threads(), ptrs)
+    return y
+
+
+def silu_l2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The gradient of `silu_l2` at x for dy."""
+    dx = torch.empty_like(x)
+    ptrs, is_double = _pointers("silu_l2_backward", [x, dy.contiguous(), dx], {x.numel()})
+    library().silu_l2_backward(x.numel() // x.shape[-1], x.shape[-1], is_double, torch.get_num_threads(), ptrs)
+    return dx
