@@ -552,11 +552,11 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
     const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
     const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
     const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
-    // p: q k v lr log_eta log_keep | M_l | S_l | P_l | y | M_out_l | S_out_l | M_st_l | S_st_l | work
+    // p: q k v lr log_eta log_keep | M_l | S_l | P_l | y | M_out_l | S_out_l | M_st_l | S_st_l | work rows
     const int iM = 6, iS = 6 + L, iP = 6 + 2 * L, iy = 6 + 3 * L, iMo = iy + 1, iSo = iMo + L, iMs = iSo + L,
               iSs = iMs + L, iW = iSs + L;
     T* y = static_cast<T*>(p[iy]);
-    T* work = static_cast<T*>(p[iW]);
+    T* work = static_cast<T**>(p[iW])[b];  // this row's workspace, K slots
     std::vector<std::vector<T>> M(L), S(L);
     std::vector<const T*> P(L, nullptr);
     for (int l = 0; l < L; ++l) {
@@ -585,7 +585,7 @@ void mlp_forward_row(const MlpFlags& f, int b, void** p) {
             cl[l] = &co[s];
             theta[l] = lr + (cs * sl + s) * C;
         }
-        ch.bind(work + cs * slot, k + rows, q + rows);
+        ch.bind(work + j * slot, k + rows, q + rows);
         ch.keys(k + rows, v + rows, Mc, theta);
         ch.reads(q + rows, Mc, Sc, P, cl, y + rows);
         for (int l = 0; l < L; ++l) {  // M' = bl M + (1 - bl) P + fl S + a^T (g o D),  S' = ml S + a^T (n o D)
@@ -619,10 +619,10 @@ template <typename T>
 void mlp_backward_row(const MlpFlags& f, int b, void** p) {
     const int K = f.K, C = f.C, L = f.L, sl = f.slots, d = f.w[0];
     // p: q k v lr log_eta log_keep | P_l | M_st_l | S_st_l | dy | dM_l | dS_l | dq dk dv | dlr dlog_eta
-    //    dlog_keep | dM0_l | dS0_l | dP_l | work (as the forward left it)
+    //    dlog_keep | dM0_l | dS0_l | dP_l | work rows (as the forward left them)
     const int iP = 6, iMs = 6 + L, iSs = 6 + 2 * L, idy = 6 + 3 * L, idM = idy + 1, idS = idM + L, idq = idS + L,
               idlr = idq + 3, idM0 = idlr + 3, idS0 = idM0 + L, idP = idS0 + L, iW = idP + L;
-    T* work = static_cast<T*>(p[iW]);
+    T* work = static_cast<T**>(p[iW])[b];  // this row's workspace, K slots
     const T *q = static_cast<T*>(p[0]), *k = static_cast<T*>(p[1]), *v = static_cast<T*>(p[2]);
     const T *lr = static_cast<T*>(p[3]), *log_eta = static_cast<T*>(p[4]), *log_keep = static_cast<T*>(p[5]);
     const T* dy = static_cast<T*>(p[idy]);
@@ -670,7 +670,7 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             const int s = std::min(l, sl - 1);
             cl[l] = &co[s];
         }
-        ch.bind(work + cs * slot, k + rows, q + rows);  // the forward's keys and reads of this chunk
+        ch.bind(work + j * slot, k + rows, q + rows);  // the forward's keys and reads of this chunk
         // 1. the end-of-chunk state
         for (int l = 0; l < L; ++l) {
             const int i = f.w[l], o = f.w[l + 1], s = std::min(l, sl - 1);

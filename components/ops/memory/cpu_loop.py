@@ -212,7 +212,10 @@ class CpuMlpLoop(torch.autograd.Function):
         S_st = [torch.empty_like(w) for w in M_st] if has_S else [None] * L
         widths = [Mc[0].shape[1], *(w.shape[2] for w in Mc)]
         flags = _mlp_flags(setting.model, K, C, widths, slots, has_S, has_P)
-        work = torch.empty(B * K * _work_floats(K, C, widths, has_S, has_P), dtype=dt)  # kept for the backward
+        # kept for the backward, one tensor per row: a whole layer's at 16K tokens would pass the
+        # allocator's mmap threshold (allocator.py) and page-fault on every step
+        slot = _work_floats(K, C, widths, has_S, has_P)
+        work = [torch.empty(K * slot, dtype=dt) for _ in range(B)]
         tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st, work]
         _mlp_launch("mlp_forward", B, flags, widths, tensors)
         none = q.new_empty(0)
@@ -221,7 +224,7 @@ class CpuMlpLoop(torch.autograd.Function):
         ctx.dtypes = (in_dtype, dt)
         ctx.save_for_backward(
             q, k, v, lr, *(t if t is not None else none for t in (log_eta, log_keep)),
-            *(t if t is not None else none for t in Pc), *M_st, *(t if t is not None else none for t in S_st), work,
+            *(t if t is not None else none for t in Pc), *M_st, *(t if t is not None else none for t in S_st), *work,
         )  # fmt: skip
         return (y, *M_out, *(S_out if has_S else [None] * L))
 
@@ -230,7 +233,7 @@ class CpuMlpLoop(torch.autograd.Function):
     def backward(ctx, dy, *dstate):
         L, (has_eta, has_keep, has_S, has_P) = ctx.L, ctx.present
         q, k, v, lr, log_eta, log_keep, *rest = ctx.saved_tensors
-        Pc, M_st, S_st, work = rest[:L], rest[L : 2 * L], rest[2 * L : 3 * L], rest[3 * L]
+        Pc, M_st, S_st, work = rest[:L], rest[L : 2 * L], rest[2 * L : 3 * L], list(rest[3 * L :])
         log_eta, log_keep = (log_eta if has_eta else None), (log_keep if has_keep else None)
         Pc = list(Pc) if has_P else [None] * L
         S_st = list(S_st) if has_S else [None] * L
@@ -272,12 +275,18 @@ def _work_floats(K: int, C: int, widths: list[int], has_S: bool, has_P: bool) ->
 
 
 def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list) -> None:
-    """Runs an MLP entry point `name` on `tensors` over torch's intra-op threads."""
+    """Runs an MLP entry point `name` on `tensors` over torch's intra-op threads; the last entry
+    is the list of the rows' workspaces, passed as an array of their pointers."""
     K, C, L = flags[:3]
     layer = [B * widths[i] * widths[i + 1] for i in range(L)]
-    work = B * K * _work_floats(K, C, widths, bool(flags[4]), bool(flags[5]))
-    sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer), work}
-    ptrs, is_double = _pointers(name, tensors, sizes)
+    sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer)}
+    *tensors, work = tensors
+    _pointers(name, work, {K * _work_floats(K, C, widths, bool(flags[4]), bool(flags[5]))})
+    if len(work) != B or work[0].dtype != tensors[0].dtype:
+        raise ValueError(f"the C++ kernel got a workspace of another size or dtype ({name})")
+    rows = (ctypes.c_void_p * B)(*[t.data_ptr() for t in work])
+    ptrs, is_double = _pointers(name, [*tensors, None], sizes)
+    ptrs[len(tensors)] = ctypes.cast(rows, ctypes.c_void_p)
     w = (ctypes.c_int * len(widths))(*widths)
     getattr(library(), name)(B, K, C, L, w, *flags[3:9], flags[9], is_double, torch.get_num_threads(), ptrs)
 
