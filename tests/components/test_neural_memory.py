@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from components.neural_memory import NeuralMemorySpec
+from components.ops.memory import cpu_loop
+from tests.components.test_memory_op import needs_cpp
 
 
 def layer(dim=16, heads=2, seed=0, **spec):
@@ -282,3 +284,19 @@ def test_muons_newton_schulz_steps_are_the_specs():
     one, five = layer(**spec(1)), layer(**spec(5))
     assert one.rule.inner.muon_steps == 1 and five.rule.inner.muon_steps == 5
     assert (one(x)[0] - five(x)[0]).abs().max() > 1e-5
+
+
+@needs_cpp
+def test_the_default_layer_on_cpu_runs_its_conv_norm_and_memory_in_the_cpp_kernel(monkeypatch):
+    """Forward and backward of the default layer in float32 on CPU go through the C++ kernel's
+    convolution, SiLU + l2 norm and MLP memory (each equals torch's code in its own tests; this
+    one fails if the layer stops taking them)."""
+    calls = []
+    for name in ("conv_forward", "conv_backward", "silu_l2", "silu_l2_backward"):
+        original = getattr(cpu_loop, name)
+        monkeypatch.setattr(cpu_loop, name, lambda *a, f=original, n=name: calls.append(n) or f(*a))
+    original = cpu_loop.CpuMlpLoop.run
+    monkeypatch.setattr(cpu_loop.CpuMlpLoop, "run", lambda *a: calls.append("memory") or original(*a))
+    y, _ = layer()(torch.randn(2, 35, 16))
+    y.square().mean().backward()
+    assert set(calls) == {"conv_forward", "conv_backward", "silu_l2", "silu_l2_backward", "memory"}
