@@ -578,9 +578,10 @@ class NeuralMemory(nn.Module):
         q = self.qkv.queries(x)
         if self.conv is not None:
             q, conv_state = self.conv(q, conv_state, channels=self.qkv.query_channels)
-        q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
-        if self.qk_norm:
-            q = F.normalize(q, dim=-1)
+        if self.qk_norm:  # with the SiLU in one pass (norm.py)
+            q = rearrange(silu_l2_normalize(q.unflatten(-1, (self.heads, -1))), "b n h d -> b h n d")
+        else:
+            q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.feature_map is not None:
             q = self.feature_map(q)
         model, (q,) = in_state_dtype(weights[0].dtype, self.memory_model(), q)
