@@ -33,3 +33,14 @@ def test_equals_normalize_of_silu_with_gradients(path, dtype, tol):
 def test_gradcheck(path):
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(silu_l2_normalize, (x,))
+
+
+def test_gradients_that_arrive_non_contiguous(path):
+    """The backward's incoming gradient strided (a transpose after the norm, as MAC's retrieval
+    reads its queries): the kernel gets a contiguous copy that must live through the call."""
+    x = torch.randn(6, 5, 4, 8, requires_grad=True)
+    g = torch.randn(5, 6, 4, 8)
+    (dx,) = torch.autograd.grad((silu_l2_normalize(x).transpose(0, 1) * g).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad((F.normalize(F.silu(x64), dim=-1).transpose(0, 1) * g.double()).sum(), x64)
+    torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)

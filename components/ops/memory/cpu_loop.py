@@ -363,6 +363,7 @@ def silu_l2(x: torch.Tensor) -> torch.Tensor:
 def silu_l2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """The gradient of `silu_l2` at x for dy."""
     dx = torch.empty_like(x)
-    ptrs, is_double = _pointers("silu_l2_backward", [x, dy.contiguous(), dx], {x.numel()})
+    tensors = [x, dy.contiguous(), dx]  # held until the call returns: the kernel reads the copy
+    ptrs, is_double = _pointers("silu_l2_backward", tensors, {x.numel()})
     library().silu_l2_backward(x.numel() // x.shape[-1], x.shape[-1], is_double, torch.get_num_threads(), ptrs)
     return dx
