@@ -58,7 +58,7 @@ class _ShiftedTaps(torch.autograd.Function):
     def forward(ctx, src: Tensor, w: Tensor, bias: Tensor, lead: int) -> Tensor:
         ctx.save_for_backward(src, w)
         ctx.lead = lead
-        if cpu_loop.conv_kernel(src, w, bias) is not None:
+        if cpu_loop.unavailable(src, w, bias) is None:
             return cpu_loop.conv_forward(src, w, bias, lead)
         k = w.shape[1]
         n = src.shape[1] + lead - (k - 1)
@@ -74,7 +74,7 @@ class _ShiftedTaps(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         src, w = ctx.saved_tensors
         lead, k, n = ctx.lead, w.shape[1], dy.shape[1]
-        if cpu_loop.conv_kernel(src, w, dy) is not None:
+        if cpu_loop.unavailable(src, w, dy) is None:
             grads = cpu_loop.conv_backward(src, w, dy, lead)
             return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None
         dsrc = dw = None

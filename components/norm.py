@@ -43,7 +43,7 @@ def silu_l2_normalize(x: Tensor) -> Tensor:
     """F.normalize(F.silu(x), dim=-1) (eps 1e-12): the memory's q, k, v per head (Titans §4.4).
     On CPU in float32 / float64 the C++ kernel computes each row in one pass each way and keeps
     only x for the backward; elsewhere torch's two ops."""
-    if cpu_loop.conv_kernel(x) is None:
+    if cpu_loop.unavailable(x) is not None:
         return F.normalize(F.silu(x), dim=-1)
     return _SiluL2.apply(x.contiguous())
 

@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from components.ops.memory import cpu_loop, memory_update, naive_memory_update
+from tests.components.kernel_paths import record_calls
 from tests.components.test_memory_op import CASES, Case, assert_rel_close, make, needs_cpp, outputs_state_grads
 
 
-def launches(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    for loop in (cpu_loop.CpuLoop, cpu_loop.CpuMlpLoop):
-        original = loop.run
-        monkeypatch.setattr(loop, "run", lambda *a, run=original: calls.append(1) or run(*a))
-    return calls
+def launches(monkeypatch) -> list[str]:
+    calls = record_calls(monkeypatch, cpu_loop.CpuLoop, ("run",))
+    return record_calls(monkeypatch, cpu_loop.CpuMlpLoop, ("run",), calls)
 
 
 @needs_cpp

@@ -5,6 +5,7 @@ import torch
 
 from components.neural_memory import NeuralMemorySpec
 from components.ops.memory import cpu_loop
+from tests.components.kernel_paths import record_calls
 from tests.components.test_memory_op import needs_cpp
 
 
@@ -291,12 +292,8 @@ def test_the_default_layer_on_cpu_runs_its_conv_norm_and_memory_in_the_cpp_kerne
     """Forward and backward of the default layer in float32 on CPU go through the C++ kernel's
     convolution, SiLU + l2 norm and MLP memory (each equals torch's code in its own tests; this
     one fails if the layer stops taking them)."""
-    calls = []
-    for name in ("conv_forward", "conv_backward", "silu_l2", "silu_l2_backward"):
-        original = getattr(cpu_loop, name)
-        monkeypatch.setattr(cpu_loop, name, lambda *a, f=original, n=name: calls.append(n) or f(*a))
-    original = cpu_loop.CpuMlpLoop.run
-    monkeypatch.setattr(cpu_loop.CpuMlpLoop, "run", lambda *a: calls.append("memory") or original(*a))
+    calls = record_calls(monkeypatch, cpu_loop, ("conv_forward", "conv_backward", "silu_l2", "silu_l2_backward"))
+    record_calls(monkeypatch, cpu_loop.CpuMlpLoop, ("run",), calls)
     y, _ = layer()(torch.randn(2, 35, 16))
     y.square().mean().backward()
-    assert set(calls) == {"conv_forward", "conv_backward", "silu_l2", "silu_l2_backward", "memory"}
+    assert set(calls) == {"conv_forward", "conv_backward", "silu_l2", "silu_l2_backward", "run"}

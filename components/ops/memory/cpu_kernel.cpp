@@ -873,6 +873,13 @@ extern "C" void mlp_backward(int B, int K, int C, int L, const int* w, int slots
 }
 
 
+// f called with a null T* for T = double or float, by an entry point's dtype flag
+template <typename F>
+void by_dtype(int is_double, F&& f) {
+    if (is_double) f(static_cast<double*>(nullptr));
+    else f(static_cast<float*>(nullptr));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The short convolution (conv.py's _ShiftedTaps): y_t = bias + sum_i w_i z_{t + i} over z =
 // [lead zeros ; src], src (B, m, d) with m = n + k - 1 - lead and w (k, d): each output row is
@@ -948,23 +955,19 @@ void conv_backward_rows(int B, int m, int n, int d, int k, int lead, const T* sr
 
 // the short convolution's entry points: p = src, w (k, d), bias, y | src, w, dy, dsrc, dw, dbias
 extern "C" void conv_forward(int B, int m, int n, int d, int k, int lead, int is_double, int threads, void** p) {
-    if (is_double)
-        conv::conv_forward_rows<double>(B, m, n, d, k, lead, static_cast<double*>(p[0]), static_cast<double*>(p[1]),
-                                        static_cast<double*>(p[2]), static_cast<double*>(p[3]), threads);
-    else
-        conv::conv_forward_rows<float>(B, m, n, d, k, lead, static_cast<float*>(p[0]), static_cast<float*>(p[1]),
-                                       static_cast<float*>(p[2]), static_cast<float*>(p[3]), threads);
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        auto a = [&](int i) { return static_cast<T*>(p[i]); };
+        conv::conv_forward_rows<T>(B, m, n, d, k, lead, a(0), a(1), a(2), a(3), threads);
+    });
 }
 
 extern "C" void conv_backward(int B, int m, int n, int d, int k, int lead, int is_double, int threads, void** p) {
-    auto run = [&](auto* tag) {
+    by_dtype(is_double, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        conv::conv_backward_rows<T>(B, m, n, d, k, lead, static_cast<T*>(p[0]), static_cast<T*>(p[1]),
-                                    static_cast<T*>(p[2]), static_cast<T*>(p[3]), static_cast<T*>(p[4]),
-                                    static_cast<T*>(p[5]), threads);
-    };
-    if (is_double) run(static_cast<double*>(nullptr));
-    else run(static_cast<float*>(nullptr));
+        auto a = [&](int i) { return static_cast<T*>(p[i]); };
+        conv::conv_backward_rows<T>(B, m, n, d, k, lead, a(0), a(1), a(2), a(3), a(4), a(5), threads);
+    });
 }
 
 
@@ -974,53 +977,43 @@ extern "C" void conv_backward(int B, int m, int n, int d, int k, int lead, int i
 // cache; torch's silu, norm and division take ~15 passes through memory for the pair.
 namespace silu_norm {
 
-inline float expm(float x) { return fast_exp(x); }
-inline double expm(double x) { return std::exp(x); }
 template <typename T>
 constexpr T eps() {
     return T(1e-12);
 }
 
+// s = silu(x) and silu'(x) of each row by act_rows (the MLP memory's SiLU), then the norm
 template <typename T>
 void forward_rows(long rows, int d, const T* x, T* y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < rows; ++r) {
-        const T* xr = x + r * d;
-        T* yr = y + r * d;
-        T ss = 0;
-#pragma omp simd reduction(+ : ss)
-        for (int c = 0; c < d; ++c) {
-            const T s = xr[c] / (1 + expm(-xr[c]));
-            yr[c] = s;
-            ss += s * s;
-        }
-        const T inv = 1 / std::max(std::sqrt(ss), eps<T>());
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> d1(d);
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; ++r) {
+            T* yr = y + r * d;
+            act_rows<T>(true, d, x + r * d, yr, d1.data(), nullptr);
+            const T inv = 1 / std::max(std::sqrt(dot(yr, yr, d)), eps<T>());
 #pragma omp simd
-        for (int c = 0; c < d; ++c) yr[c] *= inv;
+            for (int c = 0; c < d; ++c) yr[c] *= inv;
+        }
     }
 }
 
-// y = s / max(|s|, eps), s = silu(x): ds = (dy - y (y . dy)) / |s| (dy / eps where |s| <= eps),
-// dx = ds silu'(x), silu' = sig (1 + x (1 - sig))
+// y = s / max(|s|, eps): ds = (dy - y (y . dy)) / |s| (dy / eps where |s| <= eps), dx = ds silu'(x)
 template <typename T>
 void backward_rows(long rows, int d, const T* x, const T* dy, T* dx, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < rows; ++r) {
-        const T *xr = x + r * d, *gr = dy + r * d;
-        T* out = dx + r * d;
-        T ss = 0, sg = 0;
-#pragma omp simd reduction(+ : ss, sg)
-        for (int c = 0; c < d; ++c) {
-            const T s = xr[c] / (1 + expm(-xr[c]));
-            ss += s * s;
-            sg += s * gr[c];
-        }
-        const T norm = std::sqrt(ss), inv = 1 / std::max(norm, eps<T>());
-        const T proj = norm > eps<T>() ? sg * inv * inv : T(0);  // y . dy / |s|, as a factor of s
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> s(d), d1(d);
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; ++r) {
+            const T* gr = dy + r * d;
+            T* out = dx + r * d;
+            act_rows<T>(true, d, x + r * d, s.data(), d1.data(), nullptr);
+            const T norm = std::sqrt(dot(s.data(), s.data(), d)), inv = 1 / std::max(norm, eps<T>());
+            const T proj = norm > eps<T>() ? dot(s.data(), gr, d) * inv * inv : T(0);  // y . dy / |s|, per s
 #pragma omp simd
-        for (int c = 0; c < d; ++c) {
-            const T e = expm(-xr[c]), sig = 1 / (1 + e), sm = e * sig, s = xr[c] * sig;  // sm = 1 - sig
-            out[c] = (gr[c] - s * proj) * inv * sig * (1 + xr[c] * sm);
+            for (int c = 0; c < d; ++c) out[c] = (gr[c] - s[c] * proj) * inv * d1[c];
         }
     }
 }
@@ -1029,17 +1022,16 @@ void backward_rows(long rows, int d, const T* x, const T* dy, T* dx, int threads
 
 // rows of d: p = x, y | x, dy, dx
 extern "C" void silu_l2_forward(long rows, int d, int is_double, int threads, void** p) {
-    if (is_double)
-        silu_norm::forward_rows<double>(rows, d, static_cast<double*>(p[0]), static_cast<double*>(p[1]), threads);
-    else
-        silu_norm::forward_rows<float>(rows, d, static_cast<float*>(p[0]), static_cast<float*>(p[1]), threads);
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        silu_norm::forward_rows<T>(rows, d, static_cast<T*>(p[0]), static_cast<T*>(p[1]), threads);
+    });
 }
 
 extern "C" void silu_l2_backward(long rows, int d, int is_double, int threads, void** p) {
-    if (is_double)
-        silu_norm::backward_rows<double>(rows, d, static_cast<double*>(p[0]), static_cast<double*>(p[1]),
-                                         static_cast<double*>(p[2]), threads);
-    else
-        silu_norm::backward_rows<float>(rows, d, static_cast<float*>(p[0]), static_cast<float*>(p[1]),
-                                        static_cast<float*>(p[2]), threads);
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        silu_norm::backward_rows<T>(rows, d, static_cast<T*>(p[0]), static_cast<T*>(p[1]), static_cast<T*>(p[2]),
+                                    threads);
+    });
 }

@@ -94,22 +94,28 @@ def library() -> ctypes.CDLL | str:
     return lib
 
 
+def unavailable(*tensors: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these tensors (None: it can): CPU float32 / float64 tensors of
+    one dtype, outside any dispatch mode, with the library built."""
+    t = tensors[0]
+    if any(x.device.type != "cpu" for x in tensors):
+        return "the C++ kernel runs on CPU tensors"
+    if _get_current_dispatch_mode() is not None:  # torch would not see the kernel's work
+        return "a dispatch mode is active (FLOP counting, tracing): the C++ kernel is invisible to it"
+    if t.dtype not in (torch.float32, torch.float64) or any(x.dtype != t.dtype for x in tensors):
+        return f"the C++ kernel computes in float32 or float64, not {t.dtype}"
+    lib = library()
+    return lib if isinstance(lib, str) else None
+
+
 def reach(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
     """Why the C++ kernel cannot run these chunks (None: it can): `common.kernel_reach`, on
-    float32 / float64 CPU tensors, with the library built."""
+    CPU states (q is cast to their dtype) the kernel can take."""
     from components.ops.memory.common import setting_reach
 
     if q.device.type != "cpu":
         return "the C++ kernel runs on CPU tensors"
-    if _get_current_dispatch_mode() is not None:  # torch would not see the kernel's work
-        return "a dispatch mode is active (FLOP counting, tracing): the C++ kernel is invisible to it"
-    if M[0].dtype not in (torch.float32, torch.float64):
-        return f"the C++ kernel computes in float32 or float64, not {M[0].dtype}"
-    reason = setting_reach("cpp", setting, M, q)
-    if reason is not None:
-        return reason
-    lib = library()
-    return lib if isinstance(lib, str) else None
+    return unavailable(M[0]) or setting_reach("cpp", setting, M, q)
 
 
 class CpuLoop(torch.autograd.Function):
@@ -214,10 +220,9 @@ class CpuMlpLoop(torch.autograd.Function):
         flags = _mlp_flags(setting.model, K, C, widths, slots, has_S, has_P)
         # kept for the backward, one tensor per row: a whole layer's at 16K tokens would pass the
         # allocator's mmap threshold (allocator.py) and page-fault on every step
-        slot = _work_floats(K, C, widths, has_S, has_P)
-        work = [torch.empty(K * slot, dtype=dt) for _ in range(B)]
-        tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st, work]
-        _mlp_launch("mlp_forward", B, flags, widths, tensors)
+        work = [torch.empty(K * _work_floats(K, C, tuple(widths), has_S, has_P), dtype=dt) for _ in range(B)]
+        tensors = [q, k, v, lr, log_eta, log_keep, *Mc, *Sc, *Pc, y, *M_out, *S_out, *M_st, *S_st]
+        _mlp_launch("mlp_forward", B, flags, widths, tensors, work)
         none = q.new_empty(0)
         ctx.flags, ctx.widths, ctx.L = flags, widths, L
         ctx.present = (log_eta is not None, log_keep is not None, has_S, has_P)
@@ -251,8 +256,8 @@ class CpuMlpLoop(torch.autograd.Function):
         dS0 = [torch.empty_like(w) for w in states] if has_S else [None] * L
         dP = [torch.empty_like(w) for w in states] if has_P else [None] * L
         tensors = [q, k, v, lr, log_eta, log_keep, *Pc, *M_st, *S_st, dy.to(dt).contiguous(), *dM, *dS,
-                   dq, dk, dv, dlr, dle, dlk, *dM0, *dS0, *dP, work]  # fmt: skip
-        _mlp_launch("mlp_backward", B, ctx.flags, ctx.widths, tensors)
+                   dq, dk, dv, dlr, dle, dlk, *dM0, *dS0, *dP]  # fmt: skip
+        _mlp_launch("mlp_backward", B, ctx.flags, ctx.widths, tensors, work)
         in_dtype, wt = ctx.dtypes
         gate = lambda g: None if g is None else g.reshape(B, K, 1, C)  # noqa: E731
         return (
@@ -267,28 +272,25 @@ def _mlp_flags(model, K: int, C: int, widths: list[int], slots: int, has_S: bool
             int(model.residual), int(model.activation == "silu"), float(model.step_cap or 0.0))  # fmt: skip
 
 
-def _work_floats(K: int, C: int, widths: list[int], has_S: bool, has_P: bool) -> int:
+@cache
+def _work_floats(K: int, C: int, widths: tuple[int, ...], has_S: bool, has_P: bool) -> int:
     """Floats per row and chunk of what the MLP forward keeps for its backward: the keys'
     activations and deltas and the reads' products (`MlpChunk::bind`)."""
     w = (ctypes.c_int * len(widths))(*widths)
     return library().mlp_work_floats(K, C, len(widths) - 1, w, int(has_S), int(has_P))
 
 
-def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list) -> None:
-    """Runs an MLP entry point `name` on `tensors` over torch's intra-op threads; the last entry
-    is the list of the rows' workspaces, passed as an array of their pointers."""
+def _mlp_launch(name: str, B: int, flags: tuple, widths: list[int], tensors: list, work: list) -> None:
+    """Runs an MLP entry point `name` on `tensors` and the rows' workspaces `work` over torch's
+    intra-op threads."""
     K, C, L = flags[:3]
     layer = [B * widths[i] * widths[i + 1] for i in range(L)]
     sizes = {B * K * C * widths[0], B * K * C, B * K * C * flags[3], *layer, *(K * n for n in layer)}
-    *tensors, work = tensors
-    _pointers(name, work, {K * _work_floats(K, C, widths, bool(flags[4]), bool(flags[5]))})
-    if len(work) != B or work[0].dtype != tensors[0].dtype:
-        raise ValueError(f"the C++ kernel got a workspace of another size or dtype ({name})")
-    rows = (ctypes.c_void_p * B)(*[t.data_ptr() for t in work])
-    ptrs, is_double = _pointers(name, [*tensors, None], sizes)
-    ptrs[len(tensors)] = ctypes.cast(rows, ctypes.c_void_p)
+    if len(work) != B:
+        raise ValueError(f"the C++ kernel got {len(work)} workspaces for {B} rows ({name})")
+    slot = _work_floats(K, C, tuple(widths), bool(flags[4]), bool(flags[5]))
     w = (ctypes.c_int * len(widths))(*widths)
-    getattr(library(), name)(B, K, C, L, w, *flags[3:9], flags[9], is_double, torch.get_num_threads(), ptrs)
+    _call(name, (B, K, C, L, w, *flags[3:9], flags[9]), tensors, sizes, rows=(work, K * slot))
 
 
 def _flags(model, K: int, C: int, d: int, has_S: bool, has_P: bool) -> tuple:
@@ -299,32 +301,28 @@ def _flags(model, K: int, C: int, d: int, has_S: bool, has_P: bool) -> tuple:
 def _launch(name: str, B: int, flags: tuple, tensors: list) -> None:
     """Runs the linear memory's entry point `name` on `tensors` over torch's intra-op threads."""
     K, C, d = flags[:3]
-    ptrs, is_double = _pointers(name, tensors, {B * K * C * d, B * K * C, B * d * d, B * K * d * d})
-    getattr(library(), name)(B, *flags[:7], flags[7], is_double, torch.get_num_threads(), ptrs)
+    _call(name, (B, *flags), tensors, {B * K * C * d, B * K * C, B * d * d, B * K * d * d})
 
 
-def _pointers(name: str, tensors: list, sizes: set[int]):
-    """The tensors' data pointers (None: a null pointer, for what is off) and whether they are
-    float64. The kernel trusts their sizes, so each is checked here against the sizes its
-    roles may have, with its layout and dtype."""
+def _call(name: str, args: tuple, tensors: list, sizes: set[int], rows: tuple[list, int] | None = None) -> None:
+    """Calls the entry point `name` with `args`, then float64 or not, torch's intra-op thread
+    count and the array of the tensors' data pointers (None: a null pointer, for what is off);
+    `rows` (tensors, size): one tensor per row, passed as one more pointer, to an array of
+    theirs. The kernel trusts sizes, so each tensor is checked against the sizes its roles may
+    have, with its layout and dtype. The tensors, copies made for the call among them, live in
+    this frame until the kernel returns."""
     given = [t for t in tensors if t is not None]
+    if rows is not None:
+        given += rows[0]
+        sizes = sizes | {rows[1]}
     if any(not t.is_contiguous() or t.numel() not in sizes or t.dtype != given[0].dtype for t in given):
         raise ValueError(f"the C++ kernel got a tensor of another size, layout or dtype ({name})")
-    ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
-    return ptrs, int(given[0].dtype == torch.float64)
-
-
-def conv_kernel(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library where the short convolution (conv.py) or the SiLU + l2 norm (norm.py) can run
-    in it: CPU float32 / float64 tensors of one dtype, outside any dispatch mode, with the
-    library built; else None."""
-    t = tensors[0]
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
-        return None
-    if any(x.dtype != t.dtype or x.device != t.device for x in tensors) or _get_current_dispatch_mode() is not None:
-        return None
-    lib = library()
-    return None if isinstance(lib, str) else lib
+    ptrs = [None if t is None else t.data_ptr() for t in tensors]
+    if rows is not None:
+        row_ptrs = (ctypes.c_void_p * len(rows[0]))(*[t.data_ptr() for t in rows[0]])
+        ptrs.append(ctypes.addressof(row_ptrs))
+    is_double = int(given[0].dtype == torch.float64)
+    getattr(library(), name)(*args, is_double, torch.get_num_threads(), (ctypes.c_void_p * len(ptrs))(*ptrs))
 
 
 def conv_forward(src: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, lead: int) -> torch.Tensor:
@@ -335,8 +333,7 @@ def conv_forward(src: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, lead: i
     n = m + lead - (k - 1)
     y = torch.empty(B, n, d, dtype=src.dtype)
     tensors = [src.contiguous(), w.t().contiguous(), bias.contiguous(), y]
-    ptrs, is_double = _pointers("conv_forward", tensors, {B * m * d, k * d, d, B * n * d})
-    library().conv_forward(B, m, n, d, k, lead, is_double, torch.get_num_threads(), ptrs)
+    _call("conv_forward", (B, m, n, d, k, lead), tensors, {B * m * d, k * d, d, B * n * d})
     return y
 
 
@@ -347,23 +344,21 @@ def conv_backward(src: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, lead: in
     dsrc = torch.empty(B, m, d, dtype=src.dtype)
     dw, db = torch.empty(k, d, dtype=src.dtype), torch.empty(d, dtype=src.dtype)
     tensors = [src.contiguous(), w.t().contiguous(), dy.contiguous(), dsrc, dw, db]
-    ptrs, is_double = _pointers("conv_backward", tensors, {B * m * d, k * d, B * n * d, d})
-    library().conv_backward(B, m, n, d, k, lead, is_double, torch.get_num_threads(), ptrs)
+    _call("conv_backward", (B, m, n, d, k, lead), tensors, {B * m * d, k * d, B * n * d, d})
     return dsrc, dw.t(), db
 
 
 def silu_l2(x: torch.Tensor) -> torch.Tensor:
-    """F.normalize(F.silu(x), dim=-1) in the kernel, x contiguous."""
+    """F.normalize(F.silu(x), dim=-1) in the kernel."""
+    x = x.contiguous()
     y = torch.empty_like(x)
-    ptrs, is_double = _pointers("silu_l2_forward", [x, y], {x.numel()})
-    library().silu_l2_forward(x.numel() // x.shape[-1], x.shape[-1], is_double, torch.get_num_threads(), ptrs)
+    _call("silu_l2_forward", (x.numel() // x.shape[-1], x.shape[-1]), [x, y], {x.numel()})
     return y
 
 
 def silu_l2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """The gradient of `silu_l2` at x for dy."""
+    x = x.contiguous()
     dx = torch.empty_like(x)
-    tensors = [x, dy.contiguous(), dx]  # held until the call returns: the kernel reads the copy
-    ptrs, is_double = _pointers("silu_l2_backward", tensors, {x.numel()})
-    library().silu_l2_backward(x.numel() // x.shape[-1], x.shape[-1], is_double, torch.get_num_threads(), ptrs)
+    _call("silu_l2_backward", (x.numel() // x.shape[-1], x.shape[-1]), [x, dy.contiguous(), dx], {x.numel()})
     return dx
