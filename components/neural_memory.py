@@ -199,7 +199,8 @@ class NeuralMemorySpec(Spec):
     (less memory, ~1.3x compute); null = store everything."""
     backend: Literal["auto", "torch", "triton", "cpp"] = "auto"
     """Who runs whole chunks: the Triton kernel (GPU; CPU only under TRITON_INTERPRET=1), the C++
-    kernel (CPU: the linear memory; built on first use with the machine's C++ compiler), torch,
+    kernel (CPU: the linear memory and the MLP memory of any depth without norm; built on first
+    use with the machine's C++ compiler), torch,
     or auto = Triton on CUDA where the kernels cover the memory (linear, or 2-layer MLP without
     norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
     >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
