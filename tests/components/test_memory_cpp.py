@@ -2,6 +2,8 @@
 torch otherwise, and what happens without a compiler. Its exactness is in test_memory_op.py
 (`test_the_cpp_kernel_equals_naive_*`)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -19,9 +21,13 @@ def launches(monkeypatch) -> list[str]:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        (CASES["linear, momentum+decay+prior, chunk 8"], 1),  # linear: the kernel
-        (CASES["mlp plain, decay toward the prior, chunk 16"], 1),  # MLP: the kernel
-        (CASES["mlp depth 3 plain silu, everything on, chunk 4"], 1),
+        # the kernel: one call for the whole chunks, one for the unfinished last chunk (n % chunk)
+        (CASES["linear, momentum+decay+prior, chunk 8"], 2),  # linear
+        (CASES["mlp plain, decay toward the prior, chunk 16"], 2),  # MLP
+        (CASES["mlp depth 3 plain silu, everything on, chunk 4"], 2),
+        (CASES["linear residual, prior, step cap, chunk 16"], 2),
+        (replace(CASES["mlp plain, decay toward the prior, chunk 16"], n=32), 1),  # no unfinished chunk
+        (replace(CASES["mlp plain, decay toward the prior, chunk 16"], n=9), 1),  # nothing but one
         (Case(), 0),  # a LayerNorm'd MLP: torch
         (CASES["omega 3, linear, momentum+decay, chunk 16"], 0),  # beyond the plain rule: torch
     ],

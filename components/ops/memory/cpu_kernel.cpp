@@ -35,11 +35,102 @@ void gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, con
     dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
+// Small products in the kernel's own loops. Below ~8K multiply-adds an MKL call costs more than
+// its arithmetic (0.2-0.6 us a call, whatever the size): the quickstart's 8 x 16 x 64 and 8 x 64 x 8
+// products ran 1.4-4x faster here, while from ~16K on MKL's packed kernels win (docs/benchmarks.md).
+// GCC vector extensions, 32 bytes: AVX2 registers where -march=native has them, the compiler's
+// lowering elsewhere. Both dtypes take this code, so the float64 tests against naive check it.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+    typedef float V __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+    typedef double V __attribute__((vector_size(32)));
+};
+
+template <typename T>
+using Vec = typename Lanes<T>::V;
+template <typename T>
+constexpr int kW = sizeof(Vec<T>) / sizeof(T);
+
+template <typename T>
+inline Vec<T> vload(const T* p) {
+    Vec<T> r;
+    std::memcpy(&r, p, sizeof r);
+    return r;
+}
+template <typename T>
+inline void vstore(T* p, Vec<T> x) {
+    std::memcpy(p, &x, sizeof x);
+}
+
+constexpr long kSmallProduct = 8192;  // m n k at most: the kernel's own loops; above: MKL
+constexpr int kSmallTranspose = 256;  // n k at most for A B^T (B is transposed first, on the stack)
+
+// R rows of C (from row i0) = alpha A' B + beta C, A'(i, p) = A[i, p] (A[p, i] if ta), B (k x n)
+// row-major: per p, R broadcasts of A' times NV vectors of B's row p, accumulated in registers.
+template <typename T, int R, int NV>
+inline void rows_times(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i0, int j) {
+    constexpr int W = kW<T>;
+    const long si = ta ? 1 : k, sp = ta ? m : 1;
+    Vec<T> acc[R][NV] = {};
+    for (int p = 0; p < k; ++p) {
+        Vec<T> b[NV];
+        for (int h = 0; h < NV; ++h) b[h] = vload(B + (long)p * n + j + h * W);
+        for (int r = 0; r < R; ++r) {
+            const T a = A[(i0 + r) * si + p * sp];
+            for (int h = 0; h < NV; ++h) acc[r][h] += a * b[h];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int h = 0; h < NV; ++h) {
+            T* c = C + (long)(i0 + r) * n + j + h * W;
+            Vec<T> out = alpha * acc[r][h];
+            if (beta != 0) out += beta * vload(c);  // beta 0 never reads C (BLAS: it may be garbage)
+            vstore(c, out);
+        }
+}
+
+template <typename T, int R>
+inline void rows_all(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i0) {
+    constexpr int W = kW<T>;
+    const long si = ta ? 1 : k, sp = ta ? m : 1;
+    int j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) rows_times<T, R, 2>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
+    for (; j + W <= n; j += W) rows_times<T, R, 1>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
+    for (; j < n; ++j)
+        for (int r = 0; r < R; ++r) {
+            T s = 0;
+            for (int p = 0; p < k; ++p) s += A[(i0 + r) * si + p * sp] * B[(long)p * n + j];
+            T* c = C + (long)(i0 + r) * n + j;
+            *c = alpha * s + (beta != 0 ? beta * *c : T(0));
+        }
+}
+
+template <typename T>
+void small_mm(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha) {
+    int i = 0;
+    for (; i + 4 <= m; i += 4) rows_all<T, 4>(ta, m, n, k, A, B, C, beta, alpha, i);
+    for (; i < m; ++i) rows_all<T, 1>(ta, m, n, k, A, B, C, beta, alpha, i);
+}
+
 // Row-major C (m x n) = alpha op(A) op(B) + beta C, with op(A) (m x k), op(B) (k x n), rows
-// contiguous (A is m x k, or k x m when transposed; likewise B). Column-major GEMM on the
-// transposes: C^T = op(B)^T op(A)^T.
+// contiguous (A is m x k, or k x m when transposed; likewise B). MKL: column-major GEMM on the
+// transposes, C^T = op(B)^T op(A)^T.
 template <typename T>
 void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T beta = 0, T alpha = 1) {
+    if ((long)m * n * k <= kSmallProduct && !(ta && tb)) {
+        if (!tb) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
+        if (n * k <= kSmallTranspose) {
+            T bt[kSmallTranspose];
+            for (int j = 0; j < n; ++j)
+                for (int p = 0; p < k; ++p) bt[p * n + j] = B[(long)j * k + p];
+            return small_mm(false, m, n, k, A, bt, C, beta, alpha);
+        }
+    }
     const int lda = ta ? m : k, ldb = tb ? k : n;
     gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, B, ldb, A, lda, beta, C, n);
 }
@@ -357,34 +448,72 @@ void act_all(bool silu, T z, T& a0, T& a1, T& a2) {
 }
 
 // float32: exp by range reduction to [-ln2/2, ln2/2] (Cody-Waite) and a degree-7 Taylor
-// polynomial (relative error < 1e-7 on [-87, 88], clamped outside), in plain arithmetic the
-// compiler vectorizes: libm's expf and erff are scalar calls here, 13x slower per element, and
-// were a quarter of the MLP kernel's time.
-inline float fast_exp(float x) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.0f / 5040;
+// polynomial (relative error < 1e-7 on [-87, 88], clamped outside); libm's expf and erff are
+// scalar calls here, 13x slower per element, and were a quarter of the MLP kernel's time. Written
+// once for V = float and V = Vec<float> (8 lanes): `omp simd` over the scalar form left it scalar
+// (perf: vmulss / vfmadd...ss, a fifth of the op at the quickstart's size), so act_rows<float>
+// runs the vector form and the scalar one only for a row's last n % 8 values.
+template <typename V>
+struct IntOf {
+    using type = int32_t;
+};
+template <>
+struct IntOf<Vec<float>> {
+    typedef int32_t type __attribute__((vector_size(32)));
+};
+inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
+inline IntOf<Vec<float>>::type to_int(Vec<float> x) { return __builtin_convertvector(x, IntOf<Vec<float>>::type); }
+template <typename V>
+inline V splat(float c) {
+    return V{} + c;
+}
+
+template <typename V>
+inline V fast_exp(V x) {
+    const V lo = splat<V>(-87.0f), hi = splat<V>(88.0f);
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+    const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    V p = splat<V>(1.0f / 5040);
     for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
+    const typename IntOf<V>::type bits = (to_int(n) + 127) << 23;
+    V scale;
     std::memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
 
 // erfc(x) for x >= 0: Numerical Recipes' Chebyshev fit (erfcc, fractional error < 1.2e-7)
-inline float fast_erfc(float x) {
-    const float t = 1 / (1 + 0.5f * x);
-    float p = 0.17087277f;
+template <typename V>
+inline V fast_erfc(V x) {
+    const V t = 1.0f / (1.0f + 0.5f * x);
+    V p = splat<V>(0.17087277f);
     for (float c : {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
                     1.00002368f, -1.26551223f})
         p = p * t + c;
     return t * fast_exp(p - x * x);
 }
 
+// act, act' and act'' at once; 1 + erf(z / sqrt 2) as 2 - erfc or erfc of |z| / sqrt 2, so
+// neither side cancels, and SiLU's 1 - s as e s
+template <typename V>
+inline void act_all_f32(bool silu, V x, V& a0, V& a1, V& a2) {
+    if (silu) {
+        const V e = fast_exp(-x), s = 1.0f / (1.0f + e), s_ = e * s;
+        a0 = x * s;
+        a1 = s * (1.0f + x * s_);
+        a2 = s * s_ * (2.0f + x * (s_ - s));
+        return;
+    }
+    const V ax = x < 0.0f ? -x : x, c = fast_erfc(ax * 0.7071067811865476f), one_plus_erf = x >= 0.0f ? 2.0f - c : c;
+    const V phi = fast_exp(-0.5f * x * x) * 0.3989422804014327f;
+    a0 = 0.5f * x * one_plus_erf;
+    a1 = 0.5f * one_plus_erf + x * phi;
+    a2 = phi * (2.0f - x * x);
+}
+
 // act, act' and act'' of n values (a2 null: not needed); float64 keeps libm (the exactness tests
-// hold it to 1e-13), float32 the vectorized forms above, with 1 + erf(z / sqrt 2) as 2 - erfc or
-// erfc of |z| / sqrt 2, so neither side cancels.
+// hold it to 1e-13), float32 the forms above
 template <typename T>
 void act_rows(bool silu, int n, const T* z, T* a0, T* a1, T* a2) {
     T unused;
@@ -393,23 +522,19 @@ void act_rows(bool silu, int n, const T* z, T* a0, T* a1, T* a2) {
 
 template <>
 void act_rows<float>(bool silu, int n, const float* z, float* a0, float* a1, float* a2) {
-    if (silu) {
-#pragma omp simd
-        for (int i = 0; i < n; ++i) {
-            const float x = z[i], e = fast_exp(-x), s = 1 / (1 + e), s_ = e * s;  // s_ = 1 - s without cancelling
-            a0[i] = x * s;
-            a1[i] = s * (1 + x * s_);
-            if (a2) a2[i] = s * s_ * (2 + x * (s_ - s));
-        }
-        return;
+    constexpr int W = kW<float>;
+    int i = 0;
+    for (; i + W <= n; i += W) {
+        Vec<float> b0, b1, b2;
+        act_all_f32(silu, vload(z + i), b0, b1, b2);
+        vstore(a0 + i, b0);
+        vstore(a1 + i, b1);
+        if (a2) vstore(a2 + i, b2);
     }
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-        const float x = z[i], c = fast_erfc(std::fabs(x) * 0.7071067811865476f), one_plus_erf = x >= 0 ? 2 - c : c;
-        const float phi = fast_exp(-0.5f * x * x) * 0.3989422804014327f;
-        a0[i] = 0.5f * x * one_plus_erf;
-        a1[i] = 0.5f * one_plus_erf + x * phi;
-        if (a2) a2[i] = phi * (2 - x * x);
+    for (; i < n; ++i) {
+        float b2;
+        act_all_f32(silu, z[i], a0[i], a1[i], b2);
+        if (a2) a2[i] = b2;
     }
 }
 

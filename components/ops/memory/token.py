@@ -148,9 +148,17 @@ def memory_update(
             pos += full * chunk_size
         anchor = M
         if pos < n:
-            y, M, S = piece(M, S, anchor, pos, n - pos)
+            tail = n - pos
+            if rows is None and _kernel_loop(setting, q, M, strict=False) is not None:
+                # a fused kernel takes any chunk size: the unfinished last chunk is one chunk of
+                # `tail` tokens from M, its anchor, with no retention at its end (the chunk goes
+                # on in the next call). Through torch's autograd instead, a training sequence of
+                # 63 tokens at chunk 8 paid for its last 7 as much as for two whole chunks.
+                y, M, S = _full_chunks(inputs, rows, M, S, pos, 1, setting._replace(chunk_size=tail))
+            else:
+                y, M, S = piece(M, S, anchor, pos, tail)
             outs.append(y)
-            offset = n - pos
+            offset = tail
     new_state = MemoryState(
         unflat_weights(M, b),
         unflat_weights(S, b),
@@ -210,18 +218,20 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
     return torch.cat(outs, 1), M, S
 
 
-def _kernel_loop(setting: Setting, q: Tensor, M):
+def _kernel_loop(setting: Setting, q: Tensor, M, strict: bool = True):
     """The fused kernel for whole chunks, or None for the torch path: the C++ kernel on CPU
     ("cpp", or "auto" where it covers the call: `cpu_loop.reach`), the Triton kernels ("triton",
     or "auto" on CUDA where they cover the call and the state tiles are small enough for the
-    untiled kernels: `triton_loop.chosen_by_auto`)."""
+    untiled kernels: `triton_loop.chosen_by_auto`). strict: a backend asked for by name that
+    cannot take the call raises (else None: the unfinished last chunk, say, where Triton's
+    chunk sizes are powers of two)."""
     if setting.backend == "torch":
         return None
     if setting.backend == "cpp" or (setting.backend == "auto" and q.device.type == "cpu"):
         from components.ops.memory import cpu_loop
 
         reason = cpu_loop.reach(setting, M, q)
-        if setting.backend == "cpp" and reason is not None:
+        if strict and setting.backend == "cpp" and reason is not None:
             raise ValueError(reason)
         return None if reason is not None else cpu_loop.CpuLoop if len(M) == 1 else cpu_loop.CpuMlpLoop
     if setting.backend == "auto" and not q.is_cuda:
@@ -229,11 +239,11 @@ def _kernel_loop(setting: Setting, q: Tensor, M):
     try:
         from components.ops.memory import triton_loop
     except ImportError as e:
-        if setting.backend == "triton":
+        if strict and setting.backend == "triton":
             raise ValueError(f'backend "triton" needs the triton package ({e})') from e
         return None
     reason = triton_loop.supported(setting, M, q)
-    if setting.backend == "triton" and reason is not None:
+    if strict and setting.backend == "triton" and reason is not None:
         raise ValueError(reason)
     if reason is not None or (setting.backend == "auto" and not triton_loop.chosen_by_auto(M)):
         return None
