@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
@@ -34,15 +35,20 @@ class Rotary(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        """x (b, h, n, d) at positions start .. start + n - 1 -> rotated x."""
-        n = x.shape[-2]
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x (b, n, g, d): g feature rows per token (the queries and keys of every head) at
+        positions pos (n,) -> rotated x. Rotating q and k in one pass, before heads move in
+        front of the sequence, keeps the product on contiguous rows (MAC calls this per segment)."""
         # angles in float64: at position 1e6 a float32 angle would be off by ~0.06 rad
-        pos = torch.arange(start, start + n, dtype=torch.float64, device=x.device)
-        ang = torch.outer(pos, self.inv_freq.to(x.device))
+        ang = torch.outer(pos.to(torch.float64), self.inv_freq.to(x.device))[:, None]  # (n, 1, d/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def positions(start: int | Tensor, n: int, device: torch.device) -> Tensor:
+    """Positions of n tokens: start .. start + n - 1, or start itself when it is a tensor (n,)."""
+    return start if isinstance(start, Tensor) else torch.arange(start, start + n, device=device)
 
 
 class AttentionSpec(Spec):
@@ -88,18 +94,30 @@ class Attention(nn.Module):
         empty = w.new_zeros(batch, self.heads, 0, w.shape[1] // self.heads)
         return KVCache(empty, empty, 0)
 
-    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        """x (b, n, dim) at positions start.. -> q, k, v (b, h, n, d), q and k rotated."""
-        q, k, v = rearrange(self.qkv(x), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+    def project(self, x: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (b, n, dim) at positions start.. (or at the positions (n,) given) -> q, k, v
+        (b, h, n, d), q and k rotated."""
+        qkv = self.qkv(x).unflatten(-1, (3 * self.heads, -1))  # b n (t h) d
+        qk, v = qkv[:, :, : 2 * self.heads], qkv[:, :, 2 * self.heads :]
         if self.rope is not None:
-            q, k = self.rope(q, start), self.rope(k, start)
-        return q, k, v
+            qk = self.rope(qk, positions(start, x.shape[1], x.device))
+        q, k = rearrange(qk, "b n (t h) d -> t b h n d", t=2)
+        return q, k, rearrange(v, "b n h d -> b h n d")
+
+    def project_kv(self, x: Tensor, start: int | Tensor | None) -> tuple[Tensor, Tensor]:
+        """Keys and values alone (b, h, n, d), the query rows of the projection not computed;
+        keys rotated unless start is None (a prefix: persistent tokens have no position,
+        docs/decisions/0004)."""
+        dim = self.qkv.in_features
+        kv = F.linear(x, self.qkv.weight[dim:]).unflatten(-1, (2 * self.heads, -1))  # b n (t h) d
+        k, v = kv[:, :, : self.heads], kv[:, :, self.heads :]
+        if self.rope is not None and start is not None:
+            k = self.rope(k, positions(start, x.shape[1], x.device))
+        return rearrange(k, "b n h d -> b h n d"), rearrange(v, "b n h d -> b h n d")
 
     def project_prefix(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
-        """Prefix tokens (b, p, dim) -> keys, values (b, h, p, d); not rotated: persistent
-        tokens have no position (docs/decisions/0004)."""
-        _, k, v = rearrange(self.qkv(prefix), "b p (t h d) -> t b h p d", t=3, h=self.heads)
-        return k, v
+        """Prefix tokens (b, p, dim) -> keys, values (b, h, p, d), not rotated."""
+        return self.project_kv(prefix, None)
 
     def merge(self, o: Tensor) -> Tensor:
         """(b, h, n, d) -> output projection (b, n, dim)."""

@@ -20,8 +20,8 @@ d head feature, p persistent tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,16 @@ def mac_visibility(start: int, count: int, persistent: int, device: torch.device
     return torch.cat([causal.new_ones(count, persistent), causal, causal], dim=1)
 
 
+class Segment(NamedTuple):
+    """What a piece of a segment brings that does not depend on the memory, all (b, h, r, d):
+    its tokens' rotated queries and keys and their values, and the retrieval queries q(S)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    retrieval_q: Tensor
+
+
 @dataclass
 class MACState:
     memory: NeuralMemoryState
@@ -111,36 +121,50 @@ class MemoryAsContext(nn.Module):
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState | None]:
         """x (b, n, dim) -> (b, n, dim). One pass and streaming share this code: the sequence is
-        cut at segment ends and each piece continues the current segment."""
+        cut at segment ends and each piece continues the current segment. What does not depend
+        on the memory is computed for all of x before the segment loop: the segment tokens'
+        q, k, v (positions are segment-local), the retrieval queries q(S) of eq. 21, the
+        persistent tokens' keys and values, and the output gate of eq. 25 after it."""
         st = state if state is not None else self.init_state(x.shape[0])
-        outs, pos = [], 0
-        while pos < x.shape[1]:
-            take = min(x.shape[1] - pos, self.segment_len - st.segment.pos)
-            out, st = self._piece(x[:, pos : pos + take], st)
-            outs.append(out)
-            pos += take
-        out = torch.cat(outs, 1) if outs else x
-        return out, (st if state is not None else None)
+        n = x.shape[1]
+        pos = (st.segment.pos + torch.arange(n, device=x.device)) % self.segment_len
+        q, k, v = self.attention.project(x, pos)
+        rq, conv = self.memory.retrieval_queries(x, st.retrieval_conv)
+        prefix = self.attention.project_prefix(self.persistent(x.shape[0])) if self.persistent is not None else None
+        ys, ms, at = [], [], 0
+        while at < n:
+            take = min(n - at, self.segment_len - st.segment.pos)
+            part = slice(at, at + take)
+            y, m, st = self._piece(
+                x[:, part], Segment(q[:, :, part], k[:, :, part], v[:, :, part], rq[:, :, part]), prefix, st
+            )
+            ys.append(y)
+            ms.append(m)
+            at += take
+        if not ys:
+            return x, state
+        y, m = (torch.cat(ys, 1), torch.cat(ms, 1)) if len(ys) > 1 else (ys[0], ms[0])
+        out = y * torch.sigmoid(self.norm(m))  # eq. 25
+        return out, (replace(st, retrieval_conv=conv) if state is not None else None)
 
-    def _piece(self, s: Tensor, st: MACState) -> tuple[Tensor, MACState]:
-        """Tokens f .. f + r - 1 of the current segment."""
+    def _piece(
+        self, s: Tensor, seg: Segment, prefix: tuple[Tensor, Tensor] | None, st: MACState
+    ) -> tuple[Tensor, Tensor, MACState]:
+        """Tokens f .. f + r - 1 of the current segment -> attention output y, memory output m."""
         f, r = st.segment.pos, s.shape[1]
-        h, conv = self.memory.retrieve(s, st.retrieval, st.retrieval_conv)  # eq. 21
-        h = self.norm_retrieved(h)
-        q, k_s, v_s = self.attention.project(s, f)
-        _, k_h, v_h = self.attention.project(h, f)  # h_i sits at position i, like S_i
+        h = self.norm_retrieved(self.memory.read(seg.retrieval_q, st.retrieval, s))  # eq. 21
+        k_h, v_h = self.attention.project_kv(h, f)  # h_i sits at position i, like S_i
         retrieved = KVCache(torch.cat([st.retrieved.k, k_h], 2), torch.cat([st.retrieved.v, v_h], 2), f + r)
-        segment = KVCache(torch.cat([st.segment.k, k_s], 2), torch.cat([st.segment.v, v_s], 2), f + r)
+        segment = KVCache(torch.cat([st.segment.k, seg.k], 2), torch.cat([st.segment.v, seg.v], 2), f + r)
         keys, values = torch.cat([retrieved.k, segment.k], 2), torch.cat([retrieved.v, segment.v], 2)
         p = 0
-        if self.persistent is not None:
-            pk, pv = self.attention.project_prefix(self.persistent(s.shape[0]))
+        if prefix is not None:
+            pk, pv = prefix
             keys, values, p = torch.cat([pk, keys], 2), torch.cat([pv, values], 2), pk.shape[2]
         mask = mac_visibility(f, r, p, s.device)
-        y = self.attention.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))  # eq. 23
+        y = self.attention.merge(F.scaled_dot_product_attention(seg.q, keys, values, attn_mask=mask))  # eq. 23
         m, mem = self.memory(self.norm_attended(s + y), st.memory)  # eq. 24: update, read after each token
-        out = y * torch.sigmoid(self.norm(m))  # eq. 25
         if f + r == self.segment_len:  # the segment is done: the next one reads the updated memory
             empty = KVCache(keys[:, :, :0], keys[:, :, :0], 0)
-            return out, MACState(mem, mem.memory.weights, conv, empty, empty)
-        return out, MACState(mem, st.retrieval, conv, retrieved, segment)
+            return y, m, MACState(mem, mem.memory.weights, st.retrieval_conv, empty, empty)
+        return y, m, MACState(mem, st.retrieval, st.retrieval_conv, retrieved, segment)

@@ -572,10 +572,11 @@ class NeuralMemory(nn.Module):
         y = self.out_gate(y, x) if self.out_gate is not None else rearrange(y, "b h n d -> b n (h d)")
         return self.out(y)
 
-    def retrieve(self, x: Tensor, weights: Weights, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Read the memory at fixed `weights` without updating it (eq. 21, MAC): queries come
-        from x through the query path (projection, conv, SiLU, l2 norm). conv_state streams the
-        query convolution (its own stream, separate from the update's)."""
+    def retrieval_queries(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The queries of a read without update (eq. 21, MAC), x (b, n, dim) -> (b, h, n, d),
+        through the memory's own query path (projection, conv, SiLU, l2 norm, feature map).
+        conv_state streams the query convolution (its own stream, separate from the update's).
+        They depend on x alone, so MAC computes them for all its segments at once."""
         q = self.qkv.queries(x)
         if self.conv is not None:
             q, conv_state = self.conv(q, conv_state, channels=self.qkv.query_channels)
@@ -585,8 +586,18 @@ class NeuralMemory(nn.Module):
             q = rearrange(F.silu(q), "b n (h d) -> b h n d", h=self.heads)
         if self.feature_map is not None:
             q = self.feature_map(q)
+        return q, conv_state
+
+    def read(self, q: Tensor, weights: Weights, x: Tensor) -> Tensor:
+        """Read the memory at fixed `weights` (eq. 21): queries q (b, h, n, d) from
+        `retrieval_queries(x)` -> (b, n, dim), through the output norm, gate and projection."""
         model, (q,) = in_state_dtype(weights[0].dtype, self.memory_model(), q)
-        return self.readout(memory_read(q, weights, model).to(x.dtype), x), conv_state
+        return self.readout(memory_read(q, weights, model).to(x.dtype), x)
+
+    def retrieve(self, x: Tensor, weights: Weights, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Read the memory at fixed `weights` without updating it: retrieval_queries, then read."""
+        q, conv_state = self.retrieval_queries(x, conv_state)
+        return self.read(q, weights, x), conv_state
 
     def init_retrieval_state(self, batch: int) -> Tensor | None:
         return self.conv.init_state(batch)[..., self.qkv.query_channels] if self.conv is not None else None

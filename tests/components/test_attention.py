@@ -90,3 +90,22 @@ def test_flex_attention_path_forward_equals_naive(n, m, window, p):
         )
         ref = naive_attention(q, k, v, window=window, prefix_k=pk, prefix_v=pv)
     torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_scores_depend_on_the_offset_and_only_on_it(float64):
+    """RoPE: the score of a query at position i and a key at j is a function of i - j. The same
+    token pair shifted by 5 positions scores the same; moved 3 positions apart it scores
+    differently (positions switched off, or the same for every token, would fail the second).
+    Explicit position tensors (MAC's segment-local positions) rotate like a start offset."""
+    attn = AttentionSpec().build(dim=16, heads=2)
+    x = torch.randn(1, 2, 16).repeat(1, 3, 1)  # tokens a b a b a b: positions 0-5
+    score = lambda q, k, i, j: (q[..., i, :] * k[..., j, :]).sum(-1)  # noqa: E731
+    q, k, _ = attn.project(x, 0)
+    q5, k5, _ = attn.project(x, 5)
+    torch.testing.assert_close(score(q, k, 2, 1), score(q5, k5, 2, 1), atol=1e-12, rtol=0)  # (7, 6) as (2, 1)
+    torch.testing.assert_close(score(q, k, 2, 1), score(q, k, 4, 3), atol=1e-12, rtol=0)  # a->b at offset 1
+    assert (score(q, k, 2, 1) - score(q, k, 2, 3)).abs().min() > 1e-3  # a->b at offset 1 against -1
+    qt, kt, _ = attn.project(x, torch.arange(5, 11))
+    torch.testing.assert_close((qt, kt), (q5, k5), atol=0, rtol=0)
+    kv = attn.project_kv(x, 5)
+    torch.testing.assert_close(kv, attn.project(x, 5)[1:], atol=1e-12, rtol=0)
