@@ -143,8 +143,7 @@ class MemoryAsContext(nn.Module):
             at += take
         if not ys:
             return x, state
-        y, m = (torch.cat(ys, 1), torch.cat(ms, 1)) if len(ys) > 1 else (ys[0], ms[0])
-        out = y * torch.sigmoid(self.norm(m))  # eq. 25
+        out = torch.cat(ys, 1) * torch.sigmoid(self.norm(torch.cat(ms, 1)))  # eq. 25
         return out, (replace(st, retrieval_conv=conv) if state is not None else None)
 
     def _piece(
@@ -166,5 +165,5 @@ class MemoryAsContext(nn.Module):
         m, mem = self.memory(self.norm_attended(s + y), st.memory)  # eq. 24: update, read after each token
         if f + r == self.segment_len:  # the segment is done: the next one reads the updated memory
             empty = KVCache(keys[:, :, :0], keys[:, :, :0], 0)
-            return y, m, MACState(mem, mem.memory.weights, st.retrieval_conv, empty, empty)
-        return y, m, MACState(mem, st.retrieval, st.retrieval_conv, retrieved, segment)
+            return y, m, replace(st, memory=mem, retrieval=mem.memory.weights, retrieved=empty, segment=empty)
+        return y, m, replace(st, memory=mem, retrieved=retrieved, segment=segment)

@@ -594,11 +594,6 @@ class NeuralMemory(nn.Module):
         model, (q,) = in_state_dtype(weights[0].dtype, self.memory_model(), q)
         return self.readout(memory_read(q, weights, model).to(x.dtype), x)
 
-    def retrieve(self, x: Tensor, weights: Weights, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Read the memory at fixed `weights` without updating it: retrieval_queries, then read."""
-        q, conv_state = self.retrieval_queries(x, conv_state)
-        return self.read(q, weights, x), conv_state
-
     def init_retrieval_state(self, batch: int) -> Tensor | None:
         return self.conv.init_state(batch)[..., self.qkv.query_channels] if self.conv is not None else None
 

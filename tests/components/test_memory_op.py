@@ -232,15 +232,21 @@ def run(fn, case: Case, inputs, weights, model, **kw):
     )
 
 
+def rel_error(a, b) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def assert_rel_close(a, b, rtol, what=""):
-    scale = b.abs().max().clamp_min(1e-30)
-    err = (a - b).abs().max() / scale
-    assert err <= rtol, f"{what}: relative error {err:.3e} (scale {scale:.3e})"
+    err = rel_error(a, b)
+    assert err <= rtol, f"{what}: relative error {err:.3e} (scale {float(b.abs().max()):.3e})"
 
 
-def as_dtype(dtype, inputs, weights, model):
-    """The same draw in another dtype (fresh leaves), so both sides see identical numbers."""
-    cast = lambda t: None if t is None else t.detach().to(dtype).requires_grad_()  # noqa: E731
+def as_dtype(dtype, inputs, weights, model, device=None):
+    """The same draw in another dtype (fresh leaves; on `device` if given), so both sides see
+    identical numbers."""
+    cast = lambda t: None if t is None else t.detach().to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
     inputs, weights = tuple(cast(t) for t in inputs), tuple(cast(w) for w in weights)
     prior = None if model.prior is None else tuple(cast(w) for w in model.prior)
     model = replace(model, prior=prior)
@@ -252,7 +258,7 @@ def outputs_state_grads(fn, case, inputs, weights, model, leaves, **kw):
     """Outputs, final state and the gradients of a loss on both; the output cotangent is drawn
     in float64 whatever the dtype, so runs in two dtypes see the same loss."""
     y, state = run(fn, case, inputs, weights, model, **kw)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.device, y.dtype)
     loss = (y * g).sum() + sum((w * w).sum() for w in state.weights + (state.momentum or ()))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return y, state, grads

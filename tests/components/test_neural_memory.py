@@ -236,14 +236,15 @@ def test_feature_mapped_keys_widen_the_memory_and_refuse_a_residual():
 
 def test_retrieval_reads_through_the_memorys_own_query_path(float64):
     """MAC's retrieval (eq. 21) is the memory's own read without the update: with reads at the
-    chunk start, the first chunk's outputs are f_{W_0}(q(x)), exactly what `retrieve` gives at
+    chunk start, the first chunk's outputs are f_{W_0}(q(x)), exactly what `retrieval_queries` + `read` give at
     W_0 (projection, conv, SiLU, norm and feature map all on the query path)."""
     for extra in ({}, {"feature_map": {"kind": "polynomial", "degree": 2}}):
         mem = layer(read="chunk_start", chunk_size=8, **extra).double()
         x = torch.randn(2, 8, 16)
         y, _ = mem(x)
         weights = mem.init_state(2).memory.weights
-        retrieved, _ = mem.retrieve(x, weights, mem.init_retrieval_state(2))
+        q, _ = mem.retrieval_queries(x, mem.init_retrieval_state(2))
+        retrieved = mem.read(q, weights, x)
         torch.testing.assert_close(retrieved, y, atol=1e-12, rtol=0)
 
 
