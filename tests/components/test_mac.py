@@ -47,3 +47,18 @@ def test_segment_must_be_a_multiple_of_the_memory_chunk():
     with pytest.raises(SpecError) as e:
         load_spec("mac-tiny", ["block.segment_len=20"])
     assert e.value.path == "block.segment_len" and "multiple" in e.value.reason
+
+
+def test_the_retrieved_memory_tokens_reach_the_output():
+    """Eq. 21-23: a segment's attention sees h = f_W(q(S)) read at the weights of its start.
+    The same state with other retrieval weights (the update's own memory untouched) must
+    change the very first output of the next segment, which sees only p, h_0 and S_0."""
+    spec = MACSpec(segment_len=8, memory={"chunk_size": 8}, persistent={"num_tokens": 2})
+    torch.manual_seed(0)
+    mac = spec.build(16, 2)
+    x = torch.randn(1, 16, 16)
+    _, st = mac(x[:, :8], mac.init_state(1))
+    y, _ = mac(x[:, 8:], st)
+    other = tuple(w + 0.5 * torch.randn_like(w) for w in st.retrieval)
+    y2, _ = mac(x[:, 8:], type(st)(st.memory, other, st.retrieval_conv, st.retrieved, st.segment))
+    assert (y2[:, 0] - y[:, 0]).abs().max() > 1e-3 * y[:, 0].abs().max()
