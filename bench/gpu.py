@@ -21,6 +21,7 @@ import os
 import platform
 import time
 
+from harness import emit
 from models import KINDS, MEMORY_KINDS, spec_for  # the block union (bench/models.py)
 
 PEAKS = {"H100": (989.0, 495.0), "H200": (989.0, 495.0), "A100": (312.0, 156.0)}  # (bf16, tf32) TFLOP/s
@@ -36,12 +37,12 @@ def configs(dry: bool) -> list[dict]:
     out = []
     for seq in seqs:
         for memory in ["mlp", "linear"]:
-            for backend, dtype, compiled in [
+            for backend, dtype, compiled in [  # the pairs side by side first, in case time runs out
                 ("torch", "float32", False),
-                ("torch", "bf16", False),
-                ("torch", "bf16", True),
                 ("triton", "float32", False),
+                ("torch", "bf16", False),
                 ("triton", "bf16", False),
+                ("torch", "bf16", True),
             ]:
                 if dry and compiled:
                     continue
@@ -159,11 +160,7 @@ def main() -> None:
         peak = args.peak_tflops or (peaks and (peaks[0] if cfg["dtype"] == "bf16" else peaks[1]))
         if flops and "step_s" in res and peak:
             res["mfu"] = flops / res["step_s"] / (peak * 1e12)
-        line = json.dumps({**res, **info})
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit({**res, **info}, args.out)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -12,7 +12,6 @@ the final state and each gradient. Needs pytest importable (the helpers live in 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -24,6 +23,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1" if args.dry else "0")
     import torch
+    from harness import emit
 
     from components.ops.memory import memory_update, naive_memory_update
     from tests.components.test_memory_op import as_dtype, make, outputs_state_grads, rel_error
@@ -54,10 +54,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
                 line["error"] = f"{type(e).__name__}: {e}"[:300]
             line.update(triton_s=time.perf_counter() - t, naive_s=ref_s, device=name)
-            print(json.dumps(line), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit(line, args.out)
 
 
 if __name__ == "__main__":

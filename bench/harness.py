@@ -89,6 +89,15 @@ def _child(script: str, flag: str, payload: Any, threads: int) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def emit(line: dict, out: str | None) -> None:
+    """One JSON line to stdout, and appended to `out` if given."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
 def machine() -> dict:
     import torch
 
@@ -148,8 +157,4 @@ def main(
                         )
                     )
         for res in results:
-            line = json.dumps({**res, **info})
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            emit({**res, **info}, args.out)

@@ -203,8 +203,8 @@ class NeuralMemorySpec(Spec):
     use with the machine's C++ compiler), torch,
     or auto = Triton on CUDA where the kernels cover the memory (linear, or 2-layer MLP without
     norm; granularity token, read after_update; chunk, head dim and hidden width powers of two
-    >= 16) and each layer's state is at most 64 x 64 floats (the kernels are not tiled yet),
-    the C++ kernel on CPU where it covers the memory and builds, torch otherwise."""
+    >= 16) up to head dim 64, hidden 256 and chunk 64 (the sizes compiled for an H100 in the
+    tests), the C++ kernel on CPU where it covers the memory and builds, torch otherwise."""
 
     def window(self) -> int:
         """The Omega rule's c (1 without it)."""

@@ -365,12 +365,12 @@ def test_the_cpp_kernel_equals_naive_float64(name):
     assert_fast_equals_naive(CASES[name], backend="cpp")
 
 
-def assert_kernel_equals_naive(case: Case, backend: str) -> None:
+def assert_kernel_equals_naive(case: Case, backend: str, d: int = 16, e: int = 16) -> None:
     """A float32 fused kernel against the float64 reference on the same numbers: 1e-4 relative
     for outputs, state and gradients, 1e-3 for the gates' gradients, which pass through the
     float32 log-space coefficients the torch path computes for every backend (for eta near 0
     ~5e-4 off the float64 reference: torch 5.2e-4, Triton 4.4e-4; everything else ~1e-6)."""
-    inputs, weights, model, _ = make(case, d=16)
+    inputs, weights, model, _ = make(case, d=d, e=e)
     f32 = as_dtype(torch.float32, inputs, weights, model)
     y, s, g = outputs_state_grads(memory_update, case, *f32, backend=backend)
     y0, s0, g0 = outputs_state_grads(naive_memory_update, case, *as_dtype(torch.float64, inputs, weights, model))

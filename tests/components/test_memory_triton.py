@@ -1,6 +1,7 @@
 """The Triton kernels of the memory (components/ops/memory/triton_*.py) against the naive
 reference, on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-imported): float32, tiny sizes, outputs, final state and every gradient."""
+imported): float32, small sizes, outputs, final state and every gradient; and the same kernels
+compiled for an H100 (sm_90) by Triton's own compiler, which needs no GPU."""
 
 import os
 
@@ -43,7 +44,9 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernel_equals_naive(name):
-    assert_kernel_equals_naive(CASES[name], "triton")
+    """Head dim 32 and hidden 64: two column tiles of the linear memory's states and four hidden
+    tiles of the MLP's (tiles of 16), so a tile's offsets and the sums over tiles are checked."""
+    assert_kernel_equals_naive(CASES[name], "triton", d=32, e=64)
 
 
 def test_triton_backend_refuses_what_it_does_not_cover():
@@ -87,11 +90,41 @@ def test_the_spec_refuses_triton_where_the_kernel_does_not_reach():
                                "block.memory.backend=triton"])  # fmt: skip
 
 
-def test_auto_takes_the_kernels_only_for_state_tiles_they_hold():
+def test_auto_takes_the_kernels_up_to_the_sizes_that_compile_for_sm90():
     from components.ops.memory.triton_loop import chosen_by_auto
 
-    assert chosen_by_auto((torch.zeros(1, 32, 128), torch.zeros(1, 128, 32)))  # 4096 floats a tile
-    assert not chosen_by_auto((torch.zeros(1, 64, 256), torch.zeros(1, 256, 64)))
+    assert chosen_by_auto((torch.zeros(1, 64, 256), torch.zeros(1, 256, 64)), 16)  # the paper's memory
+    assert chosen_by_auto((torch.zeros(1, 64, 64),), 64)
+    assert not chosen_by_auto((torch.zeros(1, 64, 64),), 128)
+    assert not chosen_by_auto((torch.zeros(1, 128, 128),), 16)
+    assert not chosen_by_auto((torch.zeros(1, 64, 512), torch.zeros(1, 512, 64)), 16)
+
+
+def test_the_kernels_compile_for_sm90_within_its_shared_memory():
+    """Every launch of both kernel sets, compiled for an H100 by Triton down to the cubin (its
+    own ptxas; no GPU needed) at the largest sizes `auto` hands them (chunk 64, head dim 64,
+    hidden 256, every mechanism on): each compiles, and each block asks for at most the 227 KB
+    of shared memory an sm_90 block may have (more fails at launch; the untiled kernels asked
+    for 330 KB, and the MLP kernel did not finish compiling in 15 minutes)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"PYTHONPATH": str(root), "TRITON_ALWAYS_COMPILE": "0"}  # shared memory is in the cache's metadata
+    run = subprocess.run(
+        [sys.executable, "bench/triton_sm90.py"], cwd=root, env=env, capture_output=True, text=True, timeout=280
+    )
+    if "No module named 'triton.backends.nvidia'" in run.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(lines) == 11
+    for line in lines:
+        assert "error" not in line, line
+        assert line["shared_bytes"] <= line["shared_limit"], line
 
 
 def test_backend_triton_runs_the_kernels_and_torch_does_not(monkeypatch):

@@ -221,8 +221,8 @@ def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, 
 def _kernel_loop(setting: Setting, q: Tensor, M, strict: bool = True):
     """The fused kernel for whole chunks, or None for the torch path: the C++ kernel on CPU
     ("cpp", or "auto" where it covers the call: `cpu_loop.reach`), the Triton kernels ("triton",
-    or "auto" on CUDA where they cover the call and the state tiles are small enough for the
-    untiled kernels: `triton_loop.chosen_by_auto`). strict: a backend asked for by name that
+    or "auto" on CUDA where they cover the call at sizes they were compiled for:
+    `triton_loop.chosen_by_auto`). strict: a backend asked for by name that
     cannot take the call raises (else None: the unfinished last chunk, say, where Triton's
     chunk sizes are powers of two)."""
     if setting.backend == "torch":
@@ -245,6 +245,6 @@ def _kernel_loop(setting: Setting, q: Tensor, M, strict: bool = True):
     reason = triton_loop.supported(setting, M, q)
     if strict and setting.backend == "triton" and reason is not None:
         raise ValueError(reason)
-    if reason is not None or (setting.backend == "auto" and not triton_loop.chosen_by_auto(M)):
+    if reason is not None or (setting.backend == "auto" and not triton_loop.chosen_by_auto(M, q.shape[-2])):
         return None
     return triton_loop.TritonLoop

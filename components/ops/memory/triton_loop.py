@@ -1,10 +1,9 @@
 """The autograd.Function that runs whole chunks through the Triton kernels (`triton_linear` for
 a depth-1 memory, `triton_mlp` for depth 2): the same contract as `backward.ChunkLoop`.
 
-Both kernels take the same argument layout, per memory layer l = 1..L: inputs q, k, v
-(B, K, c, d), the coefficients as (B, K, L, size) float32 (one set per layer; shared gate slots
-are expanded here and their gradients summed back), then M_1..M_L, S_1..S_L, P_1..P_L; the
-forward writes the reads, the end states and the chunk-start states the backward reads.
+Both kernel sets take the same inputs, per memory layer l = 1..L: q, k, v (B, K, c, d), the
+coefficients as (B, K, L, size) float32 (one set per layer; shared gate slots are expanded here
+and their gradients summed back), then M_1..M_L, S_1..S_L, P_1..P_L in float32.
 """
 
 from __future__ import annotations
@@ -12,18 +11,17 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from components.ops.memory import triton_linear, triton_mlp
 from components.ops.memory.common import setting_reach
-from components.ops.memory.triton_linear import _linear_bwd, _linear_fwd
-from components.ops.memory.triton_mlp import _mlp_bwd, _mlp_fwd
 
 FIELDS = ("theta", "beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")
-_PER_TOKEN = ("theta", "beta", "f", "neg_g_last", "neg_n_last")
-_KERNELS = {1: (_linear_fwd, _linear_bwd), 2: (_mlp_fwd, _mlp_bwd)}
+_KERNELS = {1: triton_linear, 2: triton_mlp}
 
-# `auto` takes the Triton kernels only where each layer's whole state tile is at most this many
-# floats: they keep every state tile on chip (no tiling over the hidden width yet), so larger
-# memories would spill or fail to compile, and no GPU has measured them (docs/decisions/0007)
-AUTO_MAX_TILE = 64 * 64
+# `auto` takes the Triton kernels up to these sizes (head dim, state floats a layer, chunk): the
+# largest they are compiled for sm_90 at in the tests (every launch within an H100 block's shared
+# memory; bench/triton_sm90.py reports registers and spills). Larger ones run, tile by tile, and
+# are for `backend: triton` to ask for until a GPU has measured them.
+AUTO_MAX_HEAD, AUTO_MAX_STATE, AUTO_MAX_CHUNK = 64, 64 * 256, 64
 
 
 def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | None:
@@ -31,17 +29,24 @@ def supported(setting, M: tuple[torch.Tensor, ...], q: torch.Tensor) -> str | No
     return setting_reach("triton", setting, M, q)
 
 
-def chosen_by_auto(M: tuple[torch.Tensor, ...]) -> bool:
-    return all(w.shape[-2] * w.shape[-1] <= AUTO_MAX_TILE for w in M)
+def chosen_by_auto(M: tuple[torch.Tensor, ...], chunk: int) -> bool:
+    """Whether `auto` runs states M (B, i, o) at this chunk size through the kernels."""
+    small = all(w.shape[-2] * w.shape[-1] <= AUTO_MAX_STATE for w in M)
+    return small and M[0].shape[-2] <= AUTO_MAX_HEAD and chunk <= AUTO_MAX_CHUNK
 
 
-def _flags(model, C: int, d: int, M, has_S: bool, has_P: bool) -> dict:
-    """A kernel's fixed settings (the MLP kernels also take their hidden width and activation)."""
-    out = {"C": C, "D": d, "CAP": model.step_cap is not None, "RESIDUAL": model.residual}
-    out |= {"HAS_S": has_S, "HAS_P": has_P}
-    if len(M) == 2:
-        out |= {"E": M[0].shape[-1], "SILU": model.activation == "silu"}
-    return out
+def flags(model, has_S: bool, has_P: bool) -> dict:
+    """A kernel set's fixed settings (the MLP kernels also take the activation)."""
+    out = {"CAP": model.step_cap is not None, "RESIDUAL": model.residual, "HAS_S": has_S, "HAS_P": has_P}
+    return out | {"SILU": model.activation == "silu"}
+
+
+def _to_slots(g, shape, B: int, K: int, L: int):
+    """A field's gradient (B, K, L, ...) -> the field's (B, K, L', ...): shared slots add up."""
+    if g is None:
+        return None
+    t = g.reshape(B, K, L, *shape[3:])
+    return t.sum(2, keepdim=True) if shape[2] == 1 else t
 
 
 class TritonLoop(torch.autograd.Function):
@@ -58,71 +63,38 @@ class TritonLoop(torch.autograd.Function):
         co = dict(zip(FIELDS, rest[:9]))
         M, S, P = rest[9 : 9 + L], rest[9 + L : 9 + 2 * L], rest[9 + 2 * L :]
         has_S, has_P = S[0] is not None, P[0] is not None
-        B, K, C, d = q.shape
-        dt = torch.float32  # on chip; the inputs as they come (bf16 is cast on load)
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        dummy = q.new_zeros(1, dtype=dt)
-        arg = lambda t: dummy if t is None else t  # noqa: E731
-        cast = lambda t: None if t is None else t.detach().to(dt).contiguous()  # noqa: E731
-
-        def per_layer(t):  # slot min(l, L' - 1) for every layer, flattened to (B, K, L, size)
-            return None if t is None else cast(t.expand(B, K, L, *t.shape[3:]).reshape(B, K, L, -1))
-
-        coefs = [arg(per_layer(co[name])) for name in FIELDS]
-        Mc, Sc, Pc = [cast(w) for w in M], [cast(w) for w in S], [cast(w) for w in P]
-        y = torch.empty(B, K, C, d, dtype=dt, device=q.device)
-        ends = [torch.empty_like(w) for w in Mc + Mc]  # M_out..., S_out...
-        starts = [torch.empty(B, K, *w.shape[1:], dtype=dt, device=q.device) for w in Mc]
-        starts += [torch.empty_like(w) for w in starts] if has_S else [dummy] * L
-        model = setting.model
-        qkv = [q, k, v]
-        tensors = [*qkv, *coefs, *Mc, *map(arg, Sc), *map(arg, Pc), y, *ends, *starts]
-        _KERNELS[L][0][(B,)](*tensors, K, K * C, float(model.step_cap or 0.0), **_flags(model, C, d, M, has_S, has_P))
-        ctx.setting, ctx.L, ctx.has, ctx.dtypes = setting, L, (has_S, has_P), (q.dtype, dt)
-        ctx.state_dtype = M[0].dtype
-        ctx.shapes = {name: None if t is None else t.shape for name, t in co.items()}
-        ctx.save_for_backward(*qkv, *coefs, *map(arg, Pc), *starts)
-        wt = M[0].dtype
-        return (y.to(q.dtype), *(w.to(wt) for w in ends[:L]), *(w.to(wt) if has_S else None for w in ends[L:]))
+        B, K = q.shape[:2]
+        q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels cast bf16 inputs on load
+        cast = lambda t: t.detach().float().contiguous()  # noqa: E731
+        fields = {n: None if t is None else cast(t.expand(B, K, L, *t.shape[3:]).reshape(B, K, L, -1))
+                  for n, t in co.items()}  # fmt: skip
+        model = setting.model  # the step cap's r (detached) is kept, so the backward needs no cap
+        y, M_out, S_out, kept = _KERNELS[L].forward(
+            q, k, v, fields, tuple(map(cast, M)), tuple(map(cast, S)) if has_S else None,
+            tuple(map(cast, P)) if has_P else None, float(model.step_cap or 0.0), flags(model, has_S, has_P),
+        )  # fmt: skip
+        ctx.setting, ctx.L, ctx.has, ctx.kept = setting, L, (has_S, has_P), kept
+        ctx.dtypes = q.dtype, M[0].dtype
+        ctx.shapes = {n: None if t is None else t.shape for n, t in co.items()}
+        ctx.fields = fields
+        ctx.save_for_backward(q, k, *(map(cast, P) if has_P else ()))
+        to = lambda ws: (None,) * L if ws is None else tuple(w.to(M[0].dtype) for w in ws)  # noqa: E731
+        return (y.to(q.dtype), *to(M_out), *to(S_out))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *dstate):
-        L, (has_S, has_P), (in_dtype, dt), model = ctx.L, ctx.has, ctx.dtypes, ctx.setting.model
-        q, k, v, *rest = ctx.saved_tensors
-        coefs, Pc, starts = rest[:9], rest[9 : 9 + L], rest[9 + L :]
-        B, K, C, d = q.shape
-        dev = q.device
-        dummy = q.new_zeros(1, dtype=dt)
-        cast = lambda t: t.to(dt).contiguous()  # noqa: E731
-        dq, dk, dv = (torch.empty(B, K, C, d, dtype=dt, device=dev) for _ in range(3))
-        size = lambda name: (C, C) if name == "neg_G" else (C,) if name in _PER_TOKEN else ()  # noqa: E731
-        g = {
-            name: None
-            if ctx.shapes[name] is None or name == "theta"
-            else torch.empty(B, K, L, *size(name), dtype=dt, device=dev)
-            for name in FIELDS
-        }
-        d0 = [torch.empty(B, *w.shape[2:], dtype=dt, device=dev) for w in starts[:L] * 3]  # dM_0.., dS_0.., dP..
-        dM, dS = dstate[:L], dstate[L:]
-        tensors = [
-            q, k, v, *coefs, *Pc, *starts, cast(dy), *map(cast, dM), *(cast(t) if has_S else dummy for t in dS),
-            dq, dk, dv, *(dummy if g[name] is None else g[name] for name in FIELDS[1:]), *d0,
-        ]  # fmt: skip
-        cap = float(model.step_cap or 0.0)
-        _KERNELS[L][1][(B,)](*tensors, K, K * C, cap, **_flags(model, C, d, starts[:L], has_S, has_P))
-
-        def to_slots(name):  # (B, K, L, ...) -> the field's (B, K, L', ...): shared slots add up
-            if g[name] is None:
-                return None
-            shape = ctx.shapes[name]
-            t = g[name].reshape(B, K, L, *shape[3:])
-            return t.sum(2, keepdim=True) if shape[2] == 1 else t
-
-        dM0, dS0, dP = d0[:L], d0[L : 2 * L], d0[2 * L :]
-        wt = ctx.state_dtype
+        L, (has_S, has_P), (in_dtype, wt) = ctx.L, ctx.has, ctx.dtypes
+        q, k, *P = ctx.saved_tensors
+        B, K = q.shape[:2]
+        cast = lambda t: t.float().contiguous()  # noqa: E731
+        model = ctx.setting.model
+        dq, dk, dv, dM0, dS0, dP, g = _KERNELS[L].backward(
+            q, k, ctx.fields, tuple(P) if has_P else None, ctx.kept, cast(dy), tuple(map(cast, dstate[:L])),
+            tuple(map(cast, dstate[L:])) if has_S else None, flags(model, has_S, has_P),
+        )  # fmt: skip
+        grads = [_to_slots(None if n == "theta" else g[n], ctx.shapes[n], B, K, L) for n in FIELDS]
+        to = lambda ts: (None,) * L if ts is None else tuple(t.to(wt) for t in ts)  # noqa: E731
         return (
-            None, None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), *(to_slots(n) for n in FIELDS),
-            *(t.to(wt) for t in dM0), *(t.to(wt) if has_S else None for t in dS0),
-            *(t.to(wt) if has_P else None for t in dP),
+            None, None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), *grads, *to(dM0), *to(dS0), *to(dP),
         )  # fmt: skip

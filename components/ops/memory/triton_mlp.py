@@ -1,29 +1,46 @@
-"""A Triton kernel for the chunk loop of the 2-layer MLP memory (the paper's L_M = 2), forward
-and backward: f(x) = act(x W_1) W_2 [+ x], per-token gates with one coefficient set per layer.
+"""Triton kernels for the chunk loop of the 2-layer MLP memory (the paper's L_M = 2), forward and
+backward: f(x) = act(x W_1) W_2 [+ x], per-token gates, one coefficient set per layer.
 
-The same layout as `triton_linear` (one program per (batch, head), states on chip in float32
-for the whole sequence, the chunk loop inside the kernel) and the same math as
-`step.chunk_step` / `backward.chunk_backward` at depth 2, written out per layer:
+The math is `step.chunk_step` and `backward.chunk_backward` at depth 2, per layer (names as in
+`triton_linear`; r the step cap, a constant in the backward):
 
     keys      z1 = k M1, a2 = act(z1), err = a2 M2 [+ k] - v
-              D2 = 2 r err, D1 = act'(z1) o (D2 M2^T)      (r: the step cap, a constant)
-    reads     zq1 = (G1 o q k^T) D1 + beta1 o q M1 + (1 - beta1) o q P1 + f1 o q S1,  x2 = act(zq1)
+              D2 = 2 r err, D1 = act'(z1) o (D2 M2^T)
+    reads     zq = (G1 o q k^T) D1 + beta1 o q M1 + (1 - beta1) o q P1 + f1 o q S1,  x2 = act(zq)
               y = (G2 o x2 a2^T) D2 + beta2 o x2 M2 + ...  [+ q]
     state     M_l' = beta_l,c M_l + (1 - beta_l,c) P_l + f_l,c S_l + a_l^T (g_l o D_l), S_l' likewise
 
-The backward recomputes each chunk's intermediates on chip from the chunk-start states the
-forward stored; the second-order terms of the inner backward use act''. Tested on CPU under
-TRITON_INTERPRET=1 against the naive reference (tests/components/test_memory_triton.py).
+The layers mix every hidden unit (err sums over them, and so does r), so unlike the linear
+memory no kernel can own a slice of the state for the whole sequence. A chunk's (d, e) states
+do not fit on chip either (4 x 64 KB at d 64, e 256; the untiled kernels spilled and took
+minutes to compile). So the states live in global memory, one slot per chunk, and every kernel
+walks the hidden width in tiles of BE (a (C, BE) slice of z1, a2, D1, zq, a (d, BE) / (BE, d)
+slice of each state); the chunks' dependence is kept to two sequential kernels:
 
-The autograd wrapper that launches it is `triton_loop.TritonLoop`.
+    forward   _state_fwd    grid (B): the chunks in order, three passes over the hidden
+                            tiles (keys and err; D1 and r; the end states); stores z1, D1, D2,
+                            r and every chunk's start state
+              _read_fwd     grid (B K): every chunk's reads at once; stores zq
+    backward  _chunk_bwd    grid (B K), READS: what each chunk's reads send to its start state
+                            (through the reads and through D1, D2), into the gradient slots
+              _state_bwd    grid (B): the chunks in reverse: adds what reaches the start state
+                            through the end state (directly and through D1, D2)
+              _chunk_bwd    grid (B K), ALL: every other gradient of every chunk at once, from
+                            both parts
+
+Passes that read what an earlier pass of the same program wrote in global memory are separated
+by a barrier (`tl.debug_barrier`). Layouts: q, k, v, y, D2 (B, K, C, d); z1, D1, zq (B, K, C, e);
+state slots (B, K + 1, d, e) and (B, K + 1, e, d); coefficients (B, K, 2, size) float32.
+Tested on CPU under TRITON_INTERPRET=1 (tests/components/test_memory_triton.py).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from components.ops.memory.triton_parts import dot, read, read_backward, state, state_backward, store_layer_grads
+from components.ops.memory.triton_parts import LAUNCH, dot, state
 
 
 @triton.jit
@@ -52,204 +69,500 @@ def _act2(z, SILU: tl.constexpr):
 
 
 @triton.jit
-def _pair(p1, p2, off, D: tl.constexpr, E: tl.constexpr, ON: tl.constexpr):
-    """A layer-1 (D, E) and layer-2 (E, D) tile at offset `off`, float32; zeros when not ON."""
-    rd, re = tl.arange(0, D), tl.arange(0, E)
-    a = tl.zeros((D, E), tl.float32)
-    b = tl.zeros((E, D), tl.float32)
+def _tiles(e, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr):
+    """Offsets of hidden tile e: (D, BE) of a (D, E) state, (BE, D) of an (E, D) one, (C, BE) of a
+    chunk's (C, E) tensor."""
+    rc, rd, re = tl.arange(0, C), tl.arange(0, D), e * BE + tl.arange(0, BE)
+    return rd[:, None] * E + re[None, :], re[:, None] * D + rd[None, :], rc[:, None] * E + re[None, :]
+
+
+@triton.jit
+def _load(p, ON: tl.constexpr, shape: tl.constexpr):
+    """A float32 tile at pointers p, or zeros when not ON."""
+    t = tl.zeros(shape, tl.float32)
     if ON:
-        a = tl.load(p1 + off + rd[:, None] * E + re[None, :]).to(tl.float32)
-        b = tl.load(p2 + off + re[:, None] * D + rd[None, :]).to(tl.float32)
-    return a, b
+        t = tl.load(p)
+    return t
 
 
 @triton.jit
-def _keys(kj, vj, M1, M2, th_ptr, cap, C: tl.constexpr, CAP: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr):
-    """The keys pass of one chunk: z1, a2, the capped deltas D1, D2, carried = D2 M2^T (capped), r."""
-    z1 = dot(kj, M1)
-    a2 = _act(z1, SILU)
-    err = dot(a2, M2) - vj
-    if RESIDUAL:
-        err += kj
-    D2 = 2 * err
-    carried = dot(D2, tl.trans(M2))
-    D1 = _act1(z1, SILU) * carried
-    r = tl.full((C,), 1.0, tl.float32)
-    if CAP:  # r = min(1, cap |err|^2 / sum_l theta_l |a_l|^2 |D_l|^2)
-        rc = tl.arange(0, C)
-        th1 = tl.load(th_ptr + rc)
-        th2 = tl.load(th_ptr + C + rc)
-        curv = th1 * tl.sum(kj * kj, 1) * tl.sum(D1 * D1, 1) + th2 * tl.sum(a2 * a2, 1) * tl.sum(D2 * D2, 1)
-        r = tl.minimum(cap * tl.sum(err * err, 1) / tl.maximum(curv, 1e-30), 1.0)
-        D1 = D1 * r[:, None]
-        D2 = D2 * r[:, None]
-        carried = carried * r[:, None]
-    return z1, a2, D1, D2, carried, r
-
-
-@triton.jit
-def _mlp_fwd(
-    q, k, v, theta, beta, f, G, beta_last, f_last, g_last, m_last, n_last,
-    M1_0, M2_0, S1_0, S2_0, P1_, P2_, y, M1_out, M2_out, S1_out, S2_out, M1_st, M2_st, S1_st, S2_st,
-    K, n, cap,
-    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, HAS_S: tl.constexpr, HAS_P: tl.constexpr,
-    CAP: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0)
-    rc, rd, re = tl.arange(0, C), tl.arange(0, D), tl.arange(0, E)
-    de = rd[:, None] * E + re[None, :]  # (D, E) tile of layer 1
-    ed = re[:, None] * D + rd[None, :]  # (E, D) tile of layer 2
-    cc = rc[:, None] * C + rc[None, :]
-    w = b * D * E
-    M1, M2 = _pair(M1_0, M2_0, w, D, E, True)
-    S1, S2 = _pair(S1_0, S2_0, w, D, E, HAS_S)
-    P1, P2 = _pair(P1_, P2_, w, D, E, HAS_P)
-    zc = tl.zeros((C,), tl.float32)
-    for j in range(K):
-        st = (b * K + j) * D * E
-        tl.store(M1_st + st + de, M1)
-        tl.store(M2_st + st + ed, M2)
-        if HAS_S:
-            tl.store(S1_st + st + de, S1)
-            tl.store(S2_st + st + ed, S2)
-        rows = b * n * D + (j * C + rc)[:, None] * D + rd[None, :]
-        qj = tl.load(q + rows).to(tl.float32)
-        kj = tl.load(k + rows).to(tl.float32)
-        vj = tl.load(v + rows).to(tl.float32)
-        s1 = (b * K + j) * 2  # per-chunk scalars of layer 1; layer 2 at + 1
-        c1 = s1 * C + rc  # per-token coefficients of layer 1; layer 2 at + C
-        z1, a2, D1, D2, carried, r = _keys(kj, vj, M1, M2, theta + s1 * C, cap, C, CAP, RESIDUAL, SILU)
-        f1 = tl.load(f + c1) if HAS_S else zc
-        f2 = tl.load(f + c1 + C) if HAS_S else zc
-        zq, t1 = read(qj, kj, D1, M1, P1, S1, tl.load(G + s1 * C * C + cc), tl.load(beta + c1), f1, HAS_S, HAS_P)
-        x2 = _act(zq, SILU)
-        out, t2 = read(
-            x2, a2, D2, M2, P2, S2, tl.load(G + (s1 + 1) * C * C + cc), tl.load(beta + c1 + C), f2, HAS_S, HAS_P
-        )  # noqa: E501
-        if RESIDUAL:
-            out += qj
-        tl.store(y + rows, out)
-        fl1, ml1, nl1, fl2, ml2, nl2 = 0.0, 0.0, zc, 0.0, 0.0, zc
-        if HAS_S:
-            fl1, ml1, nl1 = tl.load(f_last + s1), tl.load(m_last + s1), tl.load(n_last + c1)
-            fl2, ml2, nl2 = tl.load(f_last + s1 + 1), tl.load(m_last + s1 + 1), tl.load(n_last + c1 + C)
-        M1, S1 = state(kj, D1, M1, P1, S1, tl.load(beta_last + s1), tl.load(g_last + c1), fl1, ml1, nl1, HAS_S, HAS_P)
-        M2, S2 = state(
-            a2, D2, M2, P2, S2, tl.load(beta_last + s1 + 1), tl.load(g_last + c1 + C), fl2, ml2, nl2, HAS_S, HAS_P
-        )  # noqa: E501
-    tl.store(M1_out + w + de, M1)
-    tl.store(M2_out + w + ed, M2)
-    if HAS_S:
-        tl.store(S1_out + w + de, S1)
-        tl.store(S2_out + w + ed, S2)
-
-
-@triton.jit
-def _mlp_bwd(
-    q, k, v, theta, beta, f, G, beta_last, f_last, g_last, m_last, n_last, P1_, P2_, M1_st, M2_st, S1_st, S2_st,
-    dy, dM1_end, dM2_end, dS1_end, dS2_end, dq, dk, dv,
-    dbeta, df, dG, dbeta_last, df_last, dg_last, dm_last, dn_last, dM1_0, dM2_0, dS1_0, dS2_0, dP1_, dP2_,
-    K, n, cap,
-    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, HAS_S: tl.constexpr, HAS_P: tl.constexpr,
-    CAP: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
+def _state_fwd(
+    k, v, theta, beta_last, f_last, g_last, m_last, n_last, M1s, M2s, S1s, S2s, P1, P2, Z1, D1, D2, rr,
+    K, cap,
+    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, HAS_S: tl.constexpr,
+    HAS_P: tl.constexpr, CAP: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     rc, rd = tl.arange(0, C), tl.arange(0, D)
-    cc = rc[:, None] * C + rc[None, :]
-    w = b * D * E
-    dM1, dM2 = _pair(dM1_end, dM2_end, w, D, E, True)
-    dS1, dS2 = _pair(dS1_end, dS2_end, w, D, E, HAS_S)
-    P1, P2 = _pair(P1_, P2_, w, D, E, HAS_P)
-    S1, S2 = _pair(P1_, P2_, w, D, E, False)  # zeros; the chunk-start S are loaded in the loop
-    dP1, dP2 = _pair(P1_, P2_, w, D, E, False)
-    zc = tl.zeros((C,), tl.float32)
-    for jj in range(K):
-        j = K - 1 - jj
-        st = (b * K + j) * D * E
-        M1, M2 = _pair(M1_st, M2_st, st, D, E, True)
-        if HAS_S:
-            S1, S2 = _pair(S1_st, S2_st, st, D, E, True)
-        rows = b * n * D + (j * C + rc)[:, None] * D + rd[None, :]
-        qj = tl.load(q + rows).to(tl.float32)
-        kj = tl.load(k + rows).to(tl.float32)
-        vj = tl.load(v + rows).to(tl.float32)
-        dyj = tl.load(dy + rows).to(tl.float32)
-        s1 = (b * K + j) * 2
+    rows = rc[:, None] * D + rd[None, :]
+    pw = b * D * E
+    for j in range(K):
+        cs = b * K + j
+        s1 = cs * 2  # layer 1's coefficient slot; layer 2's is s1 + 1
+        w0 = (b * (K + 1) + j) * D * E  # this chunk's start state; its end state at w0 + D E
+        kj = tl.load(k + cs * C * D + rows).to(tl.float32)
+        # 1. the keys through both layers: z1 (stored), err, |a2|^2
+        out = tl.zeros((C, D), tl.float32)
+        asq = tl.zeros((C,), tl.float32)
+        for e in range(E // BE):
+            de, ed, ce = _tiles(e, C, D, E, BE)
+            z1 = dot(kj, tl.load(M1s + w0 + de))
+            tl.store(Z1 + cs * C * E + ce, z1)
+            a2 = _act(z1, SILU)
+            asq += tl.sum(a2 * a2, 1)
+            out += dot(a2, tl.load(M2s + w0 + ed))
+        err = out - tl.load(v + cs * C * D + rows).to(tl.float32)
+        if RESIDUAL:
+            err += kj
+        D2u = 2 * err
+        tl.debug_barrier()
+        # 2. layer 1's deltas before the cap (into D1), |D1|^2, then r
+        dsq = tl.zeros((C,), tl.float32)
+        for e in range(E // BE):
+            de, ed, ce = _tiles(e, C, D, E, BE)
+            D1u = _act1(tl.load(Z1 + cs * C * E + ce), SILU) * dot(D2u, tl.trans(tl.load(M2s + w0 + ed)))
+            dsq += tl.sum(D1u * D1u, 1)
+            tl.store(D1 + cs * C * E + ce, D1u)
+        r = tl.full((C,), 1.0, tl.float32)
+        if CAP:  # r = min(1, cap |err|^2 / sum_l theta_l |a_l|^2 |D_l|^2)
+            th1, th2 = tl.load(theta + s1 * C + rc), tl.load(theta + s1 * C + C + rc)
+            curv = th1 * tl.sum(kj * kj, 1) * dsq + th2 * asq * tl.sum(D2u * D2u, 1)
+            r = tl.minimum(cap * tl.sum(err * err, 1) / tl.maximum(curv, 1e-30), 1.0)
+        D2j = r[:, None] * D2u
+        tl.store(D2 + cs * C * D + rows, D2j)
+        tl.store(rr + cs * C + rc, r)
+        tl.debug_barrier()
+        # 3. the end states, tile by tile (D1 capped in place)
         c1 = s1 * C + rc
-        # recompute the chunk: keys, then the first read layer
-        z1, a2, D1, D2, carried, r = _keys(kj, vj, M1, M2, theta + s1 * C, cap, C, CAP, RESIDUAL, SILU)
-        G1, G2 = tl.load(G + s1 * C * C + cc), tl.load(G + (s1 + 1) * C * C + cc)
-        b1, b2 = tl.load(beta + c1), tl.load(beta + c1 + C)
-        f1 = tl.load(f + c1) if HAS_S else zc
-        f2 = tl.load(f + c1 + C) if HAS_S else zc
-        zq, t1 = read(qj, kj, D1, M1, P1, S1, G1, b1, f1, HAS_S, HAS_P)
-        x2 = _act(zq, SILU)
-        t2 = dot(x2, tl.trans(a2))
-        # 1. the end-of-chunk state, both layers
-        fl1, ml1, nl1, fl2, ml2, nl2 = 0.0, 0.0, zc, 0.0, 0.0, zc
+        fl1, ml1, nl1, fl2, ml2, nl2 = 0.0, 0.0, rc * 0.0, 0.0, 0.0, rc * 0.0
         if HAS_S:
             fl1, ml1, nl1 = tl.load(f_last + s1), tl.load(m_last + s1), tl.load(n_last + c1)
             fl2, ml2, nl2 = tl.load(f_last + s1 + 1), tl.load(m_last + s1 + 1), tl.load(n_last + c1 + C)
-        gM1, gS1, dPs1, dD1, dk1, dbl1, dgl1, dfl1, dml1, dnl1 = state_backward(
-            kj, D1, M1, P1, S1, tl.load(beta_last + s1), tl.load(g_last + c1), fl1, ml1, nl1, dM1, dS1, HAS_S, HAS_P
-        )
-        gM2, gS2, dPs2, dD2, da2, dbl2, dgl2, dfl2, dml2, dnl2 = state_backward(
-            a2, D2, M2, P2, S2, tl.load(beta_last + s1 + 1), tl.load(g_last + c1 + C), fl2, ml2, nl2, dM2, dS2,
-            HAS_S, HAS_P,
-        )  # fmt: skip
-        # 2. the reads, layer 2 (input x2) then layer 1 (input q)
-        dx, gM, dP, gS, dD, da, dG2, dbt2, dfv2 = read_backward(
-            x2, a2, D2, M2, P2, S2, G2, t2, b2, f2, dyj, HAS_S, HAS_P
-        )
-        gM2 += gM
-        dP2 += dPs2 + dP
-        gS2 += gS
-        dD2 += dD
-        da2 += da
-        dz = _act1(zq, SILU) * dx
-        dqj, gM, dP, gS, dD, da, dG1, dbt1, dfv1 = read_backward(
-            qj, kj, D1, M1, P1, S1, G1, t1, b1, f1, dz, HAS_S, HAS_P
-        )
-        gM1 += gM
-        dP1 += dPs1 + dP
-        gS1 += gS
-        dD1 += dD
-        dk1 += da
+        bl1, gl1 = tl.load(beta_last + s1), tl.load(g_last + c1)
+        bl2, gl2 = tl.load(beta_last + s1 + 1), tl.load(g_last + c1 + C)
+        for e in range(E // BE):
+            de, ed, ce = _tiles(e, C, D, E, BE)
+            a2 = _act(tl.load(Z1 + cs * C * E + ce), SILU)
+            D1j = r[:, None] * tl.load(D1 + cs * C * E + ce)
+            tl.store(D1 + cs * C * E + ce, D1j)
+            S1, Pm1 = _load(S1s + w0 + de, HAS_S, (D, BE)), _load(P1 + pw + de, HAS_P, (D, BE))
+            M1, S1 = state(kj, D1j, tl.load(M1s + w0 + de), Pm1, S1, bl1, gl1, fl1, ml1, nl1, HAS_S, HAS_P)
+            tl.store(M1s + w0 + D * E + de, M1)
+            S2, Pm2 = _load(S2s + w0 + ed, HAS_S, (BE, D)), _load(P2 + pw + ed, HAS_P, (BE, D))
+            M2, S2 = state(a2, D2j, tl.load(M2s + w0 + ed), Pm2, S2, bl2, gl2, fl2, ml2, nl2, HAS_S, HAS_P)
+            tl.store(M2s + w0 + D * E + ed, M2)
+            if HAS_S:
+                tl.store(S1s + w0 + D * E + de, S1)
+                tl.store(S2s + w0 + D * E + ed, S2)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _read_fwd(
+    q, k, beta, f, G, M1s, M2s, S1s, S2s, P1, P2, Z1, D1, D2, ZQ, y,
+    K,
+    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, HAS_S: tl.constexpr,
+    HAS_P: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    cs = tl.program_id(0)
+    b = cs // K
+    rc, rd = tl.arange(0, C), tl.arange(0, D)
+    rows, cc = cs * C * D + rc[:, None] * D + rd[None, :], rc[:, None] * C + rc[None, :]
+    pw, w0 = b * D * E, (cs + b) * D * E  # (cs + b) = b (K + 1) + j: this chunk's start-state slot
+    s1 = cs * 2
+    c1 = s1 * C + rc
+    qj = tl.load(q + rows).to(tl.float32)
+    G1t = tl.load(G + s1 * C * C + cc) * dot(qj, tl.trans(tl.load(k + rows).to(tl.float32)))
+    bt1, bt2 = tl.load(beta + c1)[:, None], tl.load(beta + c1 + C)[:, None]
+    f1 = _load(f + c1, HAS_S, (C,))[:, None]
+    f2 = _load(f + c1 + C, HAS_S, (C,))[:, None]
+    T2 = tl.zeros((C, C), tl.float32)  # x2 a2^T
+    out = tl.zeros((C, D), tl.float32)  # beta2 o x2 M2 + (1 - beta2) o x2 P2 + f2 o x2 S2
+    for e in range(E // BE):
+        de, ed, ce = _tiles(e, C, D, E, BE)
+        zq = dot(G1t, tl.load(D1 + cs * C * E + ce)) + bt1 * dot(qj, tl.load(M1s + w0 + de))
+        if HAS_P:
+            zq += (1 - bt1) * dot(qj, tl.load(P1 + pw + de))
+        if HAS_S:
+            zq += f1 * dot(qj, tl.load(S1s + w0 + de))
+        tl.store(ZQ + cs * C * E + ce, zq)
+        x2 = _act(zq, SILU)
+        T2 += dot(x2, tl.trans(_act(tl.load(Z1 + cs * C * E + ce), SILU)))
+        out += bt2 * dot(x2, tl.load(M2s + w0 + ed))
+        if HAS_P:
+            out += (1 - bt2) * dot(x2, tl.load(P2 + pw + ed))
+        if HAS_S:
+            out += f2 * dot(x2, tl.load(S2s + w0 + ed))
+    out += dot(tl.load(G + (s1 + 1) * C * C + cc) * T2, tl.load(D2 + rows))
+    if RESIDUAL:
+        out += qj
+    tl.store(y + rows, out)
+
+
+@triton.jit
+def _chunk_bwd(
+    q, k, beta, f, G, beta_last, f_last, g_last, m_last, n_last, M1s, M2s, S1s, S2s, P1, P2,
+    Z1, ZQ, D1, D2, rr, dy, dM1s, dM2s, dS1s, dS2s, U1, U2, Xq, Xa, Xz,
+    dq, dk, dv, dbeta, df, dG, dbeta_last, df_last, dg_last, dm_last, dn_last,
+    K,
+    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, HAS_S: tl.constexpr,
+    HAS_P: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, ALL: tl.constexpr,
+):  # fmt: skip
+    """One chunk's backward. READS (not ALL): the cotangent dy alone, and what it sends to the
+    chunk's start state, written to its gradient slots (dM_l, dS_l at slot j; the prior's part to
+    U_l). ALL: dy and the end state's gradients (slot j + 1, final after `_state_bwd`) together,
+    giving dq, dk, dv and the coefficients' gradients. Three passes over the hidden tiles: the
+    second read layer's sums (x2 a2^T, ...); then d loss / d zq, the first read layer, and the
+    inner backward through D1 (d a2 and d z1 so far to the scratch Xa, Xz); then, with d err
+    complete, the rest of d a2 and d z1."""
+    cs = tl.program_id(0)
+    b = cs // K
+    rc, rd = tl.arange(0, C), tl.arange(0, D)
+    rows, cc = cs * C * D + rc[:, None] * D + rd[None, :], rc[:, None] * C + rc[None, :]
+    pw, w0 = b * D * E, (cs + b) * D * E
+    w1 = w0 + D * E  # the chunk's end state
+    s1 = cs * 2
+    c1, c2 = s1 * C + rc, s1 * C + C + rc
+    qj, kj = tl.load(q + rows).to(tl.float32), tl.load(k + rows).to(tl.float32)
+    dyj, D2j = tl.load(dy + rows), tl.load(D2 + rows)
+    bt1, bt2 = tl.load(beta + c1)[:, None], tl.load(beta + c2)[:, None]
+    gl1, gl2 = tl.load(g_last + c1)[:, None], tl.load(g_last + c2)[:, None]
+    f1, f2 = _load(f + c1, HAS_S, (C,))[:, None], _load(f + c2, HAS_S, (C,))[:, None]
+    nl1, nl2 = _load(n_last + c1, HAS_S, (C,))[:, None], _load(n_last + c2, HAS_S, (C,))[:, None]
+    G1, G2 = tl.load(G + s1 * C * C + cc), tl.load(G + (s1 + 1) * C * C + cc)
+    # 1. x2 a2^T; for ALL, the second layer's coefficient sums and a2 dM2', a2 dS2'
+    T2 = tl.zeros((C, C), tl.float32)
+    hm2 = tl.zeros((C, D), tl.float32)
+    hs2 = tl.zeros((C, D), tl.float32)
+    dbt2, df2, dbl2, dfl2, dml2 = rc * 0.0, rc * 0.0, 0.0, 0.0, 0.0
+    for e in range(E // BE):
+        de, ed, ce = _tiles(e, C, D, E, BE)
+        dyj = tl.load(dy + rows)  # the chunk's rows are loaded where a loop uses them: held across
+        # the loop, each (C, d) product operand costs up to 64 registers a thread (see `_rows`)
+        a2 = _act(tl.load(Z1 + cs * C * E + ce), SILU)
+        x2 = _act(tl.load(ZQ + cs * C * E + ce), SILU)
+        T2 += dot(x2, tl.trans(a2))
+        if ALL:
+            M2, dM2 = tl.load(M2s + w0 + ed), tl.load(dM2s + w1 + ed)
+            up = dot(x2, M2)
+            dbl2 += tl.sum(tl.sum(dM2 * M2, 1), 0)
+            if HAS_P:
+                Pm2 = tl.load(P2 + pw + ed)
+                up -= dot(x2, Pm2)
+                dbl2 -= tl.sum(tl.sum(dM2 * Pm2, 1), 0)
+            dbt2 += tl.sum(dyj * up, 1)
+            hm2 += dot(a2, dM2)
+            if HAS_S:
+                S2, dS2 = tl.load(S2s + w0 + ed), tl.load(dS2s + w1 + ed)
+                df2 += tl.sum(dyj * dot(x2, S2), 1)
+                hs2 += dot(a2, dS2)
+                dfl2 += tl.sum(tl.sum(dM2 * S2, 1), 0)
+                dml2 += tl.sum(tl.sum(dS2 * S2, 1), 0)
+    dgt2 = dot(dyj, tl.trans(D2j))  # d loss / d (G2 o x2 a2^T)
+    dt2 = dgt2 * G2
+    dD2 = dot(tl.trans(G2 * T2), dyj)
+    if ALL:
+        dD2 += gl2 * hm2 + nl2 * hs2
+        tl.store(dG + (s1 + 1) * C * C + cc, dgt2 * T2)
+        tl.store(dbeta + c2, dbt2)
+        tl.store(dg_last + c2, tl.sum(D2j * hm2, 1))
+        tl.store(dbeta_last + s1 + 1, dbl2)
+        if HAS_S:
+            tl.store(df + c2, df2)
+            tl.store(dn_last + c2, tl.sum(D2j * hs2, 1))
+            tl.store(df_last + s1 + 1, dfl2)
+            tl.store(dm_last + s1 + 1, dml2)
+    # 2a. the second read layer's backward: d loss / d zq and the reads' d a2 (to Xq, Xa)
+    for e in range(E // BE):
+        de, ed, ce = _tiles(e, C, D, E, BE)
+        dyj = tl.load(dy + rows)
+        zq = tl.load(ZQ + cs * C * E + ce)
+        # a row scale outside the product (bt2 o (dy M2^T), not (bt2 o dy) M2^T): the products
+        # then share one operand
+        dx2 = bt2 * dot(dyj, tl.trans(tl.load(M2s + w0 + ed))) + dot(dt2, _act(tl.load(Z1 + cs * C * E + ce), SILU))
+        if HAS_P:
+            dx2 += (1 - bt2) * dot(dyj, tl.trans(tl.load(P2 + pw + ed)))
+        if HAS_S:
+            dx2 += f2 * dot(dyj, tl.trans(tl.load(S2s + w0 + ed)))
+        tl.store(Xq + cs * C * E + ce, _act1(zq, SILU) * dx2)
+        tl.store(Xa + cs * C * E + ce, dot(tl.trans(dt2), _act(zq, SILU)))
+    tl.debug_barrier()
+    # 2b. the first read layer, the end state's part (ALL), and the inner backward through D1
+    qj, kj = tl.load(q + rows).to(tl.float32), tl.load(k + rows).to(tl.float32)
+    t1 = dot(qj, tl.trans(kj))
+    G1t = G1 * t1
+    dgt1 = tl.zeros((C, C), tl.float32)
+    dqa = tl.zeros((C, D), tl.float32)
+    dka = tl.zeros((C, D), tl.float32)
+    dbt1, df1, dgl1, dnl1, dbl1, dfl1, dml1 = rc * 0.0, rc * 0.0, rc * 0.0, rc * 0.0, 0.0, 0.0, 0.0
+    for e in range(E // BE):
+        de, ed, ce = _tiles(e, C, D, E, BE)
+        qj, kj = tl.load(q + rows).to(tl.float32), tl.load(k + rows).to(tl.float32)
+        dyj, D2j = tl.load(dy + rows), tl.load(D2 + rows)
+        z1 = tl.load(Z1 + cs * C * E + ce)
+        M2, D1e = tl.load(M2s + w0 + ed), tl.load(D1 + cs * C * E + ce)
+        dzq, da2 = tl.load(Xq + cs * C * E + ce), tl.load(Xa + cs * C * E + ce)
+        dD1 = dot(tl.trans(G1t), dzq)
+        dgt1 += dot(dzq, tl.trans(D1e))
+        if ALL:
+            M1, dM1 = tl.load(M1s + w0 + de), tl.load(dM1s + w1 + de)
+            dqa += bt1 * dot(dzq, tl.trans(M1))
+            up = dot(qj, M1)
+            dbl1 += tl.sum(tl.sum(dM1 * M1, 1), 0)
+            if HAS_P:
+                Pm1 = tl.load(P1 + pw + de)
+                dqa += (1 - bt1) * dot(dzq, tl.trans(Pm1))
+                up -= dot(qj, Pm1)
+                dbl1 -= tl.sum(tl.sum(dM1 * Pm1, 1), 0)
+            dbt1 += tl.sum(dzq * up, 1)
+            h = dot(kj, dM1)
+            dD1 += gl1 * h
+            dgl1 += tl.sum(D1e * h, 1)
+            dka += gl1 * dot(D1e, tl.trans(dM1))
+            da2 += gl2 * dot(D2j, tl.trans(tl.load(dM2s + w1 + ed)))
+            if HAS_S:
+                S1, dS1 = tl.load(S1s + w0 + de), tl.load(dS1s + w1 + de)
+                dqa += f1 * dot(dzq, tl.trans(S1))
+                df1 += tl.sum(dzq * dot(qj, S1), 1)
+                h = dot(kj, dS1)
+                dD1 += nl1 * h
+                dnl1 += tl.sum(D1e * h, 1)
+                dka += nl1 * dot(D1e, tl.trans(dS1))
+                dfl1 += tl.sum(tl.sum(dM1 * S1, 1), 0)
+                dml1 += tl.sum(tl.sum(dS1 * S1, 1), 0)
+                da2 += nl2 * dot(D2j, tl.trans(tl.load(dS2s + w1 + ed)))
+        else:  # the reads' part of the start state's gradient (pass 3 adds the deltas' part)
+            tl.store(dM1s + w0 + de, dot(tl.trans(qj), bt1 * dzq))
+            if HAS_S:
+                tl.store(dS1s + w0 + de, dot(tl.trans(qj), f1 * dzq))
+                tl.store(dS2s + w0 + ed, dot(tl.trans(f2 * _act(tl.load(ZQ + cs * C * E + ce), SILU)), dyj))
+            if HAS_P:
+                tl.store(U1 + cs * D * E + de, dot(tl.trans(qj), (1 - bt1) * dzq))
+                tl.store(
+                    U2 + cs * D * E + ed, dot(tl.trans((1 - bt2) * _act(tl.load(ZQ + cs * C * E + ce), SILU)), dyj)
+                )
+        # the inner backward through D1 = act'(z1) o (D2 M2^T)
+        dcar = _act1(z1, SILU) * dD1
+        tl.store(Xz + cs * C * E + ce, _act2(z1, SILU) * dot(D2j, tl.trans(M2)) * dD1)
+        tl.store(Xa + cs * C * E + ce, da2)
+        dD2 += dot(dcar, M2)
+        if not ALL:
+            x2 = _act(tl.load(ZQ + cs * C * E + ce), SILU)
+            tl.store(dM2s + w0 + ed, dot(tl.trans(bt2 * x2), dyj) + dot(tl.trans(dcar), D2j))
+    derr = 2 * tl.load(rr + cs * C + rc)[:, None] * dD2  # d loss / d err
+    tl.debug_barrier()
+    # 3. with d err: the rest of d a2 and d z1, and what they send to M1, M2 (READS) or k (ALL)
+    for e in range(E // BE):
+        de, ed, ce = _tiles(e, C, D, E, BE)
+        kj = tl.load(k + rows).to(tl.float32)
+        z1, M2 = tl.load(Z1 + cs * C * E + ce), tl.load(M2s + w0 + ed)
+        da2 = tl.load(Xa + cs * C * E + ce) + dot(derr, tl.trans(M2))
+        dz1 = tl.load(Xz + cs * C * E + ce) + _act1(z1, SILU) * da2
+        if ALL:
+            dka += dot(dz1, tl.trans(tl.load(M1s + w0 + de)))
+        else:
+            tl.store(dM1s + w0 + de, tl.load(dM1s + w0 + de) + dot(tl.trans(kj), dz1))
+            tl.store(dM2s + w0 + ed, tl.load(dM2s + w0 + ed) + dot(tl.trans(_act(z1, SILU)), derr))
+    if ALL:
+        dt1 = dgt1 * G1
+        qj, kj, dyj = tl.load(q + rows).to(tl.float32), tl.load(k + rows).to(tl.float32), tl.load(dy + rows)
+        dqa += dot(dt1, kj)
+        dka += dot(tl.trans(dt1), qj)
         if RESIDUAL:
-            dqj += dyj
-        # 3. the inner backward (D1 = act'(z1) o carried, carried = D2 M2^T), then the keys' forward
-        dcarried = _act1(z1, SILU) * dD1
-        dz1 = _act2(z1, SILU) * carried * dD1
-        dD2 += dot(dcarried, M2)
-        gM2 += dot(tl.trans(dcarried), D2)
-        d_err = 2 * r[:, None] * dD2
-        gM2 += dot(tl.trans(a2), d_err)
-        da2 += dot(d_err, tl.trans(M2))
-        dz1 += _act1(z1, SILU) * da2
-        gM1 += dot(tl.trans(kj), dz1)
-        dk1 += dot(dz1, tl.trans(M1))
-        if RESIDUAL:
-            dk1 += d_err
-        tl.store(dq + rows, dqj)
-        tl.store(dk + rows, dk1)
-        tl.store(dv + rows, -d_err)
-        store_layer_grads(
-            dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, s1, C,
-            dbl1, dgl1, dbt1, dG1, dfl1, dml1, dnl1, dfv1, HAS_S,
+            dqa += dyj
+            dka += derr
+        tl.store(dq + rows, dqa)
+        tl.store(dk + rows, dka)
+        tl.store(dv + rows, -derr)
+        tl.store(dG + s1 * C * C + cc, dgt1 * t1)  # above the diagonal too, as the torch path
+        tl.store(dbeta + c1, dbt1)
+        tl.store(dg_last + c1, dgl1)
+        tl.store(dbeta_last + s1, dbl1)
+        if HAS_S:
+            tl.store(df + c1, df1)
+            tl.store(dn_last + c1, dnl1)
+            tl.store(df_last + s1, dfl1)
+            tl.store(dm_last + s1, dml1)
+
+
+@triton.jit
+def _state_bwd(
+    k, beta_last, f_last, g_last, m_last, n_last, M2s, Z1, D2, rr, dM1s, dM2s, dS1s, dS2s, dP1, dP2,
+    K,
+    C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, HAS_S: tl.constexpr,
+    HAS_P: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """The gradient of each chunk's start state, chunks in reverse: slot j holds the reads' part
+    (`_chunk_bwd`, READS); this adds what arrives from the end state in slot j + 1, directly
+    (beta_c, f_c, m_c) and through the deltas, which enter it by a_l^T (g_l o D_l) and
+    a_l^T (n_l o D_l): d D1 and d D2 from there, then the inner backward. Two passes over the
+    hidden tiles: d err (a sum over them), then each tile's d z1 and its slots."""
+    b = tl.program_id(0)
+    rc, rd = tl.arange(0, C), tl.arange(0, D)
+    rows = rc[:, None] * D + rd[None, :]
+    pw = b * D * E
+    for jj in range(K):
+        j = K - 1 - jj
+        cs = b * K + j
+        w0 = (cs + b) * D * E
+        w1 = w0 + D * E
+        s1 = cs * 2
+        c1 = s1 * C + rc
+        kj, D2j = tl.load(k + cs * C * D + rows).to(tl.float32), tl.load(D2 + cs * C * D + rows)
+        gl1, gl2 = tl.load(g_last + c1)[:, None], tl.load(g_last + c1 + C)[:, None]
+        nl1, nl2 = _load(n_last + c1, HAS_S, (C,))[:, None], _load(n_last + c1 + C, HAS_S, (C,))[:, None]
+        dD2 = tl.zeros((C, D), tl.float32)
+        for e in range(E // BE):
+            de, ed, ce = _tiles(e, C, D, E, BE)
+            kj = tl.load(k + cs * C * D + rows).to(tl.float32)
+            z1, M2 = tl.load(Z1 + cs * C * E + ce), tl.load(M2s + w0 + ed)
+            a2 = _act(z1, SILU)
+            dD1 = gl1 * dot(kj, tl.load(dM1s + w1 + de))
+            dD2 += gl2 * dot(a2, tl.load(dM2s + w1 + ed))
+            if HAS_S:
+                dD1 += nl1 * dot(kj, tl.load(dS1s + w1 + de))
+                dD2 += nl2 * dot(a2, tl.load(dS2s + w1 + ed))
+            dD2 += dot(_act1(z1, SILU) * dD1, M2)
+        derr = 2 * tl.load(rr + cs * C + rc)[:, None] * dD2
+        bl1, bl2 = tl.load(beta_last + s1), tl.load(beta_last + s1 + 1)
+        fl1, ml1, fl2, ml2 = 0.0, 0.0, 0.0, 0.0
+        if HAS_S:
+            fl1, ml1 = tl.load(f_last + s1), tl.load(m_last + s1)
+            fl2, ml2 = tl.load(f_last + s1 + 1), tl.load(m_last + s1 + 1)
+        for e in range(E // BE):
+            de, ed, ce = _tiles(e, C, D, E, BE)
+            kj, D2j = tl.load(k + cs * C * D + rows).to(tl.float32), tl.load(D2 + cs * C * D + rows)
+            z1, M2 = tl.load(Z1 + cs * C * E + ce), tl.load(M2s + w0 + ed)
+            a2 = _act(z1, SILU)
+            dM1, dM2 = tl.load(dM1s + w1 + de), tl.load(dM2s + w1 + ed)
+            dD1 = gl1 * dot(kj, dM1)
+            da2 = gl2 * dot(D2j, tl.trans(dM2)) + dot(derr, tl.trans(M2))
+            dS1 = tl.zeros((D, BE), tl.float32)
+            dS2 = tl.zeros((BE, D), tl.float32)
+            if HAS_S:
+                dS1, dS2 = tl.load(dS1s + w1 + de), tl.load(dS2s + w1 + ed)
+                dD1 += nl1 * dot(kj, dS1)
+                da2 += nl2 * dot(D2j, tl.trans(dS2))
+            dcar = _act1(z1, SILU) * dD1
+            dz1 = _act2(z1, SILU) * dot(D2j, tl.trans(M2)) * dD1 + _act1(z1, SILU) * da2
+            new1 = bl1 * dM1 + dot(tl.trans(kj), dz1)
+            new2 = bl2 * dM2 + dot(tl.trans(dcar), D2j) + dot(tl.trans(a2), derr)
+            tl.store(dM1s + w0 + de, tl.load(dM1s + w0 + de) + new1)
+            tl.store(dM2s + w0 + ed, tl.load(dM2s + w0 + ed) + new2)
+            if HAS_S:
+                tl.store(dS1s + w0 + de, tl.load(dS1s + w0 + de) + fl1 * dM1 + ml1 * dS1)
+                tl.store(dS2s + w0 + ed, tl.load(dS2s + w0 + ed) + fl2 * dM2 + ml2 * dS2)
+            if HAS_P:
+                tl.store(dP1 + pw + de, tl.load(dP1 + pw + de) + (1 - bl1) * dM1)
+                tl.store(dP2 + pw + ed, tl.load(dP2 + pw + ed) + (1 - bl2) * dM2)
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (called by `triton_loop.TritonLoop`)
+
+TILE = 16  # hidden units (BE) a pass takes at a time
+
+
+def _slots(w, K: int):
+    """(B, a, c) -> (B, K + 1, a, c) float32 chunk slots with w in slot 0."""
+    s = w.new_empty(w.shape[0], K + 1, *w.shape[1:])
+    s[:, 0] = w
+    return s
+
+
+def forward(q, k, v, co: dict, M, S, P, cap: float, flags: dict):
+    """q, k, v (B, K, C, d); co: the coefficient fields (B, K, 2, size) float32 (None: absent);
+    M, S, P: the two layers' (B, d, e), (B, e, d) float32 (S, P may be None). Returns y, the end
+    states and what the backward keeps."""
+    B, K, C, d = q.shape
+    e = M[0].shape[-1]
+    BE = min(e, TILE)
+    has_S, has_P = S is not None, P is not None
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dummy = M[0].new_zeros(1)
+    opt = lambda t: dummy if t is None else t  # noqa: E731
+    Ms = [_slots(w, K) for w in M]
+    Ss = [_slots(w, K) for w in S] if has_S else [dummy, dummy]
+    Ps = list(P) if has_P else [dummy, dummy]
+    Z1, D1, ZQ = (torch.empty(B, K, C, e, **f32) for _ in range(3))
+    D2, y = torch.empty(B, K, C, d, **f32), torch.empty(B, K, C, d, **f32)
+    r = torch.empty(B, K, C, **f32)
+    c = {n: opt(t) for n, t in co.items()}
+    sizes = dict(C=C, D=d, E=e, BE=BE, HAS_S=has_S, HAS_P=has_P, SILU=flags["SILU"])
+    _state_fwd[(B,)](
+        k, v, c["theta"], c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], *Ms, *Ss, *Ps,
+        Z1, D1, D2, r, K, cap, CAP=flags["CAP"], RESIDUAL=flags["RESIDUAL"], **sizes, **LAUNCH,
+    )  # fmt: skip
+    _read_fwd[(B * K,)](
+        q,
+        k,
+        c["beta"],
+        c["f"],
+        c["neg_G"],
+        *Ms,
+        *Ss,
+        *Ps,
+        Z1,
+        D1,
+        D2,
+        ZQ,
+        y,
+        K,
+        RESIDUAL=flags["RESIDUAL"],
+        **sizes,
+        **LAUNCH,
+    )
+    ends = tuple(s[:, K] for s in Ms), tuple(s[:, K] for s in Ss) if has_S else None
+    return y, *ends, (Ms, Ss, Z1, ZQ, D1, D2, r)
+
+
+def backward(q, k, co: dict, P, kept, dy, dM_end, dS_end, flags: dict):
+    """The gradients of `forward`'s y and end states dy, dM_end, dS_end (float32 pairs; dS_end
+    None without momentum): dq, dk, dv, dM_0, dS_0, dP (pairs, None where absent) and each
+    coefficient field's gradient (B, K, 2, size) (None where the field is absent)."""
+    Ms, Ss, Z1, ZQ, D1, D2, r = kept
+    B, K, C, d = q.shape
+    e = Z1.shape[-1]
+    BE = min(e, TILE)
+    has_S, has_P = flags["HAS_S"], flags["HAS_P"]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dummy = dy.new_zeros(1)
+    opt = lambda t: dummy if t is None else t  # noqa: E731
+    new = lambda on, *shape: torch.empty(*shape, **f32) if on else dummy  # noqa: E731
+    c = {n: opt(t) for n, t in co.items()}
+    Ps = list(P) if has_P else [dummy, dummy]
+    dMs = [torch.empty_like(s) for s in Ms]
+    dSs = [torch.empty_like(s) for s in Ss] if has_S else [dummy, dummy]
+    for slots, end in zip(dMs + (dSs if has_S else []), list(dM_end) + list(dS_end or ())):
+        slots[:, K] = end
+    U = [new(has_P, B, K, *w.shape[2:]) for w in Ms]
+    Xq, Xa, Xz = torch.empty_like(Z1), torch.empty_like(Z1), torch.empty_like(Z1)
+    dq, dk, dv = (torch.empty(B, K, C, d, **f32) for _ in range(3))
+    per_token, per_chunk = (lambda on: new(on, B, K, 2, C)), (lambda on: new(on, B, K, 2))  # noqa: E731
+    g = {
+        "beta": per_token(True), "f": per_token(has_S), "neg_G": new(True, B, K, 2, C, C),
+        "beta_last": per_chunk(True), "f_last": per_chunk(has_S), "neg_g_last": per_token(True),
+        "m_last": per_chunk(has_S), "neg_n_last": per_token(has_S),
+    }  # fmt: skip
+    fields = [c[n] for n in ("beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")]
+    sizes = dict(C=C, D=d, E=e, BE=BE, HAS_S=has_S, HAS_P=has_P, SILU=flags["SILU"])
+
+    def chunks(ALL: bool):
+        grads = [g[n] for n in ("beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")]
+        _chunk_bwd[(B * K,)](
+            q, k, *fields, *Ms, *Ss, *Ps, Z1, ZQ, D1, D2, r, dy, *dMs, *dSs, *U, Xq, Xa, Xz, dq, dk, dv, *grads,
+            K, RESIDUAL=flags["RESIDUAL"], ALL=ALL, **sizes, **LAUNCH,
         )  # fmt: skip
-        store_layer_grads(
-            dbeta_last, dg_last, dbeta, dG, df_last, dm_last, dn_last, df, s1 + 1, C,
-            dbl2, dgl2, dbt2, dG2, dfl2, dml2, dnl2, dfv2, HAS_S,
-        )  # fmt: skip
-        dM1, dM2, dS1, dS2 = gM1, gM2, gS1, gS2
-    re = tl.arange(0, E)
-    de = rd[:, None] * E + re[None, :]
-    ed = re[:, None] * D + rd[None, :]
-    tl.store(dM1_0 + w + de, dM1)
-    tl.store(dM2_0 + w + ed, dM2)
-    if HAS_S:
-        tl.store(dS1_0 + w + de, dS1)
-        tl.store(dS2_0 + w + ed, dS2)
-    if HAS_P:
-        tl.store(dP1_ + w + de, dP1)
-        tl.store(dP2_ + w + ed, dP2)
+
+    chunks(ALL=False)
+    dP = [u.sum(1) for u in U] if has_P else [dummy, dummy]
+    _state_bwd[(B,)](
+        k, c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], Ms[1], Z1, D2, r,
+        *dMs, *dSs, *dP, K, **sizes, **LAUNCH,
+    )  # fmt: skip
+    chunks(ALL=True)
+    g = {n: None if t is dummy else t for n, t in g.items()}
+    dM0 = tuple(s[:, 0] for s in dMs)
+    dS0 = tuple(s[:, 0] for s in dSs) if has_S else None
+    return dq, dk, dv, dM0, dS0, tuple(dP) if has_P else None, g
