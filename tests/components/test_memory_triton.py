@@ -127,6 +127,19 @@ def test_the_kernels_compile_for_sm90_within_its_shared_memory():
         assert line["shared_bytes"] <= line["shared_limit"], line
 
 
+@pytest.mark.parametrize(
+    "name", ["mlp, momentum, decay toward the prior, cap, per-layer lr", "momentum, decay toward the prior, cap"]
+)
+def test_the_state_a_call_returns_holds_no_chunk_slots(name):
+    """The kernels keep every chunk's start state for the backward; the end state returned (which
+    a stream carries from call to call) must not be a view that keeps those slots alive."""
+    case = CASES[name]
+    inputs, weights, model, leaves = as_dtype(torch.float32, *make(case, d=16)[:3])
+    state = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend="triton")[1]
+    for w in state.weights + state.momentum:
+        assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+
+
 def test_backend_triton_runs_the_kernels_and_torch_does_not(monkeypatch):
     """The equality tests above would also pass if `triton` quietly ran torch: count launches."""
     from components.ops.memory import triton_loop

@@ -12,8 +12,9 @@ The math is `step.chunk_step` and `backward.chunk_backward` at depth 2, per laye
 
 The layers mix every hidden unit (err sums over them, and so does r), so unlike the linear
 memory no kernel can own a slice of the state for the whole sequence. A chunk's (d, e) states
-do not fit on chip either (4 x 64 KB at d 64, e 256; the untiled kernels spilled and took
-minutes to compile). So the states live in global memory, one slot per chunk, and every kernel
+do not fit on chip either (4 x 64 KB at d 64, e 256: the kernel that held them took 864 s to
+compile for sm_90 and asked for 463 KB of shared memory). So the states live in global memory,
+one slot per chunk (as the torch path keeps each chunk's start state), and every kernel
 walks the hidden width in tiles of BE (a (C, BE) slice of z1, a2, D1, zq, a (d, BE) / (BE, d)
 slice of each state); the chunks' dependence is kept to two sequential kernels:
 
@@ -513,7 +514,8 @@ def forward(q, k, v, co: dict, M, S, P, cap: float, flags: dict):
         **sizes,
         **LAUNCH,
     )
-    ends = tuple(s[:, K] for s in Ms), tuple(s[:, K] for s in Ss) if has_S else None
+    # the end states as tensors of their own: a view would keep every chunk's slot alive
+    ends = tuple(s[:, K].clone() for s in Ms), tuple(s[:, K].clone() for s in Ss) if has_S else None
     return y, *ends, (Ms, Ss, Z1, ZQ, D1, D2, r)
 
 
@@ -563,6 +565,6 @@ def backward(q, k, co: dict, P, kept, dy, dM_end, dS_end, flags: dict):
     )  # fmt: skip
     chunks(ALL=True)
     g = {n: None if t is dummy else t for n, t in g.items()}
-    dM0 = tuple(s[:, 0] for s in dMs)
-    dS0 = tuple(s[:, 0] for s in dSs) if has_S else None
+    dM0 = tuple(s[:, 0].clone() for s in dMs)
+    dS0 = tuple(s[:, 0].clone() for s in dSs) if has_S else None
     return dq, dk, dv, dM0, dS0, tuple(dP) if has_P else None, g
