@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 bench-setup: setup
 	$(PY) -m pip install -q -e ".[dev,bench]"
 
-# The main job: an 8-trial search (two objectives) over the Titans kinds, swa and mechanisms on MQAR, its
+# The main job: a 7-trial search (two objectives) over the Titans kinds, swa and mechanisms on MQAR, its
 # report, then the best model exported (spec + safetensors) and loaded back to re-score it.
 demo: setup
 	rm -rf runs/quickstart
