@@ -33,22 +33,18 @@ tensors under TRITON_INTERPRET=1 (tests/components/test_memory_triton.py).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from components.ops.memory.triton_parts import LAUNCH, dot, read, state
+from components.ops.memory.triton_parts import LAUNCH, Buffers, dot, load, read, state
 
 
 @triton.jit
-def _cap(k_ptr, th_ptr, cap, C: tl.constexpr, D: tl.constexpr, CAP: tl.constexpr):
-    """The step cap's r per token of a chunk (C,), from its keys' rows at k_ptr."""
-    r = tl.full((C,), 1.0, tl.float32)
+def _cap(kj, th, cap, CAP: tl.constexpr):
+    """The step cap's r per token of a chunk from its keys kj (C, d) and steps th (C,)."""
+    r = tl.full(th.shape, 1.0, tl.float32)
     if CAP:
-        rc, rd = tl.arange(0, C), tl.arange(0, D)
-        kj = tl.load(k_ptr + rc[:, None] * D + rd[None, :]).to(tl.float32)
-        curv = 4 * tl.load(th_ptr + rc) * tl.sum(kj * kj, 1)
-        r = tl.minimum(cap / tl.maximum(curv, 1e-30), 1.0)
+        r = tl.minimum(cap / tl.maximum(4 * th * tl.sum(kj * kj, 1), 1e-30), 1.0)
     return r
 
 
@@ -63,12 +59,7 @@ def _state_fwd(
     rc, rd, rv = tl.arange(0, C), tl.arange(0, D), i * BV + tl.arange(0, BV)
     tile = rd[:, None] * D + rv[None, :]  # (D, BV) of a (D, D) state
     M = tl.load(M0 + b * D * D + tile)
-    S = tl.zeros((D, BV), tl.float32)
-    Pm = tl.zeros((D, BV), tl.float32)
-    if HAS_S:
-        S = tl.load(S0 + b * D * D + tile)
-    if HAS_P:
-        Pm = tl.load(P + b * D * D + tile)
+    S, Pm = load(S0 + b * D * D + tile, HAS_S, (D, BV)), load(P + b * D * D + tile, HAS_P, (D, BV))
     for j in range(K):
         cs = b * K + j  # the chunk's slot: per-token coefficients at cs C, per-chunk at cs
         tl.store(M_st + cs * D * D + tile, M)
@@ -79,7 +70,7 @@ def _state_fwd(
         err = dot(kj, M) - tl.load(v + part).to(tl.float32)
         if RESIDUAL:
             err += tl.load(k + part).to(tl.float32)
-        r = _cap(k + cs * C * D, theta + cs * C, cap, C, D, CAP)
+        r = _cap(kj, tl.load(theta + cs * C + rc), cap, CAP)
         Dj = 2 * r[:, None] * err
         tl.store(Dl + part, Dj)
         if i == 0:
@@ -109,14 +100,8 @@ def _read_fwd(
     part = cs * C * D + rc[:, None] * D + rv[None, :]
     qj = tl.load(q + rows).to(tl.float32)
     M = tl.load(M_st + cs * D * D + tile)
-    S = tl.zeros((D, BV), tl.float32)
-    Pm = tl.zeros((D, BV), tl.float32)
-    fv = tl.zeros((C,), tl.float32)
-    if HAS_S:
-        S = tl.load(S_st + cs * D * D + tile)
-        fv = tl.load(f + cs * C + rc)
-    if HAS_P:
-        Pm = tl.load(P + b * D * D + tile)
+    S, Pm = load(S_st + cs * D * D + tile, HAS_S, (D, BV)), load(P + b * D * D + tile, HAS_P, (D, BV))
+    fv = load(f + cs * C + rc, HAS_S, (C,))
     Gj = tl.load(G + cs * C * C + rc[:, None] * C + rc[None, :])
     kj = tl.load(k + rows).to(tl.float32)
     out, _ = read(qj, kj, tl.load(Dl + part), M, Pm, S, Gj, tl.load(beta + cs * C + rc), fv, HAS_S, HAS_P)
@@ -167,11 +152,8 @@ def _state_bwd(
     b, i = tl.program_id(0), tl.program_id(1)
     rc, rd, rv = tl.arange(0, C), tl.arange(0, D), i * BV + tl.arange(0, BV)
     tile = rd[:, None] * D + rv[None, :]
-    dM = tl.load(dM_end + b * D * D + tile)
-    dS = tl.zeros((D, BV), tl.float32)
+    dM, dS = tl.load(dM_end + b * D * D + tile), load(dS_end + b * D * D + tile, HAS_S, (D, BV))
     dPm = tl.zeros((D, BV), tl.float32)
-    if HAS_S:
-        dS = tl.load(dS_end + b * D * D + tile)
     for jj in range(K):
         cs = b * K + K - 1 - jj
         st = cs * D * D + tile
@@ -257,10 +239,7 @@ def _grads_rows(
     cj = cs * C + rc
     cc = cs * C * C + rc[:, None] * C + rc[None, :]
     bt, gl = tl.load(beta + cj)[:, None], tl.load(g_last + cj)[:, None]
-    fv = tl.zeros((C, 1), tl.float32)
-    nl = tl.zeros((C, 1), tl.float32)
-    if HAS_S:
-        fv, nl = tl.load(f + cj)[:, None], tl.load(n_last + cj)[:, None]
+    fv, nl = load(f + cj, HAS_S, (C,))[:, None], load(n_last + cj, HAS_S, (C,))[:, None]
     dqi = tl.zeros((C, BK), tl.float32)
     dki = tl.zeros((C, BK), tl.float32)
     dgt = tl.zeros((C, C), tl.float32)
@@ -307,15 +286,12 @@ def forward(q, k, v, co: dict, M, S, P, cap: float, flags: dict):
     B, K, C, d = q.shape
     BV = min(d, TILE)
     has_S, has_P = S is not None, P is not None
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dummy = M[0].new_zeros(1)
-    opt = lambda t: dummy if t is None else t  # noqa: E731
-    Dl, y = torch.empty(B, K, C, d, **f32), torch.empty(B, K, C, d, **f32)
-    r = torch.empty(B, K, C, **f32)
-    M_st, S_st = torch.empty(B, K, d, d, **f32), torch.empty(B, K, d, d, **f32) if has_S else dummy
-    M_out, S_out = torch.empty_like(M[0]), torch.empty_like(M[0]) if has_S else dummy
-    S0, P0 = S[0] if has_S else dummy, P[0] if has_P else dummy
-    c = {n: opt(t) for n, t in co.items()}
+    buf = Buffers(q.device)
+    Dl, y, r = buf.new(B, K, C, d), buf.new(B, K, C, d), buf.new(B, K, C)
+    M_st, S_st = buf.new(B, K, d, d), buf.new(B, K, d, d, on=has_S)
+    M_out, S_out = buf.new(B, d, d), buf.new(B, d, d, on=has_S)
+    S0, P0 = buf.opt(S and S[0]), buf.opt(P and P[0])
+    c = {n: buf.opt(t) for n, t in co.items()}
     sizes = dict(C=C, D=d, BV=BV, HAS_S=has_S, HAS_P=has_P, RESIDUAL=flags["RESIDUAL"])
     _state_fwd[(B, d // BV)](
         k, v, c["theta"], c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], M[0], S0, P0,
@@ -333,25 +309,22 @@ def backward(q, k, co: dict, P, kept, dy, dM_end, dS_end, flags: dict):
     B, K, C, d = q.shape
     BV = BK = min(d, TILE)
     NT = d // BV
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dummy = dy.new_zeros(1)
-    opt = lambda t: dummy if t is None else t  # noqa: E731
     has_S, has_P = flags["HAS_S"], flags["HAS_P"]
-    new = lambda on, *shape: torch.empty(*shape, **f32) if on else dummy  # noqa: E731
-    c = {n: opt(t) for n, t in co.items()}
-    P0 = P[0] if has_P else dummy
+    buf = Buffers(q.device)
+    c = {n: buf.opt(t) for n, t in co.items()}
+    P0 = buf.opt(P and P[0])
     sizes = dict(C=C, D=d, BV=BV, HAS_S=has_S, HAS_P=has_P)
-    A = torch.empty(B, K, C, d, **f32)
-    R, Q, U = new(True, B, K, d, d), new(has_S, B, K, d, d), new(has_P, B, K, d, d)
+    A = buf.new(B, K, C, d)
+    R, Q, U = buf.new(B, K, d, d), buf.new(B, K, d, d, on=has_S), buf.new(B, K, d, d, on=has_P)
     _bwd_reads[(B * K, NT)](q, k, c["beta"], c["f"], c["neg_G"], r, dy, A, R, Q, U, **sizes, **LAUNCH)
-    dM_st, dS_st = new(True, B, K, d, d), new(has_S, B, K, d, d)
-    dM0, dS0, dP = new(True, B, d, d), new(has_S, B, d, d), new(has_P, B, d, d)
+    dM_st, dS_st = buf.new(B, K, d, d), buf.new(B, K, d, d, on=has_S)
+    dM0, dS0, dP = buf.new(B, d, d), buf.new(B, d, d, on=has_S), buf.new(B, d, d, on=has_P)
     _state_bwd[(B, NT)](
         k, r, c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], R, Q, U,
-        dM_end[0], dS_end[0] if has_S else dummy, dM_st, dS_st, dM0, dS0, dP, K, **sizes, **LAUNCH,
+        dM_end[0], buf.opt(dS_end and dS_end[0]), dM_st, dS_st, dM0, dS0, dP, K, **sizes, **LAUNCH,
     )  # fmt: skip
-    dv, dq, dk = (torch.empty(B, K, C, d, **f32) for _ in range(3))
-    per_token, per_chunk = (lambda on: new(on, B, K, NT, C)), (lambda on: new(on, B, K, NT))  # noqa: E731
+    dv, dq, dk = buf.new(B, K, C, d), buf.new(B, K, C, d), buf.new(B, K, C, d)
+    per_token, per_chunk = (lambda on: buf.new(B, K, NT, C, on=on)), (lambda on: buf.new(B, K, NT, on=on))  # noqa: E731
     part = {
         "beta": per_token(True), "f": per_token(has_S), "beta_last": per_chunk(True), "f_last": per_chunk(has_S),
         "neg_g_last": per_token(True), "m_last": per_chunk(has_S), "neg_n_last": per_token(has_S),
@@ -361,12 +334,12 @@ def backward(q, k, co: dict, P, kept, dy, dM_end, dS_end, flags: dict):
         part["beta"], part["f"], part["beta_last"], part["f_last"], part["neg_g_last"], part["m_last"],
         part["neg_n_last"], K, **sizes, **LAUNCH,
     )  # fmt: skip
-    dG = torch.empty(B, K, 1, C, C, **f32)
+    dG = buf.new(B, K, 1, C, C)
     _grads_rows[(B * K, d // BK)](
         q, k, c["beta"], c["f"], c["neg_G"], c["neg_g_last"], c["neg_n_last"], Dl, dy, dv, M_st, S_st, P0,
         dM_st, dS_st, dq, dk, dG, K, BK=BK, RESIDUAL=flags["RESIDUAL"], **sizes, **LAUNCH,
     )  # fmt: skip
-    g = {n: None if t is dummy else t.sum(2, keepdim=True) for n, t in part.items()}  # the column tiles add up
+    g = {n: None if buf.given(t) is None else t.sum(2, keepdim=True) for n, t in part.items()}  # column tiles add up
     g["neg_G"] = dG
-    opt1 = lambda on, t: (t,) if on else None  # noqa: E731
-    return dq, dk, dv, (dM0,), opt1(has_S, dS0), opt1(has_P, dP), g
+    one = lambda t: None if buf.given(t) is None else (t,)  # noqa: E731
+    return dq, dk, dv, (dM0,), one(dS0), one(dP), g

@@ -13,8 +13,9 @@ from torch.autograd.function import once_differentiable
 
 from components.ops.memory import triton_linear, triton_mlp
 from components.ops.memory.common import setting_reach
+from components.ops.memory.triton_parts import GRAD_FIELDS
 
-FIELDS = ("theta", "beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")
+FIELDS = ("theta", *GRAD_FIELDS)
 _KERNELS = {1: triton_linear, 2: triton_mlp}
 
 # `auto` takes the Triton kernels up to these sizes (head dim, state floats a layer, chunk): the
@@ -69,15 +70,15 @@ class TritonLoop(torch.autograd.Function):
         fields = {n: None if t is None else cast(t.expand(B, K, L, *t.shape[3:]).reshape(B, K, L, -1))
                   for n, t in co.items()}  # fmt: skip
         model = setting.model  # the step cap's r (detached) is kept, so the backward needs no cap
-        y, M_out, S_out, kept = _KERNELS[L].forward(
-            q, k, v, fields, tuple(map(cast, M)), tuple(map(cast, S)) if has_S else None,
-            tuple(map(cast, P)) if has_P else None, float(model.step_cap or 0.0), flags(model, has_S, has_P),
+        Pc = tuple(map(cast, P)) if has_P else None
+        ctx.flags = flags(model, has_S, has_P)
+        y, M_out, S_out, ctx.kept = _KERNELS[L].forward(
+            q, k, v, fields, tuple(map(cast, M)), tuple(map(cast, S)) if has_S else None, Pc,
+            float(model.step_cap or 0.0), ctx.flags,
         )  # fmt: skip
-        ctx.setting, ctx.L, ctx.has, ctx.kept = setting, L, (has_S, has_P), kept
-        ctx.dtypes = q.dtype, M[0].dtype
+        ctx.L, ctx.has, ctx.dtypes, ctx.fields = L, (has_S, has_P), (q.dtype, M[0].dtype), fields
         ctx.shapes = {n: None if t is None else t.shape for n, t in co.items()}
-        ctx.fields = fields
-        ctx.save_for_backward(q, k, *(map(cast, P) if has_P else ()))
+        ctx.save_for_backward(q, k, *(Pc or ()))
         to = lambda ws: (None,) * L if ws is None else tuple(w.to(M[0].dtype) for w in ws)  # noqa: E731
         return (y.to(q.dtype), *to(M_out), *to(S_out))
 
@@ -88,12 +89,11 @@ class TritonLoop(torch.autograd.Function):
         q, k, *P = ctx.saved_tensors
         B, K = q.shape[:2]
         cast = lambda t: t.float().contiguous()  # noqa: E731
-        model = ctx.setting.model
         dq, dk, dv, dM0, dS0, dP, g = _KERNELS[L].backward(
             q, k, ctx.fields, tuple(P) if has_P else None, ctx.kept, cast(dy), tuple(map(cast, dstate[:L])),
-            tuple(map(cast, dstate[L:])) if has_S else None, flags(model, has_S, has_P),
+            tuple(map(cast, dstate[L:])) if has_S else None, ctx.flags,
         )  # fmt: skip
-        grads = [_to_slots(None if n == "theta" else g[n], ctx.shapes[n], B, K, L) for n in FIELDS]
+        grads = [_to_slots(g.get(n), ctx.shapes[n], B, K, L) for n in FIELDS]
         to = lambda ts: (None,) * L if ts is None else tuple(t.to(wt) for t in ts)  # noqa: E731
         return (
             None, None, dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), *grads, *to(dM0), *to(dS0), *to(dP),

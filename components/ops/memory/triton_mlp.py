@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from components.ops.memory.triton_parts import LAUNCH, dot, state
+from components.ops.memory.triton_parts import GRAD_FIELDS, LAUNCH, Buffers, dot, load, state
 
 
 @triton.jit
@@ -75,15 +75,6 @@ def _tiles(e, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexp
     chunk's (C, E) tensor."""
     rc, rd, re = tl.arange(0, C), tl.arange(0, D), e * BE + tl.arange(0, BE)
     return rd[:, None] * E + re[None, :], re[:, None] * D + rd[None, :], rc[:, None] * E + re[None, :]
-
-
-@triton.jit
-def _load(p, ON: tl.constexpr, shape: tl.constexpr):
-    """A float32 tile at pointers p, or zeros when not ON."""
-    t = tl.zeros(shape, tl.float32)
-    if ON:
-        t = tl.load(p)
-    return t
 
 
 @triton.jit
@@ -146,10 +137,10 @@ def _state_fwd(
             a2 = _act(tl.load(Z1 + cs * C * E + ce), SILU)
             D1j = r[:, None] * tl.load(D1 + cs * C * E + ce)
             tl.store(D1 + cs * C * E + ce, D1j)
-            S1, Pm1 = _load(S1s + w0 + de, HAS_S, (D, BE)), _load(P1 + pw + de, HAS_P, (D, BE))
+            S1, Pm1 = load(S1s + w0 + de, HAS_S, (D, BE)), load(P1 + pw + de, HAS_P, (D, BE))
             M1, S1 = state(kj, D1j, tl.load(M1s + w0 + de), Pm1, S1, bl1, gl1, fl1, ml1, nl1, HAS_S, HAS_P)
             tl.store(M1s + w0 + D * E + de, M1)
-            S2, Pm2 = _load(S2s + w0 + ed, HAS_S, (BE, D)), _load(P2 + pw + ed, HAS_P, (BE, D))
+            S2, Pm2 = load(S2s + w0 + ed, HAS_S, (BE, D)), load(P2 + pw + ed, HAS_P, (BE, D))
             M2, S2 = state(a2, D2j, tl.load(M2s + w0 + ed), Pm2, S2, bl2, gl2, fl2, ml2, nl2, HAS_S, HAS_P)
             tl.store(M2s + w0 + D * E + ed, M2)
             if HAS_S:
@@ -175,8 +166,8 @@ def _read_fwd(
     qj = tl.load(q + rows).to(tl.float32)
     G1t = tl.load(G + s1 * C * C + cc) * dot(qj, tl.trans(tl.load(k + rows).to(tl.float32)))
     bt1, bt2 = tl.load(beta + c1)[:, None], tl.load(beta + c1 + C)[:, None]
-    f1 = _load(f + c1, HAS_S, (C,))[:, None]
-    f2 = _load(f + c1 + C, HAS_S, (C,))[:, None]
+    f1 = load(f + c1, HAS_S, (C,))[:, None]
+    f2 = load(f + c1 + C, HAS_S, (C,))[:, None]
     T2 = tl.zeros((C, C), tl.float32)  # x2 a2^T
     out = tl.zeros((C, D), tl.float32)  # beta2 o x2 M2 + (1 - beta2) o x2 P2 + f2 o x2 S2
     for e in range(E // BE):
@@ -224,12 +215,11 @@ def _chunk_bwd(
     w1 = w0 + D * E  # the chunk's end state
     s1 = cs * 2
     c1, c2 = s1 * C + rc, s1 * C + C + rc
-    qj, kj = tl.load(q + rows).to(tl.float32), tl.load(k + rows).to(tl.float32)
     dyj, D2j = tl.load(dy + rows), tl.load(D2 + rows)
     bt1, bt2 = tl.load(beta + c1)[:, None], tl.load(beta + c2)[:, None]
     gl1, gl2 = tl.load(g_last + c1)[:, None], tl.load(g_last + c2)[:, None]
-    f1, f2 = _load(f + c1, HAS_S, (C,))[:, None], _load(f + c2, HAS_S, (C,))[:, None]
-    nl1, nl2 = _load(n_last + c1, HAS_S, (C,))[:, None], _load(n_last + c2, HAS_S, (C,))[:, None]
+    f1, f2 = load(f + c1, HAS_S, (C,))[:, None], load(f + c2, HAS_S, (C,))[:, None]
+    nl1, nl2 = load(n_last + c1, HAS_S, (C,))[:, None], load(n_last + c2, HAS_S, (C,))[:, None]
     G1, G2 = tl.load(G + s1 * C * C + cc), tl.load(G + (s1 + 1) * C * C + cc)
     # 1. x2 a2^T; for ALL, the second layer's coefficient sums and a2 dM2', a2 dS2'
     T2 = tl.zeros((C, C), tl.float32)
@@ -238,8 +228,9 @@ def _chunk_bwd(
     dbt2, df2, dbl2, dfl2, dml2 = rc * 0.0, rc * 0.0, 0.0, 0.0, 0.0
     for e in range(E // BE):
         de, ed, ce = _tiles(e, C, D, E, BE)
-        dyj = tl.load(dy + rows)  # the chunk's rows are loaded where a loop uses them: held across
-        # the loop, each (C, d) product operand costs up to 64 registers a thread (see `_rows`)
+        # the chunk's (C, d) rows are loaded where a loop uses them: held across the loop as a
+        # product's operand (hi and lo halves of tf32x3), each cost up to 64 registers a thread
+        dyj = tl.load(dy + rows)
         a2 = _act(tl.load(Z1 + cs * C * E + ce), SILU)
         x2 = _act(tl.load(ZQ + cs * C * E + ce), SILU)
         T2 += dot(x2, tl.trans(a2))
@@ -333,22 +324,20 @@ def _chunk_bwd(
                 dml1 += tl.sum(tl.sum(dS1 * S1, 1), 0)
                 da2 += nl2 * dot(D2j, tl.trans(tl.load(dS2s + w1 + ed)))
         else:  # the reads' part of the start state's gradient (pass 3 adds the deltas' part)
+            x2 = _act(tl.load(ZQ + cs * C * E + ce), SILU)
             tl.store(dM1s + w0 + de, dot(tl.trans(qj), bt1 * dzq))
             if HAS_S:
                 tl.store(dS1s + w0 + de, dot(tl.trans(qj), f1 * dzq))
-                tl.store(dS2s + w0 + ed, dot(tl.trans(f2 * _act(tl.load(ZQ + cs * C * E + ce), SILU)), dyj))
+                tl.store(dS2s + w0 + ed, dot(tl.trans(f2 * x2), dyj))
             if HAS_P:
                 tl.store(U1 + cs * D * E + de, dot(tl.trans(qj), (1 - bt1) * dzq))
-                tl.store(
-                    U2 + cs * D * E + ed, dot(tl.trans((1 - bt2) * _act(tl.load(ZQ + cs * C * E + ce), SILU)), dyj)
-                )
+                tl.store(U2 + cs * D * E + ed, dot(tl.trans((1 - bt2) * x2), dyj))
         # the inner backward through D1 = act'(z1) o (D2 M2^T)
         dcar = _act1(z1, SILU) * dD1
         tl.store(Xz + cs * C * E + ce, _act2(z1, SILU) * dot(D2j, tl.trans(M2)) * dD1)
         tl.store(Xa + cs * C * E + ce, da2)
         dD2 += dot(dcar, M2)
         if not ALL:
-            x2 = _act(tl.load(ZQ + cs * C * E + ce), SILU)
             tl.store(dM2s + w0 + ed, dot(tl.trans(bt2 * x2), dyj) + dot(tl.trans(dcar), D2j))
     derr = 2 * tl.load(rr + cs * C + rc)[:, None] * dD2  # d loss / d err
     tl.debug_barrier()
@@ -409,9 +398,8 @@ def _state_bwd(
         w1 = w0 + D * E
         s1 = cs * 2
         c1 = s1 * C + rc
-        kj, D2j = tl.load(k + cs * C * D + rows).to(tl.float32), tl.load(D2 + cs * C * D + rows)
         gl1, gl2 = tl.load(g_last + c1)[:, None], tl.load(g_last + c1 + C)[:, None]
-        nl1, nl2 = _load(n_last + c1, HAS_S, (C,))[:, None], _load(n_last + c1 + C, HAS_S, (C,))[:, None]
+        nl1, nl2 = load(n_last + c1, HAS_S, (C,))[:, None], load(n_last + c1 + C, HAS_S, (C,))[:, None]
         dD2 = tl.zeros((C, D), tl.float32)
         for e in range(E // BE):
             de, ed, ce = _tiles(e, C, D, E, BE)
@@ -478,42 +466,22 @@ def forward(q, k, v, co: dict, M, S, P, cap: float, flags: dict):
     states and what the backward keeps."""
     B, K, C, d = q.shape
     e = M[0].shape[-1]
-    BE = min(e, TILE)
     has_S, has_P = S is not None, P is not None
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dummy = M[0].new_zeros(1)
-    opt = lambda t: dummy if t is None else t  # noqa: E731
+    buf = Buffers(q.device)
     Ms = [_slots(w, K) for w in M]
-    Ss = [_slots(w, K) for w in S] if has_S else [dummy, dummy]
-    Ps = list(P) if has_P else [dummy, dummy]
-    Z1, D1, ZQ = (torch.empty(B, K, C, e, **f32) for _ in range(3))
-    D2, y = torch.empty(B, K, C, d, **f32), torch.empty(B, K, C, d, **f32)
-    r = torch.empty(B, K, C, **f32)
-    c = {n: opt(t) for n, t in co.items()}
-    sizes = dict(C=C, D=d, E=e, BE=BE, HAS_S=has_S, HAS_P=has_P, SILU=flags["SILU"])
+    Ss = [_slots(w, K) for w in S] if has_S else [buf.dummy] * 2
+    Ps = list(P) if has_P else [buf.dummy] * 2
+    Z1, D1, ZQ = buf.new(B, K, C, e), buf.new(B, K, C, e), buf.new(B, K, C, e)
+    D2, y, r = buf.new(B, K, C, d), buf.new(B, K, C, d), buf.new(B, K, C)
+    c = {n: buf.opt(t) for n, t in co.items()}
+    sizes = dict(C=C, D=d, E=e, BE=min(e, TILE), HAS_S=has_S, HAS_P=has_P, RESIDUAL=flags["RESIDUAL"])
     _state_fwd[(B,)](
         k, v, c["theta"], c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], *Ms, *Ss, *Ps,
-        Z1, D1, D2, r, K, cap, CAP=flags["CAP"], RESIDUAL=flags["RESIDUAL"], **sizes, **LAUNCH,
+        Z1, D1, D2, r, K, cap, CAP=flags["CAP"], SILU=flags["SILU"], **sizes, **LAUNCH,
     )  # fmt: skip
     _read_fwd[(B * K,)](
-        q,
-        k,
-        c["beta"],
-        c["f"],
-        c["neg_G"],
-        *Ms,
-        *Ss,
-        *Ps,
-        Z1,
-        D1,
-        D2,
-        ZQ,
-        y,
-        K,
-        RESIDUAL=flags["RESIDUAL"],
-        **sizes,
-        **LAUNCH,
-    )
+        q, k, c["beta"], c["f"], c["neg_G"], *Ms, *Ss, *Ps, Z1, D1, D2, ZQ, y, K, SILU=flags["SILU"], **sizes, **LAUNCH,
+    )  # fmt: skip
     # the end states as tensors of their own: a view would keep every chunk's slot alive
     ends = tuple(s[:, K].clone() for s in Ms), tuple(s[:, K].clone() for s in Ss) if has_S else None
     return y, *ends, (Ms, Ss, Z1, ZQ, D1, D2, r)
@@ -526,45 +494,39 @@ def backward(q, k, co: dict, P, kept, dy, dM_end, dS_end, flags: dict):
     Ms, Ss, Z1, ZQ, D1, D2, r = kept
     B, K, C, d = q.shape
     e = Z1.shape[-1]
-    BE = min(e, TILE)
     has_S, has_P = flags["HAS_S"], flags["HAS_P"]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dummy = dy.new_zeros(1)
-    opt = lambda t: dummy if t is None else t  # noqa: E731
-    new = lambda on, *shape: torch.empty(*shape, **f32) if on else dummy  # noqa: E731
-    c = {n: opt(t) for n, t in co.items()}
-    Ps = list(P) if has_P else [dummy, dummy]
+    buf = Buffers(q.device)
+    c = {n: buf.opt(t) for n, t in co.items()}
+    Ps = list(P) if has_P else [buf.dummy] * 2
     dMs = [torch.empty_like(s) for s in Ms]
-    dSs = [torch.empty_like(s) for s in Ss] if has_S else [dummy, dummy]
+    dSs = [torch.empty_like(s) for s in Ss] if has_S else [buf.dummy] * 2
     for slots, end in zip(dMs + (dSs if has_S else []), list(dM_end) + list(dS_end or ())):
         slots[:, K] = end
-    U = [new(has_P, B, K, *w.shape[2:]) for w in Ms]
+    U = [buf.new(B, K, *w.shape[2:], on=has_P) for w in Ms]
     Xq, Xa, Xz = torch.empty_like(Z1), torch.empty_like(Z1), torch.empty_like(Z1)
-    dq, dk, dv = (torch.empty(B, K, C, d, **f32) for _ in range(3))
-    per_token, per_chunk = (lambda on: new(on, B, K, 2, C)), (lambda on: new(on, B, K, 2))  # noqa: E731
+    dq, dk, dv = buf.new(B, K, C, d), buf.new(B, K, C, d), buf.new(B, K, C, d)
+    per_token, per_chunk = (lambda on: buf.new(B, K, 2, C, on=on)), (lambda on: buf.new(B, K, 2, on=on))  # noqa: E731
     g = {
-        "beta": per_token(True), "f": per_token(has_S), "neg_G": new(True, B, K, 2, C, C),
+        "beta": per_token(True), "f": per_token(has_S), "neg_G": buf.new(B, K, 2, C, C),
         "beta_last": per_chunk(True), "f_last": per_chunk(has_S), "neg_g_last": per_token(True),
         "m_last": per_chunk(has_S), "neg_n_last": per_token(has_S),
     }  # fmt: skip
-    fields = [c[n] for n in ("beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")]
-    sizes = dict(C=C, D=d, E=e, BE=BE, HAS_S=has_S, HAS_P=has_P, SILU=flags["SILU"])
+    sizes = dict(C=C, D=d, E=e, BE=min(e, TILE), HAS_S=has_S, HAS_P=has_P, SILU=flags["SILU"])
 
     def chunks(ALL: bool):
-        grads = [g[n] for n in ("beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")]
         _chunk_bwd[(B * K,)](
-            q, k, *fields, *Ms, *Ss, *Ps, Z1, ZQ, D1, D2, r, dy, *dMs, *dSs, *U, Xq, Xa, Xz, dq, dk, dv, *grads,
-            K, RESIDUAL=flags["RESIDUAL"], ALL=ALL, **sizes, **LAUNCH,
+            q, k, *(c[n] for n in GRAD_FIELDS), *Ms, *Ss, *Ps, Z1, ZQ, D1, D2, r, dy, *dMs, *dSs, *U, Xq, Xa, Xz,
+            dq, dk, dv, *(g[n] for n in GRAD_FIELDS), K, RESIDUAL=flags["RESIDUAL"], ALL=ALL, **sizes, **LAUNCH,
         )  # fmt: skip
 
     chunks(ALL=False)
-    dP = [u.sum(1) for u in U] if has_P else [dummy, dummy]
+    dP = [u.sum(1) for u in U] if has_P else [buf.dummy] * 2
     _state_bwd[(B,)](
         k, c["beta_last"], c["f_last"], c["neg_g_last"], c["m_last"], c["neg_n_last"], Ms[1], Z1, D2, r,
         *dMs, *dSs, *dP, K, **sizes, **LAUNCH,
     )  # fmt: skip
     chunks(ALL=True)
-    g = {n: None if t is dummy else t for n, t in g.items()}
+    g = {n: buf.given(t) for n, t in g.items()}
     dM0 = tuple(s[:, 0].clone() for s in dMs)
     dS0 = tuple(s[:, 0].clone() for s in dSs) if has_S else None
     return dq, dk, dv, dM0, dS0, tuple(dP) if has_P else None, g

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+# the coefficient fields a kernel set returns gradients of, in `triton_loop.FIELDS` order (theta
+# has none: the cap's r is detached and the rest of theta reaches G, g, n through torch)
+GRAD_FIELDS = ("beta", "f", "neg_G", "beta_last", "f_last", "neg_g_last", "m_last", "neg_n_last")
 
 # tl.dot in float32: "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) on a GPU,
 # "ieee" under the interpreter (numpy float32; it has no TF32). Plain ieee on a GPU lowers
@@ -24,6 +29,33 @@ PRECISION: tl.constexpr = tl.constexpr("ieee" if os.environ.get("TRITON_INTERPRE
 # Every launch: 4 warps, no software pipelining of the loops' loads (its buffers took the largest
 # backward kernels past the 227 KB of shared memory an H100 block may have)
 LAUNCH = {"num_warps": 4, "num_stages": 1}
+
+
+class Buffers:
+    """float32 buffers on one device, and the 1-element stand-in a launch passes for an absent
+    tensor (the argument must be a pointer even where a constexpr switches its use off)."""
+
+    def __init__(self, device):
+        self.device, self.dummy = device, torch.zeros(1, device=device)
+
+    def opt(self, t):
+        return self.dummy if t is None else t
+
+    def new(self, *shape, on: bool = True):
+        return torch.empty(*shape, dtype=torch.float32, device=self.device) if on else self.dummy
+
+    def given(self, t):
+        """t, or None where it is the stand-in."""
+        return None if t is self.dummy else t
+
+
+@triton.jit
+def load(p, ON: tl.constexpr, shape: tl.constexpr):
+    """A float32 tile at pointers p, or zeros when not ON."""
+    t = tl.zeros(shape, tl.float32)
+    if ON:
+        t = tl.load(p)
+    return t
 
 
 @triton.jit
