@@ -40,6 +40,8 @@ class Case:
     channel_decay: bool = False  # one forget gate per output channel of each layer
     kl: float | None = None  # the KL retention's scale c: W = c softmax(A)
     lq: float | None = None  # the l_q retention's q: W = A / ||A||_q^(q-2)
+    eta_floor: float = 0.0  # momentum gates drawn in [floor, floor + 0.6 (1 - floor)]; near 1, a
+    # chunk's momentum reaches the next chunks (below 0.6, 16 tokens' product is ~1e-8)
 
 
 CASES = {
@@ -195,7 +197,10 @@ def make(case: Case, dtype=torch.float64, b=2, h=2, d=8, e=16, seed=0):
     widths = [d] + [e] * (case.depth - 1) + [d]
     weights = tuple(rnd(h, a, c, scale=a**-0.5) for a, c in zip(widths[:-1], widths[1:]))
     lr = uni(b, h, n, case.depth, scale=0.2) if case.per_layer_lr else uni(b, h, n, scale=0.2)
-    mom = uni(b, h, n, scale=0.6) if case.momentum else None
+    mom = None
+    if case.momentum:
+        mom = uni(b, h, n, scale=0.6 * (1 - case.eta_floor))
+        mom = (mom.detach() + case.eta_floor).requires_grad_() if case.eta_floor else mom
     dec = None
     if case.decay:  # per channel: (b, h, n, L, widest layer's outputs); narrower layers read their first o
         dec = uni(b, h, n, case.depth, max(widths[1:]), scale=0.1) if case.channel_decay else uni(b, h, n, scale=0.1)

@@ -39,6 +39,14 @@ CASES = {
         act="silu", chunk=16, n=37, norm=False, residual=True, momentum=False
     ),
     "mlp, everything off but the step": Case(chunk=16, n=32, norm=False, residual=False, momentum=False, decay=False),
+    # momentum gates in [0.97, 0.988]: chunk j's momentum reaches chunk j + 1 (m_c ~ 0.7), so the
+    # backward's carry of d S across chunks is checked (with gates below 0.6 it is ~1e-8)
+    "linear, momentum that outlives a chunk": Case(
+        depth=1, chunk=16, n=48, norm=False, residual=False, decay=False, eta_floor=0.97
+    ),
+    "mlp, momentum that outlives a chunk, cap": Case(
+        chunk=16, n=48, norm=False, residual=False, decay=False, cap=0.5, eta_floor=0.97
+    ),
 }
 
 
@@ -100,7 +108,7 @@ def test_auto_takes_the_kernels_up_to_the_sizes_that_compile_for_sm90():
     assert not chosen_by_auto((torch.zeros(1, 64, 512), torch.zeros(1, 512, 64)), 16)
 
 
-def test_the_kernels_compile_for_sm90_within_its_shared_memory():
+def test_the_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):
     """Every launch of both kernel sets, compiled for an H100 by Triton down to the cubin (its
     own ptxas; no GPU needed) at the largest sizes `auto` hands them (chunk 64, head dim 64,
     hidden 256, every mechanism on): each compiles, and each block asks for at most the 227 KB
@@ -115,13 +123,15 @@ def test_the_kernels_compile_for_sm90_within_its_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"PYTHONPATH": str(root), "TRITON_ALWAYS_COMPILE": "0"}  # shared memory is in the cache's metadata
     run = subprocess.run(
-        [sys.executable, "bench/triton_sm90.py"], cwd=root, env=env, capture_output=True, text=True, timeout=280
-    )
+        [sys.executable, "bench/triton_sm90.py", "--out", str(tmp_path / "sm90.jsonl")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
     if "No module named 'triton.backends.nvidia'" in run.stderr:
         pytest.skip("this triton has no NVIDIA backend")
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(lines) == 11
+    assert (tmp_path / "sm90.jsonl").read_text().splitlines() == run.stdout.splitlines()  # --out keeps them
     for line in lines:
         assert "error" not in line, line
         assert line["shared_bytes"] <= line["shared_limit"], line
