@@ -5,6 +5,11 @@ A benchmark script defines `DEFAULTS`, `suite(quick) -> list of groups` and
 timed in one process, interleaved round-robin, so all see the same machine conditions (this
 machine is shared and noisy: compare the ratios inside a group, not numbers across runs). Peak
 RSS is measured for each configuration alone in a fresh process. One JSON line per configuration.
+
+A configuration with `"flush_denormals": true` runs its steps under torch.set_flush_denormal(True)
+(the calling thread's float mode): what the C++ memory kernel does inside its loops, offered to
+the code it is compared with (titans-pytorch, our torch path), so a ratio can say how much of it
+is denormals.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[d
     keep_freed_memory()  # as train() does
     torch.set_num_threads(group[0]["threads"])
     steps, first, times, flops = {}, {}, {}, {}
+    flush = [bool(cfg.get("flush_denormals", False)) for cfg in group]
     for i, cfg in enumerate(group):
         steps[i], _ = make_step(cfg)
+        torch.set_flush_denormal(flush[i])
         t0 = time.perf_counter()
         steps[i]()  # warm-up (and compilation, for compiled variants)
         first[i], times[i], flops[i] = time.perf_counter() - t0, [], None
@@ -46,9 +53,11 @@ def time_group(group: list[dict], make_step: StepFactory, rounds: int) -> list[d
                 pass
     for _ in range(rounds):
         for i in range(len(group)):
+            torch.set_flush_denormal(flush[i])
             t = time.perf_counter()
             steps[i]()
             times[i].append(time.perf_counter() - t)
+    torch.set_flush_denormal(False)
     out = []
     for i, cfg in enumerate(group):
         tokens = cfg["batch"] * cfg["seq"]
@@ -98,15 +107,20 @@ def emit(line: dict, out: str | None) -> None:
             f.write(text + "\n")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the architecture: figures differ by vendor
+    (denormals cost an Intel core far more than an AMD one, docs/benchmarks.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-    }
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_model()}
 
 
 def main(

@@ -16,6 +16,9 @@
 #include <vector>
 
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -34,6 +37,22 @@ void gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, con
           int ldb, double beta, double* c, int ldc) {
     dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
+
+// Denormals flushed to zero (FTZ) and read as zero (DAZ) while a thread runs the memory loops,
+// its own mode restored after. A chunk's coefficients are products of up to C gates (N_t, G_t,
+// m_t of Coefs): at chunk 64 with momentum gates ~0.25 they reach 1e-39, below float32's
+// smallest normal, and every product they enter ran on microcode assists. On this Intel Xeon
+// the float32 MLP memory at the layer benchmark's size took 3x longer with them (GEMMs that
+// accumulate into C at 4-7 flops a cycle, against 35-48 flushed: docs/benchmarks.md); AMD's
+// cores pay far less, which is why the earlier figures did not show it. A value below 1.2e-38
+// (2.2e-308 in float64) is dropped, far under the tests' tolerances. Elsewhere than x86: no-op.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned saved = _mm_getcsr();
+    FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+    ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 // Small products in the kernel's own loops. Below ~8K multiply-adds an MKL call costs more than
 // its arithmetic (0.2-0.6 us a call, whatever the size): the quickstart's 8 x 16 x 64 and 8 x 64 x 8
@@ -402,18 +421,27 @@ void backward_row(const Flags& f, int b, const T* q, const T* k, const T* v, con
 template <typename T>
 void forward(int B, const Flags& f, void** p, int threads) {
     auto a = [&](int i) { return static_cast<T*>(p[i]); };
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; ++b)
-        forward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12), a(13));
+#pragma omp parallel num_threads(threads)
+    {
+        FlushDenormals flushed;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b)
+            forward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12),
+                           a(13));
+    }
 }
 
 template <typename T>
 void backward(int B, const Flags& f, void** p, int threads) {
     auto a = [&](int i) { return static_cast<T*>(p[i]); };
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; ++b)
-        backward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12), a(13),
-                        a(14), a(15), a(16), a(17), a(18), a(19), a(20));
+#pragma omp parallel num_threads(threads)
+    {
+        FlushDenormals flushed;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b)
+            backward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12),
+                            a(13), a(14), a(15), a(16), a(17), a(18), a(19), a(20));
+    }
 }
 
 
@@ -1012,8 +1040,12 @@ template <void (*Row32)(const MlpFlags&, int, void**), void (*Row64)(const MlpFl
 void mlp_rows(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P, int cap_on,
               int residual, int silu, double cap, int is_double, int threads, void** p) {
     const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; ++b) (is_double ? Row64 : Row32)(f, b, p);
+#pragma omp parallel num_threads(threads)
+    {
+        FlushDenormals flushed;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) (is_double ? Row64 : Row32)(f, b, p);
+    }
 }
 
 extern "C" void mlp_forward(int B, int K, int C, int L, const int* w, int slots, int has_S, int has_P, int cap_on,
