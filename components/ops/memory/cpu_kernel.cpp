@@ -41,9 +41,9 @@ void gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, con
 // Denormals flushed to zero (FTZ) and read as zero (DAZ) while a thread runs the memory loops,
 // its own mode restored after. A chunk's coefficients are products of up to C gates (N_t, G_t,
 // m_t of Coefs): at chunk 64 with momentum gates ~0.25 they reach 1e-39, below float32's
-// smallest normal, and every product they enter ran on microcode assists. On this Intel Xeon
+// smallest normal, and every product they enter ran on microcode assists. On an Intel Xeon
 // the float32 MLP memory at the layer benchmark's size took 3x longer with them (GEMMs that
-// accumulate into C at 4-7 flops a cycle, against 35-48 flushed: docs/benchmarks.md); AMD's
+// accumulate into C at 4-7 flops a cycle, against 21-41 flushed: docs/benchmarks.md); AMD's
 // cores pay far less, which is why the earlier figures did not show it. A value below 1.2e-38
 // (2.2e-308 in float64) is dropped, far under the tests' tolerances. Elsewhere than x86: no-op.
 struct FlushDenormals {
