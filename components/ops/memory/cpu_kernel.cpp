@@ -87,7 +87,11 @@ inline void vstore(T* p, Vec<T> x) {
 }
 
 constexpr long kSmallProduct = 8192;  // m n k at most: the kernel's own loops; above: MKL
-constexpr int kSmallTranspose = 256;  // n k at most for A B^T (B is transposed first, on the stack)
+// n k at most for A B^T (B is transposed first, on the stack: 4 KB float, 8 KB double). MKL ran
+// the quickstart's 8 x 16 x 64 and 8 x 8 x 64 A B^T at 1.7-3.4 flops a cycle on an Intel Xeon,
+// 3-5x under its A B at the same sizes; transposed here they cost half as much or less, and the
+// MLP memory at the quickstart's sizes ran 1.05-1.31x faster than with 256 (docs/benchmarks.md).
+constexpr int kSmallTranspose = 1024;
 
 // R rows of C (from row i0) = alpha A' B + beta C, A'(i, p) = A[i, p] (A[p, i] if ta), B (k x n)
 // row-major: per p, R broadcasts of A' times NV vectors of B's row p, accumulated in registers.
