@@ -395,6 +395,26 @@ def test_the_cpp_kernel_equals_naive_float32(name):
     assert_kernel_equals_naive(CASES[name], "cpp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_coefficients_hold_no_denormals(dtype):
+    """A chunk of 64 momentum and decay gates of 0.2: their running products fall below float32's
+    smallest normal within the chunk. The exponentials the coefficients are built from are then
+    exactly 0 (`normal_exp`), not denormals that slow every product they enter, and equal to exp
+    wherever it is normal."""
+    from components.ops.memory.coefficients import coefficients, decay_matrix
+
+    tiny = torch.finfo(torch.float32).tiny
+    log_gate = torch.full((2, 1, 1, 64), 0.2).log().to(dtype)
+    co = coefficients(torch.full((2, 1, 1, 64), 0.1, dtype=dtype), log_gate, log_gate)
+    cum = torch.cumsum(log_gate, -1)
+    exps = (cum[..., :, None] - cum[..., None, :]).exp().tril()
+    assert (exps[exps < tiny] > 0).any()  # plain exp leaves denormals here
+    for got, want in ((decay_matrix(cum), exps), (co.beta[..., 0], cum.exp()), (co.m_last, cum[..., -1:, None].exp())):
+        got, want = got.float(), want.float()
+        assert ((got == 0) | (got.abs() >= tiny)).all()
+        assert torch.equal(got[want >= tiny], want[want >= tiny])
+
+
 def test_linear_online_without_momentum_is_the_gated_delta_rule():
     """Independent oracle (research/efficient_memory.md §1): Titans-linear with eta = 0 at chunk 1
     is Gated DeltaNet with gate a = 1 - alpha, beta = 2 theta / a (our loss has no 1/2) and
