@@ -54,6 +54,18 @@ struct FlushDenormals {
 #endif
 };
 
+// row(b) for b < B over `threads` OpenMP threads, each thread with denormals flushed: the memory
+// loops' one parallel region
+template <typename F>
+void over_rows(int B, int threads, F&& row) {
+#pragma omp parallel num_threads(threads)
+    {
+        FlushDenormals flushed;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) row(b);
+    }
+}
+
 // Small products in the kernel's own loops. Below ~8K multiply-adds an MKL call costs more than
 // its arithmetic (0.2-0.6 us a call, whatever the size): the quickstart's 8 x 16 x 64 and 8 x 64 x 8
 // products ran 1.4-4x faster here, while from ~16K on MKL's packed kernels win (docs/benchmarks.md).
@@ -425,27 +437,18 @@ void backward_row(const Flags& f, int b, const T* q, const T* k, const T* v, con
 template <typename T>
 void forward(int B, const Flags& f, void** p, int threads) {
     auto a = [&](int i) { return static_cast<T*>(p[i]); };
-#pragma omp parallel num_threads(threads)
-    {
-        FlushDenormals flushed;
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b)
-            forward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12),
-                           a(13));
-    }
+    over_rows(B, threads, [&](int b) {
+        forward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12), a(13));
+    });
 }
 
 template <typename T>
 void backward(int B, const Flags& f, void** p, int threads) {
     auto a = [&](int i) { return static_cast<T*>(p[i]); };
-#pragma omp parallel num_threads(threads)
-    {
-        FlushDenormals flushed;
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b)
-            backward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12),
-                            a(13), a(14), a(15), a(16), a(17), a(18), a(19), a(20));
-    }
+    over_rows(B, threads, [&](int b) {
+        backward_row<T>(f, b, a(0), a(1), a(2), a(3), a(4), a(5), a(6), a(7), a(8), a(9), a(10), a(11), a(12), a(13),
+                        a(14), a(15), a(16), a(17), a(18), a(19), a(20));
+    });
 }
 
 
@@ -1044,12 +1047,7 @@ template <void (*Row32)(const MlpFlags&, int, void**), void (*Row64)(const MlpFl
 void mlp_rows(int B, int K, int C, int L, const int* widths, int slots, int has_S, int has_P, int cap_on,
               int residual, int silu, double cap, int is_double, int threads, void** p) {
     const MlpFlags f{K, C, L, slots, widths, has_S != 0, has_P != 0, cap_on != 0, residual != 0, silu != 0, cap};
-#pragma omp parallel num_threads(threads)
-    {
-        FlushDenormals flushed;
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b) (is_double ? Row64 : Row32)(f, b, p);
-    }
+    over_rows(B, threads, [&](int b) { (is_double ? Row64 : Row32)(f, b, p); });
 }
 
 extern "C" void mlp_forward(int B, int K, int C, int L, const int* w, int slots, int has_S, int has_P, int cap_on,

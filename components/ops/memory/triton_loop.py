@@ -38,8 +38,8 @@ def chosen_by_auto(M: tuple[torch.Tensor, ...], chunk: int) -> bool:
 
 def flags(model, has_S: bool, has_P: bool) -> dict:
     """A kernel set's fixed settings (the MLP kernels also take the activation)."""
-    out = {"CAP": model.step_cap is not None, "RESIDUAL": model.residual, "HAS_S": has_S, "HAS_P": has_P}
-    return out | {"SILU": model.activation == "silu"}
+    return {"CAP": model.step_cap is not None, "RESIDUAL": model.residual, "HAS_S": has_S, "HAS_P": has_P,
+            "SILU": model.activation == "silu"}  # fmt: skip
 
 
 def _to_slots(g, shape, B: int, K: int, L: int):
