@@ -285,9 +285,9 @@ def test_the_step_cap_bites_and_an_infinite_cap_is_off(name):
     assert torch.equal(huge, off)
 
 
-def assert_fast_equals_naive(case: Case, rtol: float = 1e-9, backend: str = "torch") -> None:
+def assert_fast_equals_naive(case: Case, rtol: float = 1e-9, backend: str = "torch", d: int = 8, e: int = 16) -> None:
     """Outputs, final state (weights, momentum, offset) and every input's gradient, float64."""
-    inputs, weights, model, leaves = make(case)
+    inputs, weights, model, leaves = make(case, d=d, e=e)
     y, s, g = outputs_state_grads(memory_update, case, inputs, weights, model, leaves, backend=backend)
     y0, s0, g0 = outputs_state_grads(naive_memory_update, case, inputs, weights, model, leaves)
     assert_rel_close(y, y0, rtol, "outputs")
@@ -393,6 +393,18 @@ def assert_kernel_equals_naive(case: Case, backend: str, d: int = 16, e: int = 1
 @pytest.mark.parametrize("name", CPP_CASES)
 def test_the_cpp_kernel_equals_naive_float32(name):
     assert_kernel_equals_naive(CASES[name], "cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("chunk, n", [(16, 37), (5, 23)])
+def test_the_cpp_kernel_equals_naive_at_a_wide_hidden_layer(chunk, n):
+    """A hidden layer of 130 takes the kernel's A B^T for few rows against long ones (`dots_mm`:
+    the reads' C x C scores, the backward's products with a weight's transpose), here with odd
+    row and column counts and rows no multiple of the vector width: float64 to 1e-9, float32 to
+    1e-4."""
+    case = replace(CASES["mlp plain, decay toward the prior, chunk 16"], chunk=chunk, n=n)
+    assert_fast_equals_naive(case, backend="cpp", d=8, e=130)
+    assert_kernel_equals_naive(case, "cpp", d=8, e=130)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -152,11 +152,54 @@ void small_mm(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta
     for (; i < m; ++i) rows_all<T, 1>(ta, m, n, k, A, B, C, beta, alpha, i);
 }
 
+// C = alpha A B^T + beta C, A (m x k) and B (n x k) row-major, for few rows m and columns n and
+// long rows k: every entry a dot product of two contiguous rows, R x Q of them at a time in
+// vector registers along k, each summed across its lanes at the end. MKL ran the study size's
+// A B^T with 16 rows (the reads' 16 x 16 scores against a 128-wide layer, the backward's
+// 16 x 32 x 128 products with a weight's transpose) at 15-30% of its A B rate, and a transposed
+// copy costs about what the product does; this way they ran 1.4-2.1x faster. With 32 or 64
+// rows, 64+ columns or rows of 64, MKL or the transposed copy won (docs/benchmarks.md).
+template <typename T, int R, int Q>
+inline void dots_block(int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i, int j) {
+    constexpr int W = kW<T>;
+    const int kv = k - k % W;
+    Vec<T> acc[R][Q] = {};
+    for (int p = 0; p < kv; p += W) {
+        Vec<T> a[R];
+        for (int r = 0; r < R; ++r) a[r] = vload(A + (long)(i + r) * k + p);
+        for (int q = 0; q < Q; ++q) {
+            const Vec<T> b = vload(B + (long)(j + q) * k + p);
+            for (int r = 0; r < R; ++r) acc[r][q] += a[r] * b;
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int q = 0; q < Q; ++q) {
+            T s = 0;
+            for (int l = 0; l < W; ++l) s += acc[r][q][l];
+            for (int p = kv; p < k; ++p) s += A[(long)(i + r) * k + p] * B[(long)(j + q) * k + p];
+            T* c = C + (long)(i + r) * n + j + q;
+            *c = alpha * s + (beta != 0 ? beta * *c : T(0));  // beta 0 never reads C
+        }
+}
+
+template <typename T>
+void dots_mm(int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha) {
+    int i = 0;
+    for (; i + 2 <= m; i += 2) {
+        int j = 0;
+        for (; j + 4 <= n; j += 4) dots_block<T, 2, 4>(n, k, A, B, C, beta, alpha, i, j);
+        for (; j < n; ++j) dots_block<T, 2, 1>(n, k, A, B, C, beta, alpha, i, j);
+    }
+    for (; i < m; ++i)
+        for (int j = 0; j < n; ++j) dots_block<T, 1, 1>(n, k, A, B, C, beta, alpha, i, j);
+}
+
 // Row-major C (m x n) = alpha op(A) op(B) + beta C, with op(A) (m x k), op(B) (k x n), rows
 // contiguous (A is m x k, or k x m when transposed; likewise B). MKL: column-major GEMM on the
 // transposes, C^T = op(B)^T op(A)^T.
 template <typename T>
 void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T beta = 0, T alpha = 1) {
+    if (tb && !ta && m <= 16 && n <= 32 && k >= 128) return dots_mm(m, n, k, A, B, C, beta, alpha);
     if ((long)m * n * k <= kSmallProduct && !(ta && tb)) {
         if (!tb) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
         if (n * k <= kSmallTranspose) {
@@ -915,14 +958,17 @@ void mlp_backward_row(const MlpFlags& f, int b, void** p) {
             w.resize(C * o);
             const T *xm = ch.xm[l].data(), *xp = ch.xp[l].data(), *xs = ch.xs[l].data(), *dzp = dz.data();
             T* __restrict wp = w.data();
+            // what is off is a valid array (xp, xs: xm) times 0 or a sum never used: with the
+            // selects inside, this loop compiled to scalar code (perf annotate: vfmadd231ss)
+            const T cp = f.has_P ? T(1) : T(0);
             for (int row = 0; row < C; ++row) {
                 T gb = 0, gfv = 0;
                 const T br = c.beta[row];
 #pragma omp simd reduction(+ : gb, gfv)
                 for (int e = 0; e < o; ++e) {
                     const int at = row * o + e;
-                    gb += dzp[at] * (xm[at] - (f.has_P ? xp[at] : T(0)));
-                    if (f.has_S) gfv += dzp[at] * xs[at];
+                    gb += dzp[at] * (xm[at] - cp * xp[at]);
+                    gfv += dzp[at] * xs[at];
                     wp[at] = br * dzp[at];  // bdz
                 }
                 gbeta[s][row] += gb;
