@@ -32,6 +32,7 @@ from components.attention import Attention, KVCache
 from components.base import SpecRuleError
 from components.hybrid import HybridSpec
 from components.neural_memory import NeuralMemory, NeuralMemoryState
+from components.norm import RMSNorm
 from components.ops.memory import Weights
 from components.persistent import PersistentTokens
 
@@ -111,8 +112,8 @@ class MemoryAsContext(nn.Module):
         super().__init__()
         self.attention, self.memory, self.persistent, self.segment_len = attention, memory, persistent, segment_len
         dim = memory.dim
-        self.norm_retrieved, self.norm_attended = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_retrieved, self.norm_attended = RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6)
+        self.norm = RMSNorm(dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MACState:
         mem = self.memory.init_state(batch)

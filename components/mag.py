@@ -19,6 +19,7 @@ from components.neural_memory import (
     over_prefix,
     primed,
 )
+from components.norm import RMSNorm
 from components.persistent import PersistentTokens
 
 
@@ -56,7 +57,7 @@ class MemoryAsGate(nn.Module):
         super().__init__()
         self.attention, self.memory, self.persistent = attention, memory, persistent
         # eq. 28: "normalize the outputs using learnable vector-valued weights, then a non-linearity"
-        self.norm_attention, self.norm_memory = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.norm_attention, self.norm_memory = RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MAGState:
         prefix = self.persistent(batch) if self.persistent is not None else None

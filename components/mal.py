@@ -26,6 +26,7 @@ from components.neural_memory import (
     over_prefix,
     primed,
 )
+from components.norm import RMSNorm
 from components.persistent import PersistentTokens
 
 
@@ -60,7 +61,7 @@ class MemoryAsLayer(nn.Module):
     def __init__(self, memory: NeuralMemory, attention: Attention, persistent: PersistentTokens | None) -> None:
         super().__init__()
         self.memory, self.attention, self.persistent = memory, attention, persistent
-        self.norm = nn.RMSNorm(memory.dim, eps=1e-6)
+        self.norm = RMSNorm(memory.dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MALState:
         prefix = self.persistent(batch) if self.persistent is not None else None

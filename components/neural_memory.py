@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from components.base import Spec, SpecRuleError
 from components.conv import ShortConv, ShortConvSpec
 from components.feature_map import FeatureMapSpec
-from components.norm import silu_l2_normalize
+from components.norm import RMSNorm, silu_l2_normalize
 from components.objective import L2ObjectiveSpec, ObjectiveSpec
 from components.omega import OmegaSpec
 from components.ops.memory import (
@@ -430,7 +430,7 @@ class OutputGate(nn.Module):
     def __init__(self, dim: int, heads: int, activation: str) -> None:
         super().__init__()
         self.heads, self.activation = heads, activation
-        self.norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.norm = RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, y: Tensor, x: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Normalisation layers used before every mixer and MLP (pre-norm, Llama macro-architecture),
-and the neural memory's SiLU + l2 norm of its queries, keys and values."""
+the RMSNorm every block kind uses inside (on CPU in the C++ kernel), and the neural memory's
+SiLU + l2 norm of its queries, keys and values."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class RMSNormSpec(Spec):
     """Added to the mean square before the reciprocal square root."""
 
     def build(self, dim: int) -> nn.Module:
-        return nn.RMSNorm(dim, eps=self.eps)
+        return RMSNorm(dim, eps=self.eps)
 
 
 class LayerNormSpec(Spec):
@@ -37,6 +38,36 @@ class LayerNormSpec(Spec):
 
 
 NormSpec = Annotated[RMSNormSpec | LayerNormSpec, Field(discriminator="kind")]
+
+
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm over the last dimension, with a gain. On CPU in float32 / float64 the C++
+    kernel computes each row in one pass each way and keeps x and one root per row for the
+    backward; torch's CPU rms_norm runs nine kernels forward and autograd's chain of them back
+    (a tenth of a small model's training step, docs/benchmarks.md). Elsewhere (GPU, bfloat16,
+    tracing, no compiler) torch's own."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if cpu_loop.unavailable(x, self.weight) is not None:
+            return super().forward(x)
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
+        y, r = cpu_loop.rms_norm(x, w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, w, r = ctx.saved_tensors
+        dx, dw = cpu_loop.rms_norm_backward(x.contiguous(), w, r, dy)
+        return dx, dw, None
 
 
 def silu_l2_normalize(x: Tensor) -> Tensor:

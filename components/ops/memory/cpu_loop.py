@@ -91,6 +91,11 @@ def library() -> ctypes.CDLL | str:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    lib.rms_norm_forward.restype = lib.rms_norm_backward.restype = None
+    lib.rms_norm_forward.argtypes = (
+        [ctypes.c_long, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+    )
+    lib.rms_norm_backward.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     return lib
 
 
@@ -362,3 +367,23 @@ def silu_l2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     dx = torch.empty_like(x)
     _call("silu_l2_backward", (x.numel() // x.shape[-1], x.shape[-1]), [x, dy.contiguous(), dx], {x.numel()})
     return dx
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / sqrt(mean(x^2, -1) + eps) * w in the kernel, one pass a row: y like x, and the
+    reciprocal root of each row (x's rows) for the backward."""
+    x, d = x.contiguous(), x.shape[-1]
+    rows = x.numel() // d
+    y, r = torch.empty_like(x), x.new_empty(rows)
+    _call("rms_norm_forward", (rows, d, eps), [x, w.contiguous(), y, r], {x.numel(), d, rows})
+    return y, r
+
+
+def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, dy: torch.Tensor):
+    """The gradients of `rms_norm` for dy: of x (its shape) and of w (d)."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    dx, dw = torch.empty_like(x), w.new_empty(d)
+    tensors = [x, w.contiguous(), r, dy.contiguous(), dx, dw]
+    _call("rms_norm_backward", (rows, d), tensors, {x.numel(), d, rows})
+    return dx, dw
