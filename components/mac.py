@@ -21,6 +21,7 @@ d head feature, p persistent tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import torch
@@ -70,10 +71,12 @@ class MACSpec(HybridSpec):
         )
 
 
+@lru_cache(maxsize=256)
 def mac_visibility(start: int, count: int, persistent: int, device: torch.device | None = None) -> Tensor:
     """(count, persistent + 2 (start + count)) bool: which of [p ; h_0..h_m ; S_0..S_m] the segment
     tokens start .. start + count - 1 see (m = start + count - 1): every persistent token, and the
-    memory tokens and segment tokens at positions i <= j."""
+    memory tokens and segment tokens at positions i <= j. Cached: every segment of a sequence
+    has the same one (six small ops a segment and layer otherwise); never written to."""
     j = torch.arange(start, start + count, device=device)[:, None]
     i = torch.arange(start + count, device=device)[None, :]
     causal = i <= j
@@ -154,13 +157,12 @@ class MemoryAsContext(nn.Module):
         f, r = st.segment.pos, s.shape[1]
         h = self.norm_retrieved(self.memory.read(seg.retrieval_q, st.retrieval, s))  # eq. 21
         k_h, v_h = self.attention.project_kv(h, f)  # h_i sits at position i, like S_i
-        retrieved = KVCache(torch.cat([st.retrieved.k, k_h], 2), torch.cat([st.retrieved.v, v_h], 2), f + r)
-        segment = KVCache(torch.cat([st.segment.k, seg.k], 2), torch.cat([st.segment.v, seg.v], 2), f + r)
-        keys, values = torch.cat([retrieved.k, segment.k], 2), torch.cat([retrieved.v, segment.v], 2)
-        p = 0
-        if prefix is not None:
-            pk, pv = prefix
-            keys, values, p = torch.cat([pk, keys], 2), torch.cat([pv, values], 2), pk.shape[2]
+        retrieved = KVCache(_append(st.retrieved.k, k_h), _append(st.retrieved.v, v_h), f + r)
+        segment = KVCache(_append(st.segment.k, seg.k), _append(st.segment.v, seg.v), f + r)
+        pk, pv = ([prefix[0]], [prefix[1]]) if prefix is not None else ([], [])
+        p = prefix[0].shape[2] if prefix is not None else 0
+        keys = torch.cat([*pk, retrieved.k, segment.k], 2)  # [p ; h ; S] in one copy
+        values = torch.cat([*pv, retrieved.v, segment.v], 2)
         mask = mac_visibility(f, r, p, s.device)
         y = self.attention.merge(F.scaled_dot_product_attention(seg.q, keys, values, attn_mask=mask))  # eq. 23
         m, mem = self.memory(self.norm_attended(s + y), st.memory)  # eq. 24: update, read after each token
@@ -168,3 +170,9 @@ class MemoryAsContext(nn.Module):
             empty = KVCache(keys[:, :, :0], keys[:, :, :0], 0)
             return y, m, replace(st, memory=mem, retrieval=mem.memory.weights, retrieved=empty, segment=empty)
         return y, m, replace(st, memory=mem, retrieved=retrieved, segment=segment)
+
+
+def _append(cache: Tensor, new: Tensor) -> Tensor:
+    """A segment's keys or values so far, then the new ones (b, h, f + r, d); a fresh segment's
+    are the new ones themselves, no copy."""
+    return new if cache.shape[2] == 0 else torch.cat([cache, new], 2)
