@@ -189,3 +189,33 @@ def test_records_carry_the_measured_throughput(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "eval"}
     assert all(r["tokens_per_s"] > 0 for r in records) and result.metrics["tokens_per_s"] > 0
+
+
+def test_a_step_on_few_trained_positions_heads_them_alone_with_the_same_loss_and_gradients():
+    """MQAR trains 4 of 63 positions: `train_step` calls the model with those positions, and its
+    loss and every parameter's gradient equal the full logits' with ignore_index (float64)."""
+    import torch
+
+    from titans_nas.builder import build_model
+    from titans_nas.tasks import MQARSpec
+    from titans_nas.train import IGNORE, loss_fn, make_optimizer, train_step
+
+    task = MQARSpec(seq_len=64, num_kv_pairs=4, vocab=64)
+    model = build_model(load_spec("lmm-tiny"), task).double()
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    assert 0 < (batch.targets != IGNORE).sum() < batch.targets.numel()
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(kw.get("positions")) or forward(*a, **kw)
+    opt = make_optimizer(model, TrainSpec())
+    loss, _, _ = train_step(model, opt, batch, lr=0.0, clip=None, block_norms=False)
+    assert torch.equal(calls[0], batch.targets != IGNORE)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = loss_fn(forward(batch.inputs)[0], batch.targets)
+    full.backward()
+    assert loss == pytest.approx(float(full), rel=1e-12)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-12, msg=n)

@@ -33,14 +33,23 @@ class TitansLM(nn.Module):
     def init_state(self, batch: int) -> ModelState:
         return ModelState([block.init_state(batch) for block in self.blocks])
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState | None]:
+    def forward(
+        self, tokens: Tensor, state: ModelState | None = None, *, positions: Tensor | None = None
+    ) -> tuple[Tensor, ModelState | None]:
         """tokens (b, n) -> logits (b, n, v). With `state`, continue a stream and return its next
-        state; feeding a sequence in pieces gives the logits of one pass."""
+        state; feeding a sequence in pieces gives the logits of one pass. With `positions` (b, n)
+        bool, the LM head reads those positions alone: logits (k, v) for its k True entries in
+        row-major order (training on a task that scores a few positions, as MQAR's 4 of 63, skips
+        the head and loss everywhere else)."""
         x = self.embedding(tokens)
         states = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state.blocks[i])
             states.append(s)
+        if positions is not None:
+            if self.readout is not None:
+                raise ValueError("positions select the LM head's inputs; a task's own readout reads every position")
+            x = x[positions]
         x = self.norm(x)
         if self.readout is not None:
             logits = self.readout(x)
