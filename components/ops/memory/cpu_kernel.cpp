@@ -69,36 +69,51 @@ void over_rows(int B, int threads, F&& row) {
 // Small products in the kernel's own loops. Below ~8K multiply-adds an MKL call costs more than
 // its arithmetic (0.2-0.6 us a call, whatever the size): the quickstart's 8 x 16 x 64 and 8 x 64 x 8
 // products ran 1.4-4x faster here, while from ~16K on MKL's packed kernels win (docs/benchmarks.md).
-// GCC vector extensions, 32 bytes: AVX2 registers where -march=native has them, the compiler's
-// lowering elsewhere. Both dtypes take this code, so the float64 tests against naive check it.
+// GCC vector extensions: AVX-512's 64-byte registers where -march=native targets them, else 32
+// bytes (AVX2's, or the compiler's lowering), and half vectors for a row's tail. Both dtypes
+// take this code, so the float64 tests against naive check it.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
 template <typename T>
 struct Lanes;
 template <>
 struct Lanes<float> {
-    typedef float V __attribute__((vector_size(32)));
+    typedef float V __attribute__((vector_size(kVecBytes)));
+    typedef float H __attribute__((vector_size(kVecBytes / 2)));
 };
 template <>
 struct Lanes<double> {
-    typedef double V __attribute__((vector_size(32)));
+    typedef double V __attribute__((vector_size(kVecBytes)));
+    typedef double H __attribute__((vector_size(kVecBytes / 2)));
 };
 
 template <typename T>
 using Vec = typename Lanes<T>::V;
 template <typename T>
+using Half = typename Lanes<T>::H;
+template <typename T>
 constexpr int kW = sizeof(Vec<T>) / sizeof(T);
 
-template <typename T>
-inline Vec<T> vload(const T* p) {
-    Vec<T> r;
+template <typename T, typename V = Vec<T>>
+inline V vload(const T* p) {
+    V r;
     std::memcpy(&r, p, sizeof r);
     return r;
 }
-template <typename T>
-inline void vstore(T* p, Vec<T> x) {
+template <typename T, typename V>
+inline void vstore(T* p, V x) {
     std::memcpy(p, &x, sizeof x);
 }
 
 constexpr long kSmallProduct = 8192;  // m n k at most: the kernel's own loops; above: MKL
+// A B (neither transposed) with 8-row register blocks of AVX-512 vectors: up to 32K multiply-adds
+// (the quickstart's 8 x 64 x 64) the own loops ran 1.2-1.7x faster than MKL; 16 x 128 x 16 was
+// even and 16 x 128 x 32 0.87x (docs/benchmarks.md). AVX2 has 16 registers: 4-row blocks, 8K.
+constexpr long kSmallAB = kVecBytes == 64 ? 32768 : kSmallProduct;
+constexpr int kRowBlock = kVecBytes == 64 ? 8 : 4;
 // n k at most for A B^T (B is transposed first, on the stack: 4 KB float, 8 KB double). MKL ran
 // the quickstart's 8 x 16 x 64 and 8 x 8 x 64 A B^T at 1.7-3.4 flops a cycle on an Intel Xeon,
 // 3-5x under its A B at the same sizes; transposed here they cost half as much or less, and the
@@ -107,14 +122,14 @@ constexpr int kSmallTranspose = 1024;
 
 // R rows of C (from row i0) = alpha A' B + beta C, A'(i, p) = A[i, p] (A[p, i] if ta), B (k x n)
 // row-major: per p, R broadcasts of A' times NV vectors of B's row p, accumulated in registers.
-template <typename T, int R, int NV>
+template <typename T, typename V, int R, int NV>
 inline void rows_times(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i0, int j) {
-    constexpr int W = kW<T>;
+    constexpr int W = sizeof(V) / sizeof(T);
     const long si = ta ? 1 : k, sp = ta ? m : 1;
-    Vec<T> acc[R][NV] = {};
+    V acc[R][NV] = {};
     for (int p = 0; p < k; ++p) {
-        Vec<T> b[NV];
-        for (int h = 0; h < NV; ++h) b[h] = vload(B + (long)p * n + j + h * W);
+        V b[NV];
+        for (int h = 0; h < NV; ++h) b[h] = vload<T, V>(B + (long)p * n + j + h * W);
         for (int r = 0; r < R; ++r) {
             const T a = A[(i0 + r) * si + p * sp];
             for (int h = 0; h < NV; ++h) acc[r][h] += a * b[h];
@@ -123,8 +138,8 @@ inline void rows_times(bool ta, int m, int n, int k, const T* A, const T* B, T* 
     for (int r = 0; r < R; ++r)
         for (int h = 0; h < NV; ++h) {
             T* c = C + (long)(i0 + r) * n + j + h * W;
-            Vec<T> out = alpha * acc[r][h];
-            if (beta != 0) out += beta * vload(c);  // beta 0 never reads C (BLAS: it may be garbage)
+            V out = alpha * acc[r][h];
+            if (beta != 0) out += beta * vload<T, V>(c);  // beta 0 never reads C (BLAS: it may be garbage)
             vstore(c, out);
         }
 }
@@ -134,8 +149,9 @@ inline void rows_all(bool ta, int m, int n, int k, const T* A, const T* B, T* C,
     constexpr int W = kW<T>;
     const long si = ta ? 1 : k, sp = ta ? m : 1;
     int j = 0;
-    for (; j + 2 * W <= n; j += 2 * W) rows_times<T, R, 2>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
-    for (; j + W <= n; j += W) rows_times<T, R, 1>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
+    for (; j + 2 * W <= n; j += 2 * W) rows_times<T, Vec<T>, R, 2>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
+    for (; j + W <= n; j += W) rows_times<T, Vec<T>, R, 1>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
+    for (; j + W / 2 <= n; j += W / 2) rows_times<T, Half<T>, R, 1>(ta, m, n, k, A, B, C, beta, alpha, i0, j);
     for (; j < n; ++j)
         for (int r = 0; r < R; ++r) {
             T s = 0;
@@ -148,6 +164,7 @@ inline void rows_all(bool ta, int m, int n, int k, const T* A, const T* B, T* C,
 template <typename T>
 void small_mm(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha) {
     int i = 0;
+    for (; i + kRowBlock <= m; i += kRowBlock) rows_all<T, kRowBlock>(ta, m, n, k, A, B, C, beta, alpha, i);
     for (; i + 4 <= m; i += 4) rows_all<T, 4>(ta, m, n, k, A, B, C, beta, alpha, i);
     for (; i < m; ++i) rows_all<T, 1>(ta, m, n, k, A, B, C, beta, alpha, i);
 }
@@ -200,6 +217,7 @@ void dots_mm(int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha)
 template <typename T>
 void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T beta = 0, T alpha = 1) {
     if (tb && !ta && m <= 16 && n <= 32 && k >= 128) return dots_mm(m, n, k, A, B, C, beta, alpha);
+    if (!ta && !tb && (long)m * n * k <= kSmallAB) return small_mm(false, m, n, k, A, B, C, beta, alpha);
     if ((long)m * n * k <= kSmallProduct && !(ta && tb)) {
         if (!tb) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
         if (n * k <= kSmallTranspose) {
@@ -528,7 +546,7 @@ void act_all(bool silu, T z, T& a0, T& a1, T& a2) {
 // float32: exp by range reduction to [-ln2/2, ln2/2] (Cody-Waite) and a degree-7 Taylor
 // polynomial (relative error < 1e-7 on [-87, 88], clamped outside); libm's expf and erff are
 // scalar calls here, 13x slower per element, and were a quarter of the MLP kernel's time. Written
-// once for V = float and V = Vec<float> (8 lanes): `omp simd` over the scalar form left it scalar
+// once for V = float and V = Vec<float> (8 or 16 lanes): `omp simd` over the scalar form left it scalar
 // (perf: vmulss / vfmadd...ss, a fifth of the op at the quickstart's size), so act_rows<float>
 // runs the vector form and the scalar one only for a row's last n % 8 values.
 template <typename V>
@@ -537,7 +555,7 @@ struct IntOf {
 };
 template <>
 struct IntOf<Vec<float>> {
-    typedef int32_t type __attribute__((vector_size(32)));
+    typedef int32_t type __attribute__((vector_size(kVecBytes)));
 };
 inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
 inline IntOf<Vec<float>>::type to_int(Vec<float> x) { return __builtin_convertvector(x, IntOf<Vec<float>>::type); }
