@@ -142,19 +142,24 @@ def memory_update(
             anchor = M
     if pos < n:
         full = (n - pos) // chunk_size
+        fused_tail = (n - pos) % chunk_size and rows is None and _kernel_loop(setting, q, M, strict=False) is not None
+        chunks, last = inputs, inputs
+        if pos == 0 and full and fused_tail:  # whole chunks, then the tail: each input cut once
+            chunks, last = _split_tokens(inputs, full * chunk_size)
         if full:
-            y, M, S = _full_chunks(inputs, rows, M, S, pos, full, setting)
+            y, M, S = _full_chunks(chunks, rows, M, S, pos if chunks is inputs else 0, full, setting)
             outs.append(y)
             pos += full * chunk_size
         anchor = M
         if pos < n:
             tail = n - pos
-            if rows is None and _kernel_loop(setting, q, M, strict=False) is not None:
+            if fused_tail:
                 # a fused kernel takes any chunk size: the unfinished last chunk is one chunk of
                 # `tail` tokens from M, its anchor, with no retention at its end (the chunk goes
                 # on in the next call). Through torch's autograd instead, a training sequence of
                 # 63 tokens at chunk 8 paid for its last 7 as much as for two whole chunks.
-                y, M, S = _full_chunks(inputs, rows, M, S, pos, 1, setting._replace(chunk_size=tail))
+                at = pos if last is inputs else 0
+                y, M, S = _full_chunks(last, rows, M, S, at, 1, setting._replace(chunk_size=tail))
             else:
                 y, M, S = piece(M, S, anchor, pos, tail)
             outs.append(y)
@@ -167,6 +172,17 @@ def memory_update(
         history=rows.history() if rows is not None else None,
     )
     return unflat_outputs(outs, q, v), new_state
+
+
+def _split_tokens(inputs: Inputs, at: int) -> tuple[Inputs, Inputs]:
+    """Tokens [0, at) and [at, n) of every input, each tensor cut by one split: its backward is
+    one cat, where two narrows cost a full-size zero tensor, a copy and an add each."""
+
+    def cut(t: Tensor | None, dim: int) -> tuple[Tensor | None, Tensor | None]:
+        return (None, None) if t is None else t.split([at, t.shape[dim] - at], dim)
+
+    parts = [cut(t, 1) for t in inputs[:3]] + [cut(t, 2) for t in inputs[3:]]
+    return Inputs(*(a for a, _ in parts)), Inputs(*(b for _, b in parts))
 
 
 def _full_chunks(inputs: Inputs, rows: Rows | None, M, S, pos: int, count: int, setting: Setting):
