@@ -214,7 +214,7 @@ def test_a_step_on_few_trained_positions_heads_them_alone_with_the_same_loss_and
     model.zero_grad()
     full = loss_fn(forward(batch.inputs)[0], batch.targets)
     full.backward()
-    assert loss == pytest.approx(float(full), rel=1e-12)
+    assert loss == pytest.approx(full.item(), rel=1e-12)
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
         if p.grad is not None:
