@@ -175,17 +175,20 @@ void small_mm(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta
 // A B^T with 16 rows (the reads' 16 x 16 scores against a 128-wide layer, the backward's
 // 16 x 32 x 128 products with a weight's transpose) at 15-30% of its A B rate, and a transposed
 // copy costs about what the product does; this way they ran 1.4-2.1x faster. With 32 or 64
-// rows, 64+ columns or rows of 64, MKL or the transposed copy won (docs/benchmarks.md).
+// rows, 64+ columns or rows of 64, MKL or the transposed copy won (docs/benchmarks.md). In
+// 32-byte vectors even where AVX-512 has 64: 16 lanes to sum across per entry made it 0.82-0.99x
+// of MKL's time at 16 x {16, 32} x 128, 8 lanes 1.7-2.0x.
 template <typename T, int R, int Q>
 inline void dots_block(int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i, int j) {
-    constexpr int W = kW<T>;
+    using V = std::conditional_t<kVecBytes == 64, Half<T>, Vec<T>>;  // 32 bytes (see dots_mm)
+    constexpr int W = sizeof(V) / sizeof(T);
     const int kv = k - k % W;
-    Vec<T> acc[R][Q] = {};
+    V acc[R][Q] = {};
     for (int p = 0; p < kv; p += W) {
-        Vec<T> a[R];
-        for (int r = 0; r < R; ++r) a[r] = vload(A + (long)(i + r) * k + p);
+        V a[R];
+        for (int r = 0; r < R; ++r) a[r] = vload<T, V>(A + (long)(i + r) * k + p);
         for (int q = 0; q < Q; ++q) {
-            const Vec<T> b = vload(B + (long)(j + q) * k + p);
+            const V b = vload<T, V>(B + (long)(j + q) * k + p);
             for (int r = 0; r < R; ++r) acc[r][q] += a[r] * b;
         }
     }
