@@ -551,7 +551,8 @@ void act_all(bool silu, T z, T& a0, T& a1, T& a2) {
 // scalar calls here, 13x slower per element, and were a quarter of the MLP kernel's time. Written
 // once for V = float and V = Vec<float> (8 or 16 lanes): `omp simd` over the scalar form left it scalar
 // (perf: vmulss / vfmadd...ss, a fifth of the op at the quickstart's size), so act_rows<float>
-// runs the vector form and the scalar one only for a row's last n % 8 values.
+// runs the vector form (full vectors, then a half vector) and the scalar one only for a row's
+// last values.
 template <typename V>
 struct IntOf {
     using type = int32_t;
@@ -560,8 +561,13 @@ template <>
 struct IntOf<Vec<float>> {
     typedef int32_t type __attribute__((vector_size(kVecBytes)));
 };
+template <>
+struct IntOf<Half<float>> {
+    typedef int32_t type __attribute__((vector_size(kVecBytes / 2)));
+};
 inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
 inline IntOf<Vec<float>>::type to_int(Vec<float> x) { return __builtin_convertvector(x, IntOf<Vec<float>>::type); }
+inline IntOf<Half<float>>::type to_int(Half<float> x) { return __builtin_convertvector(x, IntOf<Half<float>>::type); }
 template <typename V>
 inline V splat(float c) {
     return V{} + c;
@@ -626,6 +632,13 @@ void act_rows<float>(bool silu, int n, const float* z, float* a0, float* a1, flo
     for (; i + W <= n; i += W) {
         Vec<float> b0, b1, b2;
         act_all_f32(silu, vload(z + i), b0, b1, b2);
+        vstore(a0 + i, b0);
+        vstore(a1 + i, b1);
+        if (a2) vstore(a2 + i, b2);
+    }
+    for (; i + W / 2 <= n; i += W / 2) {  // rows of 8 on AVX-512 (16 lanes) stay on vectors
+        Half<float> b0, b1, b2;
+        act_all_f32(silu, vload<float, Half<float>>(z + i), b0, b1, b2);
         vstore(a0 + i, b0);
         vstore(a1 + i, b1);
         if (a2) vstore(a2 + i, b2);
