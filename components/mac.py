@@ -160,7 +160,7 @@ class MemoryAsContext(nn.Module):
         retrieved = KVCache(_append(st.retrieved.k, k_h), _append(st.retrieved.v, v_h), f + r)
         segment = KVCache(_append(st.segment.k, seg.k), _append(st.segment.v, seg.v), f + r)
         pk, pv = ([prefix[0]], [prefix[1]]) if prefix is not None else ([], [])
-        p = prefix[0].shape[2] if prefix is not None else 0
+        p = pk[0].shape[2] if pk else 0
         keys = torch.cat([*pk, retrieved.k, segment.k], 2)  # [p ; h ; S] in one copy
         values = torch.cat([*pv, retrieved.v, segment.v], 2)
         mask = mac_visibility(f, r, p, s.device)

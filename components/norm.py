@@ -59,6 +59,7 @@ class RMSNorm(nn.RMSNorm):
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
+        x = x.contiguous()  # the copy the kernel reads is the one kept (a strided x is copied once)
         y, r = cpu_loop.rms_norm(x, w, eps)
         ctx.save_for_backward(x, w, r)
         return y
@@ -66,7 +67,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None]:
         x, w, r = ctx.saved_tensors
-        dx, dw = cpu_loop.rms_norm_backward(x.contiguous(), w, r, dy)
+        dx, dw = cpu_loop.rms_norm_backward(x, w, r, dy)
         return dx, dw, None
 
 

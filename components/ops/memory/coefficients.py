@@ -55,13 +55,14 @@ def coefficients(
         return _coefficients(lr, log_eta, log_keep, window)
 
 
-def normal_exp(x: Tensor) -> Tensor:
+def normal_exp(x: Tensor, keep: Tensor | None = None) -> Tensor:
     """exp(x), 0 where it would fall below float32's smallest normal (1.2e-38; float64's in
-    float64). A chunk's gate products reach there at chunk 64, and on an Intel core every product
-    such a denormal enters runs on microcode assists: the torch path at chunk 64 ran 1.25-1.33x
-    faster without them (docs/benchmarks.md, "Denormals"; the C++ kernel flushes its own)."""
-    tiny = torch.finfo(torch.promote_types(x.dtype, torch.float32)).tiny
-    return x.masked_fill(x < math.log(tiny), float("-inf")).exp()
+    float64) and, if given, where `keep` is False. A chunk's gate products reach there at chunk
+    64, and on an Intel core every product such a denormal enters runs on microcode assists: the
+    torch path at chunk 64 ran 1.25-1.33x faster without them (docs/benchmarks.md, "Denormals";
+    the C++ kernel flushes its own)."""
+    drop = x < math.log(torch.finfo(torch.promote_types(x.dtype, torch.float32)).tiny)
+    return x.masked_fill(drop if keep is None else drop | ~keep, float("-inf")).exp()
 
 
 def decay_matrix(log_cum: Tensor) -> Tensor:
@@ -69,7 +70,7 @@ def decay_matrix(log_cum: Tensor) -> Tensor:
     c = log_cum.shape[-1]
     causal = torch.ones(c, c, dtype=torch.bool, device=log_cum.device).tril()
     diff = log_cum[..., :, None] - log_cum[..., None, :]
-    return normal_exp(diff.masked_fill(~causal, float("-inf")))
+    return normal_exp(diff, keep=causal)
 
 
 def _coefficients(lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None, window) -> Coefficients:

@@ -66,6 +66,23 @@ void over_rows(int B, int threads, F&& row) {
     }
 }
 
+// row(i, mine) for i < rows over `threads` OpenMP threads, each thread adding into its own
+// zeroed `size` sums (mine); the sums, added up in thread order (the same for a thread count
+// whatever the schedule). The gradients of parameters every row shares (conv taps, norm gain).
+template <typename T, typename F>
+std::vector<T> rows_summing(long rows, int threads, long size, F&& row) {
+    std::vector<T> part(threads * size, T(0)), sums(size, T(0));
+#pragma omp parallel num_threads(threads)
+    {
+        T* mine = part.data() + omp_get_thread_num() * size;
+#pragma omp for schedule(static)
+        for (long i = 0; i < rows; ++i) row(i, mine);
+    }
+    for (int th = 0; th < threads; ++th)
+        for (long e = 0; e < size; ++e) sums[e] += part[th * size + e];
+    return sums;
+}
+
 // Small products in the kernel's own loops. Below ~8K multiply-adds an MKL call costs more than
 // its arithmetic (0.2-0.6 us a call, whatever the size): the quickstart's 8 x 16 x 64 and 8 x 64 x 8
 // products ran 1.4-4x faster here, while from ~16K on MKL's packed kernels win (docs/benchmarks.md).
@@ -1182,43 +1199,31 @@ void conv_forward_rows(int B, int m, int n, int d, int k, int lead, const T* src
 template <typename T>
 void conv_backward_rows(int B, int m, int n, int d, int k, int lead, const T* src, const T* w, const T* dy, T* dsrc,
                         T* dw, T* db, int threads) {
-    const long per = (long)(k + 1) * d;
-    std::vector<T> part(threads * per, T(0));
-#pragma omp parallel num_threads(threads)
-    {
-        T* mine = part.data() + omp_get_thread_num() * per;
-#pragma omp for schedule(static)
-        for (long row = 0; row < (long)B * m; ++row) {
-            const long b = row / m;
-            const int r = row % m;
-            T* out = dsrc + row * d;
-            const T* s = src + row * d;
-            std::fill(out, out + d, T(0));
-            for (int i = 0; i < k; ++i) {
-                const int t = r + lead - i;  // the output row that read src row r by tap i
-                if (t < 0 || t >= n) continue;
-                const T *g = dy + (b * n + t) * d, *wi = w + (long)i * d;
-                T* dwi = mine + (long)i * d;
+    const auto sums = rows_summing<T>((long)B * m, threads, (long)(k + 1) * d, [&](long row, T* mine) {
+        const long b = row / m;
+        const int r = row % m;
+        T* out = dsrc + row * d;
+        const T* s = src + row * d;
+        std::fill(out, out + d, T(0));
+        for (int i = 0; i < k; ++i) {
+            const int t = r + lead - i;  // the output row that read src row r by tap i
+            if (t < 0 || t >= n) continue;
+            const T *g = dy + (b * n + t) * d, *wi = w + (long)i * d;
+            T* dwi = mine + (long)i * d;
 #pragma omp simd
-                for (int c = 0; c < d; ++c) {
-                    out[c] += wi[c] * g[c];
-                    dwi[c] += g[c] * s[c];
-                }
-                if (i == k - 1) {  // the last tap reads every output row once: the bias's sum
-                    T* dbm = mine + (long)k * d;
+            for (int c = 0; c < d; ++c) {
+                out[c] += wi[c] * g[c];
+                dwi[c] += g[c] * s[c];
+            }
+            if (i == k - 1) {  // the last tap reads every output row once: the bias's sum
+                T* dbm = mine + (long)k * d;
 #pragma omp simd
-                    for (int c = 0; c < d; ++c) dbm[c] += g[c];
-                }
+                for (int c = 0; c < d; ++c) dbm[c] += g[c];
             }
         }
-    }
-    std::fill(dw, dw + (long)k * d, T(0));
-    std::fill(db, db + d, T(0));
-    for (int th = 0; th < threads; ++th) {
-        const T* mine = part.data() + th * per;
-        for (long e = 0; e < (long)k * d; ++e) dw[e] += mine[e];
-        for (int c = 0; c < d; ++c) db[c] += mine[(long)k * d + c];
-    }
+    });
+    std::copy(sums.begin(), sums.begin() + (long)k * d, dw);
+    std::copy(sums.begin() + (long)k * d, sums.end(), db);
 }
 
 }  // namespace conv
@@ -1308,33 +1313,24 @@ void forward_rows(long rows, int d, const T* x, const T* w, T eps, T* y, T* r, i
     }
 }
 
-// g = dy w, xh = x r: dx = r (g - xh mean(g xh)); dw = sum over rows of dy xh, summed per thread
-// and then over the threads in order
+// g = dy w, xh = x r: dx = r (g - xh mean(g xh)); dw = sum over rows of dy xh (rows_summing)
 template <typename T>
 void backward_rows(long rows, int d, const T* x, const T* w, const T* r, const T* dy, T* dx, T* dw, int threads) {
-    std::vector<std::vector<T>> part(threads, std::vector<T>(d, T(0)));
-#pragma omp parallel num_threads(threads)
-    {
-        T* acc = part[omp_get_thread_num()].data();
-#pragma omp for schedule(static)
-        for (long i = 0; i < rows; ++i) {
-            const T *xr = x + i * d, *gr = dy + i * d;
-            T* out = dx + i * d;
-            const T ri = r[i];
-            T s = 0;
+    const auto sums = rows_summing<T>(rows, threads, d, [&](long i, T* acc) {
+        const T *xr = x + i * d, *gr = dy + i * d;
+        T* out = dx + i * d;
+        const T ri = r[i];
+        T s = 0;
 #pragma omp simd reduction(+ : s)
-            for (int c = 0; c < d; ++c) s += gr[c] * w[c] * xr[c];
-            const T m = s * ri * ri / d;  // mean(g xh) r
+        for (int c = 0; c < d; ++c) s += gr[c] * w[c] * xr[c];
+        const T m = s * ri * ri / d;  // mean(g xh) r
 #pragma omp simd
-            for (int c = 0; c < d; ++c) {
-                out[c] = ri * (gr[c] * w[c] - xr[c] * m);
-                acc[c] += gr[c] * xr[c] * ri;
-            }
+        for (int c = 0; c < d; ++c) {
+            out[c] = ri * (gr[c] * w[c] - xr[c] * m);
+            acc[c] += gr[c] * xr[c] * ri;
         }
-    }
-    std::fill(dw, dw + d, T(0));
-    for (const auto& a : part)
-        for (int c = 0; c < d; ++c) dw[c] += a[c];
+    });
+    std::copy(sums.begin(), sums.end(), dw);
 }
 
 }  // namespace rms

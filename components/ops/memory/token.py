@@ -142,12 +142,14 @@ def memory_update(
             anchor = M
     if pos < n:
         full = (n - pos) // chunk_size
-        fused_tail = (n - pos) % chunk_size and rows is None and _kernel_loop(setting, q, M, strict=False) is not None
-        chunks, last = inputs, inputs
-        if pos == 0 and full and fused_tail:  # whole chunks, then the tail: each input cut once
-            chunks, last = _split_tokens(inputs, full * chunk_size)
+        fused_tail = (
+            (n - pos) % chunk_size > 0 and rows is None and _kernel_loop(setting, q, M, strict=False) is not None
+        )
+        # whole chunks, then the tail: each input cut once, at `cut` (0: not cut)
+        cut = full * chunk_size if pos == 0 and full and fused_tail else 0
+        chunks, last = _split_tokens(inputs, cut) if cut else (inputs, inputs)
         if full:
-            y, M, S = _full_chunks(chunks, rows, M, S, pos if chunks is inputs else 0, full, setting)
+            y, M, S = _full_chunks(chunks, rows, M, S, pos, full, setting)
             outs.append(y)
             pos += full * chunk_size
         anchor = M
@@ -158,8 +160,7 @@ def memory_update(
                 # `tail` tokens from M, its anchor, with no retention at its end (the chunk goes
                 # on in the next call). Through torch's autograd instead, a training sequence of
                 # 63 tokens at chunk 8 paid for its last 7 as much as for two whole chunks.
-                at = pos if last is inputs else 0
-                y, M, S = _full_chunks(last, rows, M, S, at, 1, setting._replace(chunk_size=tail))
+                y, M, S = _full_chunks(last, rows, M, S, pos - cut, 1, setting._replace(chunk_size=tail))
             else:
                 y, M, S = piece(M, S, anchor, pos, tail)
             outs.append(y)
