@@ -1316,18 +1316,20 @@ void forward_rows(long rows, int d, const T* x, const T* w, T eps, T* y, T* r, i
 // g = dy w, xh = x r: dx = r (g - xh mean(g xh)); dw = sum over rows of dy xh (rows_summing)
 template <typename T>
 void backward_rows(long rows, int d, const T* x, const T* w, const T* r, const T* dy, T* dx, T* dw, int threads) {
+    // Every array through a local restrict pointer, the index a long: with the lambda's captured
+    // w and an int index GCC read w with gathers (vgatherqps), 6x slower than these loops.
     const auto sums = rows_summing<T>(rows, threads, d, [&](long i, T* acc) {
-        const T *xr = x + i * d, *gr = dy + i * d;
-        T* out = dx + i * d;
+        const T *__restrict xr = x + i * d, *__restrict gr = dy + i * d, *__restrict wv = w;
+        T *__restrict out = dx + i * d, *__restrict dwr = acc;
         const T ri = r[i];
         T s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int c = 0; c < d; ++c) s += gr[c] * w[c] * xr[c];
+        for (long c = 0; c < d; ++c) s += gr[c] * wv[c] * xr[c];
         const T m = s * ri * ri / d;  // mean(g xh) r
 #pragma omp simd
-        for (int c = 0; c < d; ++c) {
-            out[c] = ri * (gr[c] * w[c] - xr[c] * m);
-            acc[c] += gr[c] * xr[c] * ri;
+        for (long c = 0; c < d; ++c) {
+            out[c] = ri * (gr[c] * wv[c] - xr[c] * m);
+            dwr[c] += gr[c] * xr[c] * ri;
         }
     });
     std::copy(sums.begin(), sums.end(), dw);
