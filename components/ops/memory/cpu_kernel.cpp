@@ -231,6 +231,40 @@ void dots_mm(int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha)
         for (int j = 0; j < n; ++j) dots_block<T, 1, 1>(n, k, A, B, C, beta, alpha, i, j);
 }
 
+// bt (k x n) = B^T for B (n x k) row-major. By 8 x 8 tiles in registers where the compiler has
+// __builtin_shufflevector (GCC 12+, clang): three rounds of interleaving rows i and i + 4 (a
+// perfect shuffle) transpose a tile. Moving one value per load and store, the copy had been a
+// tenth of the MLP op at the quickstart's sizes (perf: mm's own samples), whose A B^T products
+// have 8 rows against 8-64 rows of 16 or 64; tiled, that op ran 1.10-1.18x faster (depth 3 / 2,
+// alternated, docs/benchmarks.md), the study size's even.
+template <typename T>
+struct Tile {
+    typedef T V __attribute__((vector_size(8 * sizeof(T))));  // one row of a tile: 8 values
+};
+template <typename T>
+void transpose(int n, int k, const T* B, T* bt) {
+    int n8 = 0, k8 = 0;
+#if defined(__clang__) || __GNUC__ >= 12
+    using V = typename Tile<T>::V;
+    n8 = n - n % 8, k8 = k - k % 8;
+    for (int j = 0; j < n8; j += 8)
+        for (int p = 0; p < k8; p += 8) {
+            V r[8], t[8];
+            for (int i = 0; i < 8; ++i) r[i] = vload<T, V>(B + (long)(j + i) * k + p);
+            for (int round = 0; round < 3; ++round) {
+                for (int i = 0; i < 4; ++i) {
+                    t[2 * i] = __builtin_shufflevector(r[i], r[i + 4], 0, 8, 1, 9, 2, 10, 3, 11);
+                    t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 4], 4, 12, 5, 13, 6, 14, 7, 15);
+                }
+                for (int i = 0; i < 8; ++i) r[i] = t[i];
+            }
+            for (int i = 0; i < 8; ++i) vstore(bt + (long)(p + i) * n + j, r[i]);
+        }
+#endif
+    for (int j = 0; j < n; ++j)  // what the tiles left: the last k % 8 columns, the last n % 8 rows
+        for (int p = j < n8 ? k8 : 0; p < k; ++p) bt[(long)p * n + j] = B[(long)j * k + p];
+}
+
 // Row-major C (m x n) = alpha op(A) op(B) + beta C, with op(A) (m x k), op(B) (k x n), rows
 // contiguous (A is m x k, or k x m when transposed; likewise B). MKL: column-major GEMM on the
 // transposes, C^T = op(B)^T op(A)^T.
@@ -242,8 +276,7 @@ void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T b
         if (!tb) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
         if (n * k <= kSmallTranspose) {
             T bt[kSmallTranspose];
-            for (int j = 0; j < n; ++j)
-                for (int p = 0; p < k; ++p) bt[p * n + j] = B[(long)j * k + p];
+            transpose(n, k, B, bt);
             return small_mm(false, m, n, k, A, bt, C, beta, alpha);
         }
     }
