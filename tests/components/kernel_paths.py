@@ -6,6 +6,15 @@ import pytest
 from components.ops.memory import cpu_loop
 
 
+def _cpp_missing() -> str:
+    """Why the C++ kernel is not built here ("" where it is)."""
+    lib = cpu_loop.library()
+    return lib if isinstance(lib, str) else ""
+
+
+needs_cpp = pytest.mark.skipif(bool(_cpp_missing()), reason=f"the C++ kernel is not built here: {_cpp_missing()}")
+
+
 def record_calls(monkeypatch, owner, names: tuple[str, ...], calls: list[str] | None = None) -> list[str]:
     """Each call of owner's named functions appended (by name) to the returned list."""
     calls = [] if calls is None else calls
@@ -22,6 +31,6 @@ def kernel_or_torch(kind: str, monkeypatch, names: tuple[str, ...]) -> list[str]
     if kind == "torch":
         monkeypatch.setattr(cpu_loop, "unavailable", lambda *t: "the torch path, for this test")
         return []
-    if isinstance(cpu_loop.library(), str):
-        pytest.skip(f"the C++ kernel is not built here: {cpu_loop.library()}")
+    if _cpp_missing():
+        pytest.skip(f"the C++ kernel is not built here: {_cpp_missing()}")
     return record_calls(monkeypatch, cpu_loop, names)

@@ -15,6 +15,7 @@ from components.ops.memory import (
     memory_update,
     naive_memory_update,
 )
+from tests.components.kernel_paths import needs_cpp
 
 
 @dataclass(frozen=True)
@@ -351,16 +352,6 @@ def cpp_reaches(case: Case) -> bool:
 
 
 CPP_CASES = [name for name, case in CASES.items() if cpp_reaches(case)]
-
-
-def _cpp_missing() -> str:
-    from components.ops.memory import cpu_loop
-
-    lib = cpu_loop.library()
-    return lib if isinstance(lib, str) else ""
-
-
-needs_cpp = pytest.mark.skipif(bool(_cpp_missing()), reason=f"the C++ kernel is not built here: {_cpp_missing()}")
 
 
 @needs_cpp

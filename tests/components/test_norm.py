@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from components.norm import RMSNorm, silu_l2_normalize
-from components.ops.memory import cpu_loop
-from tests.components.kernel_paths import kernel_or_torch
+from tests.components.kernel_paths import kernel_or_torch, needs_cpp
 
 
 @pytest.fixture(params=["cpp", "torch"])
@@ -98,12 +97,11 @@ def test_rmsnorm_gradcheck_and_strided_inputs(rms_path):
     torch.testing.assert_close(dw, ref_dw, atol=1e-12, rtol=1e-12)
 
 
+@needs_cpp
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rmsnorm_gain_gradient_sums_every_row_on_every_thread(threads):
     """The gain's gradient sums rows that several threads computed (per-thread partial sums):
     with 2 threads, each half of the rows must reach it."""
-    if isinstance(cpu_loop.library(), str):
-        pytest.skip(f"the C++ kernel is not built here: {cpu_loop.library()}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -117,11 +115,10 @@ def test_rmsnorm_gain_gradient_sums_every_row_on_every_thread(threads):
         torch.set_num_threads(before)
 
 
+@needs_cpp
 def test_every_block_kind_norms_through_the_kernel():
     """A model of each kind on CPU in float32: every RMSNorm in it is `norm.RMSNorm`, and its
     output comes from the kernel's autograd function."""
-    if isinstance(cpu_loop.library(), str):
-        pytest.skip(f"the C++ kernel is not built here: {cpu_loop.library()}")
     from titans_nas.builder import build_model
     from titans_nas.config import union_members, validate
     from titans_nas.spec import BlockSpec, ModelSpec

@@ -271,14 +271,12 @@ void transpose(int n, int k, const T* B, T* bt) {
 template <typename T>
 void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T beta = 0, T alpha = 1) {
     if (tb && !ta && m <= 16 && n <= 32 && k >= 128) return dots_mm(m, n, k, A, B, C, beta, alpha);
-    if (!ta && !tb && (long)m * n * k <= kSmallAB) return small_mm(false, m, n, k, A, B, C, beta, alpha);
-    if ((long)m * n * k <= kSmallProduct && !(ta && tb)) {
-        if (!tb) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
-        if (n * k <= kSmallTranspose) {
-            T bt[kSmallTranspose];
-            transpose(n, k, B, bt);
-            return small_mm(false, m, n, k, A, bt, C, beta, alpha);
-        }
+    const long size = (long)m * n * k;
+    if (!tb && size <= (ta ? kSmallProduct : kSmallAB)) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
+    if (tb && !ta && size <= kSmallProduct && n * k <= kSmallTranspose) {
+        T bt[kSmallTranspose];
+        transpose(n, k, B, bt);
+        return small_mm(false, m, n, k, A, bt, C, beta, alpha);
     }
     const int lda = ta ? m : k, ldb = tb ? k : n;
     gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, B, ldb, A, lda, beta, C, n);

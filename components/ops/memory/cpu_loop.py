@@ -87,15 +87,14 @@ def library() -> ctypes.CDLL | str:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p]
-    for name in ("silu_l2_forward", "silu_l2_backward"):
+    for name in ("silu_l2_forward", "silu_l2_backward", "rms_norm_backward"):  # rows of d
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
-    lib.rms_norm_forward.restype = lib.rms_norm_backward.restype = None
+    lib.rms_norm_forward.restype = None
     lib.rms_norm_forward.argtypes = (
         [ctypes.c_long, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     )
-    lib.rms_norm_backward.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     return lib
 
 
