@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from components.base import Spec, SpecRuleError
 from components.ops.attention import attention
+from components.ops.memory import cpu_loop
 from components.persistent import PersistentTokens
 
 
@@ -40,10 +41,27 @@ class Rotary(nn.Module):
         positions pos (n,) -> rotated x. Rotating q and k in one pass, before heads move in
         front of the sequence, keeps the product on contiguous rows (MAC calls this per segment)."""
         # angles in float64: at position 1e6 a float32 angle would be off by ~0.06 rad
-        ang = torch.outer(pos.to(torch.float64), self.inv_freq.to(x.device))[:, None]  # (n, 1, d/2)
+        ang = torch.outer(pos.to(torch.float64), self.inv_freq.to(x.device))  # (n, d/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        if cpu_loop.unavailable(x) is None:  # on CPU one pass each way in the C++ kernel
+            return _Rotate.apply(x, cos, sin)
+        cos, sin = cos[:, None], sin[:, None]  # (n, 1, d/2): the same turn for each of the g rows
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class _Rotate(torch.autograd.Function):
+    """Rotary's turn by the kernel; back, the turn's transpose: the same turn with -sin."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return cpu_loop.rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return cpu_loop.rotate(dy, cos, -sin), None, None
 
 
 def positions(start: int | Tensor, n: int, device: torch.device) -> Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from components.base import Spec
+from components.ops.memory import cpu_loop
 
 
 class MLPSpec(Spec):
@@ -27,6 +29,9 @@ class MLPSpec(Spec):
 
 
 class SwiGLU(nn.Module):
+    """On CPU in float32 / float64 the product silu(gate) up runs in the C++ kernel, one pass each
+    way keeping only the projection's output for the backward; elsewhere torch's ops."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
@@ -34,5 +39,21 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, n, d) -> (b, n, d)"""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        z = self.gate_up(x)  # [gate | up]
+        if cpu_loop.unavailable(z) is None:  # on CPU one pass each way in the C++ kernel
+            return self.down(_SwiGLU.apply(z))
+        gate, up = z.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        z = z.contiguous()
+        ctx.save_for_backward(z)
+        return cpu_loop.swiglu(z)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return cpu_loop.swiglu_backward(z, dy)

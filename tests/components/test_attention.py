@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from components.attention import AttentionSpec
+from components.attention import AttentionSpec, RopeSpec
 from components.ops.attention import attention, naive_attention
+from tests.components.kernel_paths import kernel_or_torch
 
 
 def qkv(n, m, p=0, b=2, h=3, d=8, seed=0):
@@ -109,3 +110,34 @@ def test_rotary_scores_depend_on_the_offset_and_only_on_it(float64):
     torch.testing.assert_close((qt, kt), (q5, k5), atol=0, rtol=0)
     kv = attn.project_kv(x, 5)
     torch.testing.assert_close(kv, attn.project(x, 5)[1:], atol=1e-12, rtol=0)
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def rope_path(request, monkeypatch):
+    return request.param, kernel_or_torch(request.param, monkeypatch, ("rotate",))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_rotary_turns_each_pair_by_its_angle_with_gradients(rope_path, dtype, tol):
+    """RoPE's definition: the pair (x_i, x_{i + d/2}) of a token at position p, as the complex
+    number x_i + i x_{i + d/2}, times e^{i p base^(-2i/d)}; its gradient is the turn back.
+    Queries and keys are the leading rows of a qkv projection (the kernel reads them in place),
+    the rows after them get no gradient; explicit positions, out of order and far out (1e6)."""
+    d, base = 12, 500.0
+    rotary = RopeSpec(base=base).build(d)
+    qkv = torch.randn(2, 5, 7, d, dtype=torch.float64).to(dtype).requires_grad_()
+    pos = torch.tensor([0, 3, 1, 10**6, 17])
+    y = rotary(qkv[:, :, :4], pos)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    (dx,) = torch.autograd.grad((y * g.to(dtype)).sum(), qkv)
+    ang = pos.double()[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (n, d/2)
+
+    def turn(t: torch.Tensor, sign: int) -> torch.Tensor:
+        z = torch.complex(t[..., : d // 2], t[..., d // 2 :]) * torch.polar(torch.ones_like(ang), sign * ang)[:, None]
+        return torch.cat([z.real, z.imag], -1)
+
+    torch.testing.assert_close(y.double(), turn(qkv[:, :, :4].detach().double(), 1), atol=tol, rtol=tol)
+    torch.testing.assert_close(dx[:, :, :4].double(), turn(g, -1), atol=tol, rtol=tol)
+    assert not dx[:, :, 4:].any()
+    kind, calls = rope_path
+    assert calls == (["rotate", "rotate"] if kind == "cpp" else [])

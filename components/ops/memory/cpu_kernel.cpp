@@ -1368,6 +1368,105 @@ void backward_rows(long rows, int d, const T* x, const T* w, const T* r, const T
 
 }  // namespace rms
 
+// ---------------------------------------------------------------------------------------------
+// SwiGLU's product (mlp.SwiGLU): each row of the gate_up projection is [gate | up], h each,
+// y = silu(gate) up; back, d gate = dy up silu'(gate), d up = dy silu(gate). torch runs silu,
+// the product, and back silu_backward and two products, each a pass through memory with its
+// own allocation; these are one pass each way, silu and silu' by act_rows (the MLP memory's).
+namespace swiglu {
+
+template <typename T>
+void forward_rows(long rows, int h, const T* z, T* y, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> d1(h);
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; ++r) {
+            const T* __restrict up = z + (2 * r + 1) * h;
+            T* __restrict yr = y + r * h;
+            act_rows<T>(true, h, z + 2 * r * h, yr, d1.data(), nullptr);
+#pragma omp simd
+            for (long c = 0; c < h; ++c) yr[c] *= up[c];
+        }
+    }
+}
+
+template <typename T>
+void backward_rows(long rows, int h, const T* z, const T* dy, T* dz, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> s(h), d1(h);
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; ++r) {
+            const T *__restrict up = z + (2 * r + 1) * h, *__restrict g = dy + r * h;
+            T *__restrict dgate = dz + 2 * r * h, *__restrict dup = dgate + h;
+            const T *__restrict sv = s.data(), *__restrict dv = d1.data();
+            act_rows<T>(true, h, z + 2 * r * h, s.data(), d1.data(), nullptr);
+#pragma omp simd
+            for (long c = 0; c < h; ++c) {
+                dgate[c] = g[c] * up[c] * dv[c];
+                dup[c] = g[c] * sv[c];
+            }
+        }
+    }
+}
+
+}  // namespace swiglu
+
+// rows of [gate | up], h each: p = z, y | z, dy, dz
+extern "C" void swiglu_forward(long rows, int h, int is_double, int threads, void** p) {
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        swiglu::forward_rows<T>(rows, h, static_cast<T*>(p[0]), static_cast<T*>(p[1]), threads);
+    });
+}
+
+extern "C" void swiglu_backward(long rows, int h, int is_double, int threads, void** p) {
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        swiglu::backward_rows<T>(rows, h, static_cast<T*>(p[0]), static_cast<T*>(p[1]), static_cast<T*>(p[2]),
+                                 threads);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary positions (attention.Rotary): each row of d is d/2 pairs (x_i, x_{i + d/2}), pair i of
+// the token at table row t turned by its angle, y = (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
+// A rotation's transpose is the turn back, so the backward is this with -sin. torch's CPU path is
+// four broadcast products over 8-wide rows, two subtractions and a cat each way (a tenth of a
+// small attention model's training step); this is one pass. x is read in place: the query and
+// key rows of a qkv projection, tokens `ts` apart, g rows of d each; y is (tokens, g, d).
+namespace rope {
+
+template <typename T>
+void rotate(long tokens, int n, int g, int d, long ts, const T* x, const T* cs, const T* sn, T* y, int threads) {
+    const int h = d / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < tokens; ++t) {
+        const T *__restrict c = cs + (t % n) * h, *__restrict s = sn + (t % n) * h;
+        for (int j = 0; j < g; ++j) {
+            const T* __restrict a = x + t * ts + long(j) * d;
+            T* __restrict o = y + (t * g + j) * long(d);
+#pragma omp simd
+            for (int i = 0; i < h; ++i) {
+                o[i] = a[i] * c[i] - a[i + h] * s[i];
+                o[i + h] = a[i + h] * c[i] + a[i] * s[i];
+            }
+        }
+    }
+}
+
+}  // namespace rope
+
+// tokens of g rows of d, token t at table row t % n: p = x, cos, sin, y
+extern "C" void rope_rotate(long tokens, int n, int g, int d, long ts, int is_double, int threads, void** p) {
+    by_dtype(is_double, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        auto a = [&](int i) { return static_cast<T*>(p[i]); };
+        rope::rotate<T>(tokens, n, g, d, ts, a(0), a(1), a(2), a(3), threads);
+    });
+}
+
 // rows of d: p = x, w, y, r | x, w, r, dy, dx, dw
 extern "C" void rms_norm_forward(long rows, int d, double eps, int is_double, int threads, void** p) {
     by_dtype(is_double, [&](auto* tag) {

@@ -87,10 +87,13 @@ def library() -> ctypes.CDLL | str:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p]
-    for name in ("silu_l2_forward", "silu_l2_backward", "rms_norm_backward"):  # rows of d
+    for name in ("silu_l2_forward", "silu_l2_backward", "rms_norm_backward", "swiglu_forward", "swiglu_backward"):
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    lib.rope_rotate.restype = None
+    lib.rope_rotate.argtypes = [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_long] + [ctypes.c_int] * 2
+    lib.rope_rotate.argtypes += [ctypes.c_void_p]
     lib.rms_norm_forward.restype = None
     lib.rms_norm_forward.argtypes = (
         [ctypes.c_long, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 2 + [ctypes.c_void_p]
@@ -386,3 +389,37 @@ def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, dy: tor
     tensors = [x, w.contiguous(), r, dy.contiguous(), dx, dw]
     _call("rms_norm_backward", (rows, d), tensors, {x.numel(), d, rows})
     return dx, dw
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """attention.Rotary's turn in the kernel: x (B, n, g, d), each token's g rows turned by its
+    row of cos and sin (n, d/2) -> y (B, n, g, d). x is read where it lies when its rows are
+    contiguous and its tokens evenly spaced (q and k, the leading rows of a qkv projection);
+    otherwise from a contiguous copy."""
+    B, n, g, d = x.shape
+    if B * n == 0:
+        return x.new_empty(B, n, g, d)
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(0) != n * x.stride(1):
+        x = x.contiguous()
+    ts = x.stride(1)
+    span = (B * n - 1) * ts + g * d  # the elements the kernel reads, from x's first
+    y = x.new_empty(B, n, g, d)
+    tensors = [x.as_strided((span,), (1,)), cos.contiguous(), sin.contiguous(), y]
+    _call("rope_rotate", (B * n, n, g, d, ts), tensors, {span, n * (d // 2), y.numel()})
+    return y
+
+
+def swiglu(z: torch.Tensor) -> torch.Tensor:
+    """mlp.SwiGLU's product in the kernel: z (..., 2 h) = [gate | up] -> silu(gate) up (..., h)."""
+    z, h = z.contiguous(), z.shape[-1] // 2
+    y = z.new_empty(*z.shape[:-1], h)
+    _call("swiglu_forward", (z.numel() // (2 * h), h), [z, y], {z.numel(), y.numel()})
+    return y
+
+
+def swiglu_backward(z: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The gradient of `swiglu` at z for dy: of z, [d gate | d up]."""
+    h = z.shape[-1] // 2
+    dz = torch.empty_like(z)
+    _call("swiglu_backward", (z.numel() // (2 * h), h), [z, dy.contiguous(), dz], {z.numel(), dy.numel()})
+    return dz
