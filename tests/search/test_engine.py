@@ -144,3 +144,33 @@ def test_concurrent_trials_wait_for_the_random_startup_so_exactly_that_many_are_
     finished = [t.datetime_complete for t in trials if t.datetime_complete is not None]
     random_draws = [t.number for t in trials if sum(d < t.datetime_start for d in finished) < 3]
     assert len(trials) == 6 and len(random_draws) == 3, random_draws
+    pids = {json.loads(p.read_text())["pid"] for p in (run / "trials").glob("*/trial.json")}
+    assert len(pids) == 2, pids  # reuse_actors: six trials in two processes
+
+
+def test_a_full_budget_result_is_told_at_once_and_ends_the_startup_wait():
+    """The sampler learns a trial's full-budget result when it is reported, before Tune ends the
+    trial: the next trial is asked while the finished trial's actor is still held, so Tune keeps
+    that actor for it (in the startup wait Tune caches only one idle actor: the quickstart's
+    second trial after the wait started a fresh process, 5-6 s). Tune's own completion after it
+    changes nothing; results short of the budget are intermediate values only."""
+    from titans_nas.search.tune_parts import StudySearch
+
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    sampler = optuna.samplers.TPESampler(n_startup_trials=2, seed=0)
+    search = StudySearch(space=space, metric="loss", mode="min", sampler=sampler, startup=2)
+    assert search.suggest("a") is not None and search.suggest("b") is not None
+    assert search.suggest("c") is None  # both startup trials out, none finished: wait
+    result = lambda loss, evals, full: {"loss": loss, "evals": evals, "full_budget": full}  # noqa: E731
+    search.on_trial_result("a", result(2.0, 1, False))
+    search.on_trial_result("a", result(1.0, 2, True))
+    search.on_trial_result("b", result(3.0, 1, False))
+    states = {t.number: t.state for t in search._ot_study.trials}
+    assert states == {0: optuna.trial.TrialState.COMPLETE, 1: optuna.trial.TrialState.RUNNING}
+    assert search.suggest("c") is None  # b still runs
+    search.on_trial_result("b", result(0.5, 2, True))
+    assert search.suggest("c") is not None  # the wait ended at b's last result, not at its end
+    search.on_trial_complete("a", result(1.0, 2, True))
+    search.on_trial_complete("b", None, error=True)  # a crash after the last result: told already
+    done = search._ot_study.trials[:2]
+    assert [t.values for t in done] == [[1.0], [0.5]] and done[0].intermediate_values == {1: 2.0, 2: 1.0}

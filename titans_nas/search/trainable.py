@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import traceback
@@ -71,7 +72,8 @@ def run_trial(config: dict[str, Any]) -> None:
     point = trial_params(config)
     import ray
 
-    record = {"trial_id": trial_id, **point, "node": ray.get_runtime_context().get_node_id(), "started": time.time()}
+    node = ray.get_runtime_context().get_node_id()
+    record = {"trial_id": trial_id, **point, "node": node, "pid": os.getpid(), "started": time.time()}
     (out / "trial.json").write_text(json.dumps(record, indent=2, default=str))
     try:
         spec, task, cfg = study.trial_setup(point)

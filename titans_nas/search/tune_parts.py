@@ -77,12 +77,22 @@ class StudySearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Intermediate values keyed by evaluations done (the trainable's `evals`), not by Tune's
-        iteration, which a trial restarted without Tune's checkpoint counts from 1 again."""
+        iteration, which a trial restarted without Tune's checkpoint counts from 1 again. The
+        full-budget result is the trial's last: Optuna is told it at once, not when Tune sees the
+        trial end. Then the next trial is staged before the finished trial's actor is let go, so
+        Tune keeps that actor for it: in the wait for the startup trials (`suggest`) Tune caches one
+        idle actor only, and the second trial after the wait started a fresh process (5-6 s)."""
+        if trial_id in self._completed_trials:  # its last result arrives again as Tune's "done"
+            return
         if "evals" in result:
             result = {**result, "training_iteration": result["evals"]}
         super().on_trial_result(trial_id, result)
+        if result.get("full_budget", False):
+            self.on_trial_complete(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:  # told at its full-budget result (on_trial_result)
+            return
         if error or (result is not None and result.get("status") == "diverged"):
             return super().on_trial_complete(trial_id, None, error=True)
         if result is None or not result.get("full_budget", False):

@@ -49,7 +49,8 @@ One file per algorithm, its reference beside it:
                      from `triton_parts`, launched by `triton_loop.TritonLoop`
     cpu_kernel.cpp   the C++ kernel of the whole chunk loop on CPU (linear and MLP memory of
     cpu_loop.py      any depth, coefficients from the gates inside), its build and Functions;
-                     the same library runs the layer's short conv and SiLU + l2 norm
+                     the same library runs the layer's short conv and SiLU + l2 norm, and the
+                     blocks' RMSNorm, rotary positions and SwiGLU product
 """
 
 from components.ops.memory.common import (

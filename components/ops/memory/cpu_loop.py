@@ -1,6 +1,6 @@
 """The C++ kernel of the memory on CPU (`cpu_kernel.cpp`: the linear memory and the MLP memory
-of any depth, and the short convolution, SiLU and l2 norm before it), its autograd.Functions and
-its build.
+of any depth, and the short convolution, SiLU and l2 norm before it; the same library runs the
+blocks' RMSNorm, rotary positions and SwiGLU product), its autograd.Functions and its build.
 
 The source is compiled once per machine with the system's C++ compiler into a cache directory
 keyed by the source's hash (a few seconds, no torch headers: it links against the MKL GEMM
