@@ -545,6 +545,7 @@ class NeuralMemory(nn.Module):
             compiled=self.compiled,
             backend=rule.backend,
             omega=omega,
+            final_state=state is not None or self.health is not None,  # else dropped below
         )
         if self.health is not None:
             self.health.append(self._health(k, v, lr, momentum, decay, omega, before, memory))

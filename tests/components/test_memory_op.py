@@ -15,7 +15,7 @@ from components.ops.memory import (
     memory_update,
     naive_memory_update,
 )
-from tests.components.kernel_paths import needs_cpp
+from tests.components.kernel_paths import needs_cpp, record_calls
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,33 @@ def assert_kernel_equals_naive(case: Case, backend: str, d: int = 16, e: int = 1
 @pytest.mark.parametrize("name", CPP_CASES)
 def test_the_cpp_kernel_equals_naive_float32(name):
     assert_kernel_equals_naive(CASES[name], "cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", [name for name in CPP_CASES if CASES[name].n % CASES[name].chunk])
+def test_without_the_final_state_the_unfinished_chunk_joins_the_kernel_call(name, monkeypatch):
+    """final_state=False (training, no stream): the unfinished last chunk is padded into the
+    kernel's one call (one launch forward and one back, where it took a second of each), and no
+    state comes back. The padding follows every real token, so the reads and every gradient
+    equal the float64 reference's to 1e-9."""
+    from components.ops.memory import cpu_loop
+
+    case = CASES[name]
+    drawn = make(case)[:3]
+    inputs, weights, model, leaves = as_dtype(torch.float64, *drawn)
+    launches = record_calls(monkeypatch, cpu_loop, ("_launch", "_mlp_launch"))
+    y, state = run(memory_update, case, inputs, weights, model, backend="cpp", final_state=False)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((y * g).sum(), leaves, allow_unused=True)
+    assert state is None and len(launches) == 2, launches
+    inputs0, weights0, model0, leaves0 = as_dtype(torch.float64, *drawn)
+    y0, _ = run(naive_memory_update, case, inputs0, weights0, model0)
+    grads0 = torch.autograd.grad((y0 * g).sum(), leaves0, allow_unused=True)
+    assert_rel_close(y, y0, 1e-9, "outputs")
+    for leaf, a, b in zip(leaves, grads, grads0):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_rel_close(a, b, 1e-9, f"gradient of a {tuple(leaf.shape)} input")
 
 
 @needs_cpp

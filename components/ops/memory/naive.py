@@ -43,10 +43,12 @@ def naive_memory_update(
     compiled: bool = False,
     backend: str = "auto",
     omega: Tensor | None = None,
+    final_state: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Reference: the equations token by token; inner gradients by autograd at W_{t'}
     (create_graph=True, so outer gradients flow through them). Same signature as memory_update
-    (checkpoint_chunks, compiled and backend do not apply to the reference)."""
+    (checkpoint_chunks, compiled, backend and final_state do not apply to the reference: it
+    always returns the state)."""
     model = model or MemoryModel(activation=activation)
     layers = check(q, k, v, lr, momentum, decay, state, model, omega)
     b, h, n, d = q.shape
