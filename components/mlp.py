@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
@@ -41,19 +40,6 @@ class SwiGLU(nn.Module):
         """(b, n, d) -> (b, n, d)"""
         z = self.gate_up(x)  # [gate | up]
         if cpu_loop.unavailable(z) is None:  # on CPU one pass each way in the C++ kernel
-            return self.down(_SwiGLU.apply(z))
+            return self.down(cpu_loop.KernelRows.apply(z, "swiglu"))
         gate, up = z.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        z = z.contiguous()
-        ctx.save_for_backward(z)
-        return cpu_loop.swiglu(z)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        return cpu_loop.swiglu_backward(z, dy)

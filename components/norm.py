@@ -77,16 +77,4 @@ def silu_l2_normalize(x: Tensor) -> Tensor:
     only x for the backward; elsewhere torch's two ops."""
     if cpu_loop.unavailable(x) is not None:
         return F.normalize(F.silu(x), dim=-1)
-    return _SiluL2.apply(x.contiguous())
-
-
-class _SiluL2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return cpu_loop.silu_l2(x)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return cpu_loop.silu_l2_backward(x, dy)
+    return cpu_loop.KernelRows.apply(x, "silu_l2")

@@ -355,6 +355,23 @@ def conv_backward(src: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, lead: in
     return dsrc, dw.t(), db
 
 
+class KernelRows(torch.autograd.Function):
+    """y = the kernel function `name`(x) of this module (`silu_l2`, `swiglu`), its gradient by
+    `name`_backward at the x it keeps: the contiguous copy the kernel read, nothing else."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        ctx.name = name
+        return globals()[name](x)  # looked up at the call: tests record the calls by name
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return globals()[f"{ctx.name}_backward"](x, dy), None
+
+
 def silu_l2(x: torch.Tensor) -> torch.Tensor:
     """F.normalize(F.silu(x), dim=-1) in the kernel."""
     x = x.contiguous()
