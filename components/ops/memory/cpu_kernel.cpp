@@ -131,11 +131,16 @@ constexpr long kSmallProduct = 8192;  // m n k at most: the kernel's own loops; 
 // even and 16 x 128 x 32 0.87x (docs/benchmarks.md). AVX2 has 16 registers: 4-row blocks, 8K.
 constexpr long kSmallAB = kVecBytes == 64 ? 32768 : kSmallProduct;
 constexpr int kRowBlock = kVecBytes == 64 ? 8 : 4;
-// n k at most for A B^T (B is transposed first, on the stack: 4 KB float, 8 KB double). MKL ran
-// the quickstart's 8 x 16 x 64 and 8 x 8 x 64 A B^T at 1.7-3.4 flops a cycle on an Intel Xeon,
-// 3-5x under its A B at the same sizes; transposed here they cost half as much or less, and the
-// MLP memory at the quickstart's sizes ran 1.05-1.31x faster than with 256 (docs/benchmarks.md).
-constexpr int kSmallTranspose = 1024;
+// A B^T through a transposed copy of B and the A B loops below, where the product has at most
+// kTransposedColumns columns and kTransposedProduct multiply-adds (or is small), B at most
+// kTransposedFloats values. MKL ran A B^T with few rows at 15-40% of its A B rate (16 x 32 x 128:
+// 22 GFLOP/s). With the tiled `transpose`, 16-64 x 32-64 x 64-256 ran 1.4-3.5x faster than MKL,
+// and 16 x {16, 32} x 128 2.2x faster than dot products of B's rows, which had taken them since
+// 2026-12-07. With 128 columns, or from 2^19 multiply-adds (64 x 64 x 256: 13 against 27 us),
+// MKL stayed ahead (docs/benchmarks.md).
+constexpr int kTransposedColumns = 64;
+constexpr long kTransposedProduct = 1L << 18;
+constexpr long kTransposedFloats = 16384;
 
 // R rows of C (from row i0) = alpha A' B + beta C, A'(i, p) = A[i, p] (A[p, i] if ta), B (k x n)
 // row-major: per p, R broadcasts of A' times NV vectors of B's row p, accumulated in registers.
@@ -186,51 +191,6 @@ void small_mm(bool ta, int m, int n, int k, const T* A, const T* B, T* C, T beta
     for (; i < m; ++i) rows_all<T, 1>(ta, m, n, k, A, B, C, beta, alpha, i);
 }
 
-// C = alpha A B^T + beta C, A (m x k) and B (n x k) row-major, for few rows m and columns n and
-// long rows k: every entry a dot product of two contiguous rows, R x Q of them at a time in
-// vector registers along k, each summed across its lanes at the end. MKL ran the study size's
-// A B^T with 16 rows (the reads' 16 x 16 scores against a 128-wide layer, the backward's
-// 16 x 32 x 128 products with a weight's transpose) at 15-30% of its A B rate, and a transposed
-// copy costs about what the product does; this way they ran 1.4-2.1x faster. With 32 or 64
-// rows, 64+ columns or rows of 64, MKL or the transposed copy won (docs/benchmarks.md). In
-// 32-byte vectors even where AVX-512 has 64: 16 lanes to sum across per entry made it 0.82-0.99x
-// of MKL's time at 16 x {16, 32} x 128, 8 lanes 1.7-2.0x.
-template <typename T, int R, int Q>
-inline void dots_block(int n, int k, const T* A, const T* B, T* C, T beta, T alpha, int i, int j) {
-    using V = std::conditional_t<kVecBytes == 64, Half<T>, Vec<T>>;  // 32 bytes (see dots_mm)
-    constexpr int W = sizeof(V) / sizeof(T);
-    const int kv = k - k % W;
-    V acc[R][Q] = {};
-    for (int p = 0; p < kv; p += W) {
-        V a[R];
-        for (int r = 0; r < R; ++r) a[r] = vload<T, V>(A + (long)(i + r) * k + p);
-        for (int q = 0; q < Q; ++q) {
-            const V b = vload<T, V>(B + (long)(j + q) * k + p);
-            for (int r = 0; r < R; ++r) acc[r][q] += a[r] * b;
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int q = 0; q < Q; ++q) {
-            T s = 0;
-            for (int l = 0; l < W; ++l) s += acc[r][q][l];
-            for (int p = kv; p < k; ++p) s += A[(long)(i + r) * k + p] * B[(long)(j + q) * k + p];
-            T* c = C + (long)(i + r) * n + j + q;
-            *c = alpha * s + (beta != 0 ? beta * *c : T(0));  // beta 0 never reads C
-        }
-}
-
-template <typename T>
-void dots_mm(int m, int n, int k, const T* A, const T* B, T* C, T beta, T alpha) {
-    int i = 0;
-    for (; i + 2 <= m; i += 2) {
-        int j = 0;
-        for (; j + 4 <= n; j += 4) dots_block<T, 2, 4>(n, k, A, B, C, beta, alpha, i, j);
-        for (; j < n; ++j) dots_block<T, 2, 1>(n, k, A, B, C, beta, alpha, i, j);
-    }
-    for (; i < m; ++i)
-        for (int j = 0; j < n; ++j) dots_block<T, 1, 1>(n, k, A, B, C, beta, alpha, i, j);
-}
-
 // bt (k x n) = B^T for B (n x k) row-major. By 8 x 8 tiles in registers where the compiler has
 // __builtin_shufflevector (GCC 12+, clang): three rounds of interleaving rows i and i + 4 (a
 // perfect shuffle) transpose a tile. Moving one value per load and store, the copy had been a
@@ -270,13 +230,14 @@ void transpose(int n, int k, const T* B, T* bt) {
 // transposes, C^T = op(B)^T op(A)^T.
 template <typename T>
 void mm(bool ta, bool tb, int m, int n, int k, const T* A, const T* B, T* C, T beta = 0, T alpha = 1) {
-    if (tb && !ta && m <= 16 && n <= 32 && k >= 128) return dots_mm(m, n, k, A, B, C, beta, alpha);
     const long size = (long)m * n * k;
     if (!tb && size <= (ta ? kSmallProduct : kSmallAB)) return small_mm(ta, m, n, k, A, B, C, beta, alpha);
-    if (tb && !ta && size <= kSmallProduct && n * k <= kSmallTranspose) {
-        T bt[kSmallTranspose];
-        transpose(n, k, B, bt);
-        return small_mm(false, m, n, k, A, bt, C, beta, alpha);
+    const bool few_columns = n <= kTransposedColumns && size <= kTransposedProduct;
+    if (tb && !ta && (few_columns || size <= kSmallProduct) && (long)n * k <= kTransposedFloats) {
+        thread_local std::vector<T> bt;  // per thread: rows run in OpenMP threads
+        bt.resize((long)n * k);
+        transpose(n, k, B, bt.data());
+        return small_mm(false, m, n, k, A, bt.data(), C, beta, alpha);
     }
     const int lda = ta ? m : k, ldb = tb ? k : n;
     gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, B, ldb, A, lda, beta, C, n);
