@@ -416,10 +416,10 @@ def test_without_the_final_state_the_unfinished_chunk_joins_the_kernel_call(name
 @needs_cpp
 @pytest.mark.parametrize("chunk, n", [(16, 37), (5, 23)])
 def test_the_cpp_kernel_equals_naive_at_a_wide_hidden_layer(chunk, n):
-    """A hidden layer of 130 takes the kernel's A B^T through a transposed copy of rows longer
-    than the old stack buffer held (the reads' C x C scores, the backward's products with a
-    weight's transpose), here with odd row and column counts and rows no multiple of the
-    vector width or the transpose's 8 x 8 tiles: float64 to 1e-9, float32 to 1e-4."""
+    """A hidden layer of 130 sends the kernel's A B^T through its transposed copy with B up to
+    16 x 130 (the reads' C x C scores, the backward's products with a weight's transpose), at
+    odd row and column counts, rows no multiple of the vector width or of the transpose's 8 x 8
+    tiles: float64 to 1e-9, float32 to 1e-4."""
     case = replace(CASES["mlp plain, decay toward the prior, chunk 16"], chunk=chunk, n=n)
     assert_fast_equals_naive(case, backend="cpp", d=8, e=130)
     assert_kernel_equals_naive(case, "cpp", d=8, e=130)

@@ -133,8 +133,8 @@ constexpr long kSmallAB = kVecBytes == 64 ? 32768 : kSmallProduct;
 constexpr int kRowBlock = kVecBytes == 64 ? 8 : 4;
 // A B^T through a transposed copy of B and the A B loops below, where the product has at most
 // kTransposedColumns columns and kTransposedProduct multiply-adds (or is small), B at most
-// kTransposedFloats values. MKL ran A B^T with few rows at 15-40% of its A B rate (16 x 32 x 128:
-// 22 GFLOP/s). With the tiled `transpose`, 16-64 x 32-64 x 64-256 ran 1.4-3.5x faster than MKL,
+// kTransposedFloats values. MKL ran A B^T with few rows at 15-45% of its A B rate (16 x 32 x 128:
+// 22 GFLOP/s). With the tiled `transpose`, 8-64 x 16-64 x 64-256 ran 1.1-3.5x faster than MKL,
 // and 16 x {16, 32} x 128 2.2x faster than dot products of B's rows, which had taken them since
 // 2026-12-07. With 128 columns, or from 2^19 multiply-adds (64 x 64 x 256: 13 against 27 us),
 // MKL stayed ahead (docs/benchmarks.md).
