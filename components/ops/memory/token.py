@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -187,17 +188,10 @@ def memory_update(
 
 
 def _padded(inputs: Inputs, pad: int) -> Inputs:
-    """Every input with `pad` tokens after its last: zero queries, keys and values, zero
-    learning rates, and log eta = log keep = 0 (finite, and nothing after them reads them). A
-    cat, whose backward is a split: the padding's gradients are dropped."""
-
-    def more(t: Tensor | None, dim: int) -> Tensor | None:
-        if t is None:
-            return None
-        shape = list(t.shape)
-        shape[dim] = pad
-        return torch.cat([t, t.new_zeros(shape)], dim)
-
+    """Every input with `pad` zeros after its last token (dim 1 of q, k, v; dim 2 of the gates):
+    zero queries, keys, values and learning rates, and log eta = log keep = 0 (finite, and
+    nothing after them reads them). The padding's gradients are dropped by F.pad's backward."""
+    more = lambda t, dim: None if t is None else F.pad(t, (0, 0) * (t.ndim - 1 - dim) + (0, pad))  # noqa: E731
     return Inputs(*[more(t, 1) for t in inputs[:3]], *[more(t, 2) for t in inputs[3:]])
 
 
