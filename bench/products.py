@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -85,12 +86,11 @@ def build(out: Path) -> None:
 
     from components.ops.memory import cpu_loop
 
-    lib = Path(torch.__file__).parent / "lib"
     src = out.with_suffix(".cpp")
     src.write_text(DRIVER.replace("@SOURCE@", str(cpu_loop.SOURCE)))
-    flags = [f for f in cpu_loop.FLAGS if f not in ("-shared", "-fPIC")]
-    cmd = ["g++", *flags, str(src), "-o", str(out), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
-    subprocess.run(cmd, check=True)
+    flags = [f for f in cpu_loop.FLAGS if f not in ("-shared", "-fPIC")]  # an executable, not a library
+    link = cpu_loop.link_flags(Path(torch.__file__).parent / "lib")
+    subprocess.run([cpu_loop.compiler() or "c++", *flags, str(src), "-o", str(out), *link], check=True)
 
 
 def main() -> None:
@@ -105,7 +105,8 @@ def main() -> None:
         exe = Path(tmp) / "products"
         build(exe)
         argv = [str(exe), str(args.reps)] + [str(x) for s in shapes for x in s]
-        lines = subprocess.run(argv, check=True, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1"}).stdout
+        one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+        lines = subprocess.run(argv, check=True, capture_output=True, text=True, env=one_thread).stdout
     for line in lines.splitlines():
         op, m, n, k, mkl, own, routed = line.split()
         m, n, k, mkl, own, routed = int(m), int(n), int(k), float(mkl), float(own), float(routed)

@@ -48,24 +48,33 @@ def _cpu_flags() -> bytes:
         return platform.processor().encode()
 
 
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with: $CXX, else g++ or c++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def link_flags(torch_lib: Path) -> list[str]:
+    """Linking against the MKL GEMM that torch's CPU library exports (`sgemm_`, `dgemm_`)."""
+    return [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+
+
 @cache
 def library() -> ctypes.CDLL | str:
     """The built kernel library, or the reason there is none (a string)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         return "no C++ compiler (g++ / c++ / $CXX) on PATH"
     torch_lib = Path(torch.__file__).parent / "lib"
     if not (torch_lib / "libtorch_cpu.so").exists():
         return f"no libtorch_cpu.so in {torch_lib}"
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([compiler, *FLAGS, str(torch_lib)]).encode() + _cpu_flags()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cxx, *FLAGS, str(torch_lib)]).encode() + _cpu_flags()).hexdigest()[:16]
     out = _cache_dir() / key / "cpu_kernel.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: parallel workers
             built = Path(tmp) / out.name
-            cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
-            cmd += [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+            cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(built), *link_flags(torch_lib)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True)
             except OSError as e:
