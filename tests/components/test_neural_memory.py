@@ -174,6 +174,22 @@ def test_recorded_surprise_falls_on_a_sequence_the_memory_learns():
     assert health["surprise_start"] > 2 * health["surprise_end"], health
 
 
+def test_health_over_an_unfinished_last_chunk_sees_the_state_after_every_token():
+    """Training drops the end state, so the kernel may pad an unfinished last chunk into its one
+    call and return none (`final_state`); recording health needs that state: its weight norm
+    is the one a streamed forward ends in, 21 tokens at chunk 8."""
+    from components.neural_memory import recording
+
+    mem = layer(dim=32, chunk_size=8)
+    x = torch.randn(2, 21, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, state = mem(x, mem.init_state(2))
+        with recording([mem]) as logs:
+            mem(x)
+    w_norm = torch.stack([w.pow(2).sum((-2, -1)) for w in state.memory.weights]).sum(0).sqrt().mean()
+    assert logs[0][0].w_norm == pytest.approx(float(w_norm), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "overrides, path, words",
     [
